@@ -1,0 +1,1 @@
+"""Sluice endpoint picker: chooses the model-server endpoint for each inference request."""

@@ -1,0 +1,121 @@
+"""Prometheus metrics under the upstream endpoint picker's names.
+
+All metrics live in one registry (`REGISTRY`) that the metrics server exposes; tests read
+values back from it. Functions here are the only way the rest of the picker records
+metrics, so names and label sets stay in one file.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+_OBJECTIVE_LABELS = ("model_name", "target_model_name", "priority")
+
+_LATENCY_BUCKETS = (
+    0.005, 0.025, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.25, 1.5, 2, 3, 4, 5, 6, 8, 10, 15,
+    20, 30, 45, 60, 120, 180, 240, 300, 360, 480, 600, 900, 1200, 1800, 2700, 3600,
+)
+_TOKEN_BUCKETS = (
+    1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32778, 65536, 131072,
+    262144, 524288, 1048576,
+)
+_FAST_BUCKETS = (
+    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0,
+)
+
+request_total = Counter(
+    "inference_objective_request_total",
+    "Requests received, by model and objective priority.",
+    _OBJECTIVE_LABELS,
+    registry=REGISTRY,
+)
+request_error_total = Counter(
+    "inference_objective_request_error_total",
+    "Requests that ended in an error, by error code.",
+    (*_OBJECTIVE_LABELS, "error_code"),
+    registry=REGISTRY,
+)
+request_duration_seconds = Histogram(
+    "inference_objective_request_duration_seconds",
+    "End-to-end request latency seen by the picker.",
+    _OBJECTIVE_LABELS,
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+input_tokens = Histogram(
+    "inference_objective_input_tokens",
+    "Prompt tokens per request, from the response's usage.",
+    _OBJECTIVE_LABELS,
+    buckets=_TOKEN_BUCKETS,
+    registry=REGISTRY,
+)
+output_tokens = Histogram(
+    "inference_objective_output_tokens",
+    "Completion tokens per request, from the response's usage.",
+    _OBJECTIVE_LABELS,
+    buckets=_TOKEN_BUCKETS,
+    registry=REGISTRY,
+)
+running_requests = Gauge(
+    "inference_objective_running_requests",
+    "Requests currently in flight through the picker.",
+    ("model_name",),
+    registry=REGISTRY,
+)
+request_ttft_seconds = Histogram(
+    "inference_objective_request_ttft_seconds",
+    "Time to first token of streamed responses.",
+    _OBJECTIVE_LABELS,
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+request_tpot_seconds = Histogram(
+    "inference_objective_request_tpot_seconds",
+    "Time per output token after the first.",
+    _OBJECTIVE_LABELS,
+    buckets=_FAST_BUCKETS,
+    registry=REGISTRY,
+)
+pool_average_kv_cache_utilization = Gauge(
+    "inference_pool_average_kv_cache_utilization",
+    "Mean KV-cache utilisation over the pool's fresh endpoints.",
+    ("name",),
+    registry=REGISTRY,
+)
+pool_average_queue_size = Gauge(
+    "inference_pool_average_queue_size",
+    "Mean waiting-queue length over the pool's fresh endpoints.",
+    ("name",),
+    registry=REGISTRY,
+)
+pool_ready_pods = Gauge(
+    "inference_pool_ready_pods",
+    "Ready pods in the pool.",
+    ("name",),
+    registry=REGISTRY,
+)
+scheduler_e2e_duration_seconds = Histogram(
+    "inference_extension_scheduler_e2e_duration_seconds",
+    "Time spent in one scheduling cycle.",
+    buckets=_FAST_BUCKETS,
+    registry=REGISTRY,
+)
+plugin_duration_seconds = Histogram(
+    "inference_extension_plugin_duration_seconds",
+    "Time spent in one plugin call.",
+    ("extension_point", "plugin_type", "plugin_name"),
+    buckets=_FAST_BUCKETS,
+    registry=REGISTRY,
+)
+
+
+def observe_plugin_duration(
+    extension_point: str, plugin_type: str, plugin_name: str, seconds: float
+) -> None:
+    plugin_duration_seconds.labels(extension_point, plugin_type, plugin_name).observe(seconds)
+
+
+def observe_scheduler_duration(seconds: float) -> None:
+    scheduler_e2e_duration_seconds.observe(seconds)

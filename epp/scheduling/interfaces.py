@@ -1,0 +1,143 @@
+"""Every scheduling extension point in one place, so the plugin surface is visible at once.
+
+A plugin is a small class registered under its type string (see `epp.config.registry`);
+it satisfies one or more of these protocols. The framework (`epp.scheduling.framework`)
+calls them in this order for each request:
+
+    profile handler picks profiles -> for each profile: data producers -> filters ->
+    scorers (weighted sum) -> picker -> handler chooses the primary result ->
+    pre-request hooks on the chosen endpoint -> ... -> response-complete hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from epp.datalayer.endpoint_metrics import EndpointMetrics
+from epp.datastore.snapshot import Endpoint
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """An endpoint with the metrics it had when this request was scheduled."""
+
+    endpoint: Endpoint
+    metrics: EndpointMetrics
+    stale: bool = False
+
+
+@dataclass(slots=True)
+class SchedulingRequest:
+    """What the scheduler may look at for one request.
+
+    `plugin_data` is per-request scratch space owned by data producers, keyed by the
+    producer's plugin name (the prefix producer leaves its match there for the scorer).
+    """
+
+    request_id: str
+    target_model: str
+    prompt_text: str = ""
+    cache_salt: str = ""
+    headers: Mapping[str, str] = field(default_factory=dict)
+    priority: int = 0
+    plugin_data: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileResult:
+    """Chosen endpoints, best first (more than one when a picker returns fallbacks)."""
+
+    targets: tuple[Candidate, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulingResult:
+    profile_results: Mapping[str, ProfileResult | None]
+    primary_profile: str
+
+    @property
+    def primary(self) -> ProfileResult | None:
+        return self.profile_results.get(self.primary_profile)
+
+
+class Plugin(Protocol):
+    @property
+    def type_name(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+
+@runtime_checkable
+class Filter(Plugin, Protocol):
+    def filter(
+        self, request: SchedulingRequest, candidates: Sequence[Candidate]
+    ) -> Sequence[Candidate]: ...
+
+
+@runtime_checkable
+class Scorer(Plugin, Protocol):
+    def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
+        """One score per candidate, same order; values are clamped to [0, 1]."""
+        ...
+
+
+@runtime_checkable
+class Picker(Plugin, Protocol):
+    def pick(
+        self,
+        request: SchedulingRequest,
+        candidates: Sequence[Candidate],
+        scores: Sequence[float],
+    ) -> ProfileResult: ...
+
+
+@runtime_checkable
+class DataProducer(Plugin, Protocol):
+    def produce(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> None:
+        """Compute per-request data (e.g. prefix matches) before filters and scorers run."""
+        ...
+
+
+@runtime_checkable
+class PreRequest(Plugin, Protocol):
+    def pre_request(self, request: SchedulingRequest, result: SchedulingResult) -> None:
+        """Called once the request is about to be sent to the primary target."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseOutcome:
+    """How a request ended, for plugins that learn from responses."""
+
+    status_code: int
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    ttft_s: float | None = None
+    tpot_s: float | None = None
+    completed: bool = True
+
+
+@runtime_checkable
+class ResponseComplete(Plugin, Protocol):
+    def response_complete(
+        self, request: SchedulingRequest, target: Candidate, outcome: ResponseOutcome
+    ) -> None: ...
+
+
+class ProfileHandler(Plugin, Protocol):
+    def pick_profiles(
+        self,
+        request: SchedulingRequest,
+        profiles: Mapping[str, object],
+        results_so_far: Mapping[str, ProfileResult | None],
+    ) -> list[str]:
+        """Profiles to run next; an empty list ends the cycle."""
+        ...
+
+    def process_results(
+        self, request: SchedulingRequest, results: Mapping[str, ProfileResult | None]
+    ) -> SchedulingResult: ...

@@ -1,0 +1,1 @@
+"""Sluice operator: turns cluster objects into the picker's datastore inputs."""
