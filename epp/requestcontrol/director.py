@@ -1,0 +1,260 @@
+"""The director runs the named stages of the request path for one request.
+
+    parse -> rewrite -> admit -> candidates -> schedule -> pre_request   (route)
+    ... upstream answers ...
+    response hooks -> metrics -> release                                (complete)
+
+Each stage is a method with that name, so a reader can follow a request top to bottom.
+Every request that takes an in-flight slot gives it back exactly once in `complete`,
+whatever path it ends on; `Accounting` makes that checkable.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from epp import metrics
+from epp.datalayer.endpoint_metrics import MetricsStore
+from epp.datastore.snapshot import EndpointKey, Snapshot
+from epp.requestcontrol.context import RequestContext
+from epp.requests import errors
+from epp.requests.parsers import BodyParser
+from epp.requests.rewrite import ModelNameRestorer, replace_model
+from epp.scheduling.interfaces import (
+    Candidate,
+    ResponseOutcome,
+    SchedulingRequest,
+    SchedulingResult,
+)
+
+log = logging.getLogger(__name__)
+
+MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
+
+
+class Scheduling(Protocol):
+    def schedule(
+        self, request: SchedulingRequest, candidates: Sequence[Candidate]
+    ) -> SchedulingResult: ...
+
+    def pre_request(self, request: SchedulingRequest, result: SchedulingResult) -> None: ...
+
+    def response_complete(
+        self, request: SchedulingRequest, target: Candidate, outcome: ResponseOutcome
+    ) -> None: ...
+
+
+@dataclass(slots=True)
+class Accounting:
+    """Per-request counters; all return to zero when no request is in flight."""
+
+    in_flight: int = 0
+    per_endpoint: dict[EndpointKey, int] = field(default_factory=dict)
+    released_twice: int = 0  # must stay 0; a test asserts it
+
+    def take(self, key: EndpointKey) -> None:
+        self.in_flight += 1
+        self.per_endpoint[key] = self.per_endpoint.get(key, 0) + 1
+
+    def give_back(self, key: EndpointKey) -> None:
+        self.in_flight -= 1
+        left = self.per_endpoint.get(key, 0) - 1
+        if left > 0:
+            self.per_endpoint[key] = left
+        else:
+            self.per_endpoint.pop(key, None)
+
+    def is_idle(self) -> bool:
+        return self.in_flight == 0 and not self.per_endpoint and self.released_twice == 0
+
+
+class Director:
+    def __init__(
+        self,
+        *,
+        snapshot: Callable[[], Snapshot],
+        metrics_store: MetricsStore,
+        scheduler: Callable[[], Scheduling],
+        parser: Callable[[], BodyParser],
+        staleness_threshold_s: float = 2.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._snapshot = snapshot
+        self._metrics = metrics_store
+        self._scheduler = scheduler
+        self._parser = parser
+        self._staleness_s = staleness_threshold_s
+        self._rng = rng or random.Random()
+        self.accounting = Accounting()
+
+    # ---- request stages -------------------------------------------------------------
+
+    async def route(self, ctx: RequestContext) -> None:
+        """Choose the endpoint for a request with a body; raises InferenceError."""
+        snapshot = self._snapshot()
+        body = ctx.body()
+        self.parse(ctx, body)
+        self.rewrite(ctx, snapshot, body)
+        metrics.request_total.labels(ctx.model, ctx.target_model, str(ctx.priority)).inc()
+        await self.admit(ctx)
+        candidates = self.candidates(ctx, snapshot)
+        self.schedule(ctx, candidates)
+        self.pre_request(ctx)
+
+    def route_header_only(self, ctx: RequestContext) -> None:
+        """A request without a body (e.g. GET): any ready endpoint will do."""
+        candidates = self.candidates(ctx, self._snapshot(), no_endpoints_status=500)
+        chosen = candidates[self._rng.randrange(len(candidates))]
+        ctx.targets = (chosen,)
+        self._take_slot(ctx)
+
+    def parse(self, ctx: RequestContext, body: bytes) -> None:
+        ctx.parsed = parsed = self._parser().parse(ctx.path, body)
+        ctx.model = ctx.target_model = parsed.model
+        ctx.body_out = body
+
+    def rewrite(self, ctx: RequestContext, snapshot: Snapshot, body: bytes) -> None:
+        parsed = ctx.parsed
+        if parsed is None or not parsed.model:
+            return
+        target = ctx.headers.get(MODEL_REWRITE_HEADER) or parsed.model
+        # InferenceModelRewrite objects override the header.
+        rewrite_targets = snapshot.rewrite_targets(parsed.model)
+        if rewrite_targets:
+            if len(rewrite_targets) == 1:
+                target = rewrite_targets[0].model
+            else:
+                weights = [t.weight for t in rewrite_targets]
+                target = self._rng.choices(rewrite_targets, weights)[0].model
+        ctx.objective = ctx.headers.get(OBJECTIVE_HEADER, "")
+        objective = snapshot.objectives.get(ctx.objective) if ctx.objective else None
+        ctx.priority = objective.priority if objective is not None else 0
+        if target != parsed.model:
+            assert parsed.document is not None
+            ctx.body_out = replace_model(body, parsed.document, target)
+            ctx.target_model = target
+            ctx.restorer = ModelNameRestorer(parsed.model, target)
+            log.debug("model rewritten", extra={"from": parsed.model, "to": target})
+
+    async def admit(self, ctx: RequestContext) -> None:
+        """Admission control hook; flow control (queueing, shedding) plugs in here."""
+
+    def candidates(
+        self, ctx: RequestContext, snapshot: Snapshot, no_endpoints_status: int = 503
+    ) -> list[Candidate]:
+        endpoints = snapshot.endpoints
+        if not endpoints:
+            raise errors.InferenceError(
+                no_endpoints_status,
+                "ServiceUnavailable" if no_endpoints_status == 503 else "Internal",
+                "no ready endpoints in the pool",
+            )
+        subset = ctx.subset
+        if subset is not None:
+            endpoints = tuple(e for e in endpoints if e.address in subset)
+            if not endpoints:
+                raise errors.unavailable("no pool endpoint matches the subset hint")
+        now = time.monotonic()
+        get, threshold = self._metrics.get, self._staleness_s
+        fresh: list[Candidate] = []
+        stale: list[Candidate] = []
+        for endpoint in endpoints:
+            m = get(endpoint.key)
+            if m.is_stale(now, threshold):
+                stale.append(Candidate(endpoint, m, True))
+            else:
+                fresh.append(Candidate(endpoint, m, False))
+        # Endpoints whose metrics went stale get nothing while a fresh one exists.
+        return fresh or stale
+
+    def schedule(self, ctx: RequestContext, candidates: Sequence[Candidate]) -> None:
+        parsed = ctx.parsed
+        request = SchedulingRequest(
+            request_id=ctx.request_id,
+            target_model=ctx.target_model,
+            prompt_text=parsed.prompt_text if parsed else "",
+            cache_salt=parsed.cache_salt if parsed else "",
+            headers=ctx.headers,
+            priority=ctx.priority,
+        )
+        scheduler = self._scheduler()
+        result = scheduler.schedule(request, candidates)
+        primary = result.primary
+        if primary is None or not primary.targets:
+            raise errors.unavailable("no endpoint passed the scheduling filters")
+        ctx.scheduling_request, ctx.scheduler, ctx.result = request, scheduler, result
+        ctx.targets = primary.targets
+
+    def pre_request(self, ctx: RequestContext) -> None:
+        assert ctx.scheduling_request is not None and ctx.result is not None
+        ctx.scheduler.pre_request(ctx.scheduling_request, ctx.result)
+        self._take_slot(ctx)
+
+    # ---- end of a request -----------------------------------------------------------
+
+    def fail(self, ctx: RequestContext, error: errors.InferenceError) -> None:
+        metrics.request_error_total.labels(
+            ctx.model, ctx.target_model, str(ctx.priority), error.code
+        ).inc()
+        log.debug("request failed", extra={"request_id": ctx.request_id, "error": str(error)})
+        self.complete(ctx, completed=False)
+
+    def complete(self, ctx: RequestContext, *, completed: bool) -> None:
+        """Release everything the request holds. Safe to call on every path; acts once."""
+        if ctx.released:
+            if ctx.holds_slot:
+                self.accounting.released_twice += 1
+            return
+        ctx.released = True
+        if not ctx.holds_slot:
+            return
+        ctx.holds_slot = False
+        target = ctx.targets[0]
+        self.accounting.give_back(target.endpoint.key)
+        labels = (ctx.model, ctx.target_model, str(ctx.priority))
+        metrics.running_requests.labels(ctx.model).dec()
+        now = time.monotonic()
+        usage = ctx.usage
+        ttft = tpot = None
+        if ctx.first_chunk_at and ctx.routed_at:
+            ttft = ctx.first_chunk_at - ctx.routed_at
+            if usage and usage.output_tokens > 1 and ctx.last_chunk_at > ctx.first_chunk_at:
+                tpot = (ctx.last_chunk_at - ctx.first_chunk_at) / (usage.output_tokens - 1)
+        success = completed and 200 <= ctx.response_status < 300
+        if success:
+            metrics.request_duration_seconds.labels(*labels).observe(now - ctx.started_at)
+            if usage is not None:
+                metrics.input_tokens.labels(*labels).observe(usage.input_tokens)
+                metrics.output_tokens.labels(*labels).observe(usage.output_tokens)
+            if ctx.response_streaming and ttft is not None:
+                metrics.request_ttft_seconds.labels(*labels).observe(ttft)
+                if tpot is not None:
+                    metrics.request_tpot_seconds.labels(*labels).observe(tpot)
+        elif ctx.response_status >= 400:
+            metrics.request_error_total.labels(*labels, f"upstream_{ctx.response_status}").inc()
+        if ctx.scheduling_request is not None and ctx.scheduler is not None:
+            outcome = ResponseOutcome(
+                status_code=ctx.response_status,
+                input_tokens=usage.input_tokens if usage else 0,
+                output_tokens=usage.output_tokens if usage else 0,
+                cached_tokens=usage.cached_tokens if usage else 0,
+                ttft_s=ttft,
+                tpot_s=tpot,
+                completed=completed,
+            )
+            try:
+                ctx.scheduler.response_complete(ctx.scheduling_request, target, outcome)
+            except Exception:  # a plugin bug must not leak the request's other slots
+                log.exception("response-complete plugin failed")
+
+    def _take_slot(self, ctx: RequestContext) -> None:
+        ctx.routed_at = time.monotonic()
+        ctx.holds_slot = True
+        self.accounting.take(ctx.targets[0].endpoint.key)
+        metrics.running_requests.labels(ctx.model).inc()

@@ -1,0 +1,1 @@
+"""Request and response bodies: parse once, rewrite the model in place, read usage."""
