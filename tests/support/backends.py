@@ -1,0 +1,96 @@
+"""A model-server stand-in with metrics the test controls, on a 127.0.0.x address."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+
+@dataclass
+class BackendState:
+    waiting: int = 0
+    running: int = 0
+    kv: float = 0.0
+    running_loras: list[str] = field(default_factory=list)
+    waiting_loras: list[str] = field(default_factory=list)
+    max_lora: int = 0
+    serve_metrics: bool = True
+    custom_lines: list[str] = field(default_factory=list)
+    received: list[bytes] = field(default_factory=list)
+
+    def metrics_text(self) -> str:
+        lines = [
+            "# HELP vllm:num_requests_waiting Number of requests waiting.",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f'vllm:num_requests_waiting{{model_name="m"}} {self.waiting}',
+            "# TYPE vllm:num_requests_running gauge",
+            f'vllm:num_requests_running{{model_name="m"}} {self.running}',
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f'vllm:kv_cache_usage_perc{{model_name="m"}} {self.kv}',
+            "# TYPE vllm:cache_config_info gauge",
+            'vllm:cache_config_info{block_size="16",num_gpu_blocks="1000"} 1.0',
+        ]
+        if self.max_lora:
+            lines.append(
+                "vllm:lora_requests_info{"
+                f'max_lora="{self.max_lora}",running_lora_adapters="{",".join(self.running_loras)}",'
+                f'waiting_lora_adapters="{",".join(self.waiting_loras)}"}} 1.7e9'
+            )
+        lines.extend(self.custom_lines)
+        return "\n".join(lines) + "\n"
+
+
+@dataclass
+class Backend:
+    address: str
+    port: int
+    state: BackendState
+
+    @property
+    def target(self) -> str:
+        return f"{self.address}:{self.port}"
+
+
+def _app(state: BackendState, name: str) -> web.Application:
+    async def metrics(request: web.Request) -> web.Response:
+        if not state.serve_metrics:
+            raise web.HTTPServiceUnavailable()
+        return web.Response(text=state.metrics_text(), content_type="text/plain")
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        state.received.append(body)
+        return web.json_response(
+            {"model": "m", "choices": [{"text": "ok"}], "usage": {"prompt_tokens": 3, "completion_tokens": 1}},
+            headers={"x-inference-pod": name},
+        )
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", completions)
+    return app
+
+
+@contextlib.asynccontextmanager
+async def backends(addresses: list[str]) -> AsyncIterator[list[Backend]]:
+    """One controllable backend per address (e.g. 127.0.0.2, 127.0.0.3), free ports."""
+    runners: list[web.AppRunner] = []
+    result: list[Backend] = []
+    try:
+        for address in addresses:
+            state = BackendState()
+            runner = web.AppRunner(_app(state, address), access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, address, 0)
+            await site.start()
+            runners.append(runner)
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            result.append(Backend(address, port, state))
+        yield result
+    finally:
+        for runner in runners:
+            await runner.cleanup()
