@@ -1,0 +1,175 @@
+"""Malformed streams, oversized bodies and hostile headers: a clear error, then keep serving."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import orjson
+import pytest
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+
+from tests.support.backends import backends
+from tests.support.extproc_client import (
+    ExtProcClient,
+    completion_headers,
+    request_body,
+    request_headers,
+    response_body,
+    response_headers,
+    set_headers,
+)
+from tests.support.picker import fresh_metrics, running_picker, wait_for
+
+COMPLETION = orjson.dumps({"model": "m", "prompt": "hello"})
+
+
+@pytest.fixture
+async def pool():
+    async with backends(["127.0.0.2", "127.0.0.3"]) as servers:
+        endpoints = ",".join(s.target for s in servers)
+        async with running_picker(endpoints=endpoints, max_request_body_bytes=100_000) as picker:
+            client = ExtProcClient(picker.grpc_port)
+            await fresh_metrics(picker)
+            yield servers, picker, client
+            await client.close()
+
+
+async def still_serves(client: ExtProcClient) -> None:
+    call = client.open()
+    await call.write(request_headers(completion_headers()))
+    await call.write(request_body(COMPLETION))
+    assert "x-gateway-destination-endpoint" in set_headers(await call.read())
+    call.cancel()
+
+
+async def test_body_before_headers(pool):
+    _, picker, client = pool
+    responses = await client.exchange([request_body(COMPLETION)], 1)
+    assert responses[0].immediate_response.status.code == 400
+    assert b"request body chunk arrived in phase 'start'" in responses[0].immediate_response.body
+    await still_serves(client)
+    assert picker.director.accounting.is_idle()
+
+
+async def test_message_without_a_phase(pool):
+    _, _, client = pool
+    responses = await client.exchange([pb.ProcessingRequest()], 1)
+    assert responses[0].immediate_response.status.code == 400
+    assert b"no request phase" in responses[0].immediate_response.body
+    await still_serves(client)
+
+
+async def test_response_before_request(pool):
+    _, _, client = pool
+    responses = await client.exchange([response_headers(200)], 1)
+    assert responses[0].immediate_response.status.code == 400
+    await still_serves(client)
+
+
+async def test_stream_cut_mid_body(pool):
+    _, picker, client = pool
+    call = client.open()
+    await call.write(request_headers(completion_headers()))
+    await call.write(request_body(COMPLETION[:5], end_of_stream=False))
+    call.cancel()
+    await wait_for(lambda: picker.server.processor.open_streams == 0, what="stream closed")
+    assert picker.director.accounting.is_idle()
+    await still_serves(client)
+
+
+async def test_stream_cut_after_routing_releases_the_slot(pool):
+    _, picker, client = pool
+    call = client.open()
+    await call.write(request_headers(completion_headers()))
+    await call.write(request_body(COMPLETION))
+    await call.read()
+    assert picker.director.accounting.in_flight == 1
+    call.cancel()
+    await wait_for(lambda: picker.director.accounting.is_idle(), what="slot released")
+
+
+async def test_body_over_limit_is_413(pool):
+    _, picker, client = pool
+    call = client.open()
+    await call.write(request_headers(completion_headers()))
+    await call.write(request_body(b"x" * 60_000, end_of_stream=False))
+    await call.write(request_body(b"x" * 60_000, end_of_stream=False))
+    response = await call.read()
+    call.cancel()
+    assert response.immediate_response.status.code == 413
+    assert b"exceeds the limit of 100000 bytes" in response.immediate_response.body
+    assert picker.director.accounting.is_idle()
+    await still_serves(client)
+
+
+async def test_non_utf8_header_value(pool):
+    _, _, client = pool
+    headers = completion_headers(**{"x-bad": b"\xff\xfe"})
+    responses = await client.exchange([request_headers(headers)], 1)
+    assert responses[0].immediate_response.status.code == 400
+    assert b"'x-bad' is not valid UTF-8" in responses[0].immediate_response.body
+    await still_serves(client)
+
+
+async def _one_request(client: ExtProcClient, kind: int, rng: random.Random) -> None:
+    call = client.open()
+    try:
+        if kind == 0:  # good, full response
+            await call.write(request_headers(completion_headers()))
+            await call.write(request_body(COMPLETION))
+            await call.read(), await call.read()
+            await call.write(response_headers(200))
+            await call.read()
+            await call.write(response_body(b'{"usage":{"prompt_tokens":1,"completion_tokens":1}}', True))
+            await call.read()
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
+        elif kind == 1:  # bad JSON
+            await call.write(request_headers(completion_headers()))
+            await call.write(request_body(b"{nope"))
+            assert (await call.read()).immediate_response.status.code == 400
+        elif kind == 2:  # cancelled after routing, before any response
+            await call.write(request_headers(completion_headers()))
+            await call.write(request_body(COMPLETION))
+            await call.read()
+            call.cancel()
+        elif kind == 3:  # cancelled mid-body
+            await call.write(request_headers(completion_headers()))
+            await call.write(request_body(b'{"model"', end_of_stream=False))
+            call.cancel()
+        else:  # upstream error, streaming cut mid-response
+            await call.write(request_headers(completion_headers()))
+            await call.write(request_body(COMPLETION))
+            await call.read(), await call.read()
+            await call.write(response_headers(500 if rng.random() < 0.5 else 200, "text/event-stream"))
+            await call.read()
+            await call.write(response_body(b"data: {}\n\n"))
+            await call.read()
+            call.cancel()
+    finally:
+        call.cancel()
+
+
+async def test_ten_thousand_mixed_requests_leave_every_counter_at_zero(pool):
+    _, picker, client = pool
+    rng = random.Random(7)
+    kinds = [rng.randrange(5) for _ in range(10_000)]
+    semaphore = asyncio.Semaphore(32)
+
+    async def run(kind: int) -> None:
+        async with semaphore:
+            await _one_request(client, kind, rng)
+
+    await asyncio.gather(*(run(k) for k in kinds))
+    await wait_for(lambda: picker.server.processor.open_streams == 0, timeout_s=30, what="streams closed")
+    accounting = picker.director.accounting
+    assert accounting.in_flight == 0
+    assert accounting.per_endpoint == {}
+    assert accounting.released_twice == 0
+    from epp import metrics
+
+    assert metrics.REGISTRY.get_sample_value(
+        "inference_objective_running_requests", {"model_name": "m"}
+    ) == 0
