@@ -1,0 +1,1 @@
+"""EndpointPickerConfig: the plugin registry, loading and validation, defaults, reload state."""

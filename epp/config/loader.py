@@ -1,0 +1,338 @@
+"""Turn an `EndpointPickerConfig` into plugin instances and a ready `Scheduler`.
+
+`load_config(text)` validates everything before anything is used: a config that fails
+raises `ConfigError` and the caller keeps the config it had. The rules, beyond the
+document's shape (`document`):
+
+* every plugin's type is registered and its parameters are valid for that plugin;
+* every `pluginRef` names a declared plugin; a profile holds filters, scorers, data
+  producers and at most one picker (none given: `max-score-picker`); `weight` only on
+  scorers (default 1);
+* a scorer that reads a data producer (`prefix-cache-scorer`) gets that producer in its
+  profile; the default `approx-prefix-cache-producer` is created when not declared;
+* one profile and no handler: `single-profile-handler`; several profiles need a handler;
+* no `schedulingProfiles`: if filters, scorers or pickers are declared, one profile named
+  `default` uses them all (weight 1) in declaration order; otherwise the built-in default
+  profile runs — `queue-scorer` x2, `kv-cache-utilization-scorer` x2,
+  `prefix-cache-scorer` x3 (with `approx-prefix-cache-producer`), `max-score-picker`,
+  `single-profile-handler` — using any declared plugin whose name matches one of those
+  (so declaring `approx-prefix-cache-producer` with parameters tunes the default).
+
+Reload: `load_config(text, previous=old)` keeps a stateful plugin (one with a
+`same_settings(other) -> bool` method, e.g. the prefix producer and its index) when the new
+config has a plugin of the same name and type whose settings are equal: the old instance
+is used in the new scheduler. In-flight requests keep using the old scheduler they hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol, cast, runtime_checkable
+
+from epp.config import document, registry
+from epp.config.document import ConfigError
+from epp.scheduling import framework
+from epp.scheduling.interfaces import (
+    DataProducer,
+    Filter,
+    Picker,
+    PreRequest,
+    ProfileHandler,
+    ResponseComplete,
+    Scorer,
+)
+from epp.scheduling.plugins import parameters, profile_handler
+
+__all__ = ["ConfigError", "PickerConfig", "load_config"]
+
+DEFAULT_PROFILE = "default"
+DEFAULT_PICKER = "max-score-picker"
+DEFAULT_HANDLER = "single-profile-handler"
+DEFAULT_PARSER = "openai-parser"
+DEFAULT_PREFIX_PRODUCER = "approx-prefix-cache-producer"
+# (plugin name = type, weight) of the built-in default profile's scorers.
+DEFAULT_SCORERS = (
+    ("queue-scorer", 2.0),
+    ("kv-cache-utilization-scorer", 2.0),
+    ("prefix-cache-scorer", 3.0),
+)
+
+
+@runtime_checkable
+class StatefulPlugin(Protocol):
+    """A plugin whose instance carries learned state worth keeping across reloads."""
+
+    def same_settings(self, other: object) -> bool: ...
+
+
+@dataclass(frozen=True)
+class PickerConfig:
+    """A validated config: the scheduler to use and the sections later stages read."""
+
+    scheduler: framework.Scheduler
+    feature_gates: frozenset[str] = frozenset()
+    # Every plugin instance by name, declared or created by default.
+    plugins: Mapping[str, object] = field(default_factory=dict)
+    # Raw sections for the stages that own them (saturation, data layer, flow control).
+    saturation_detector: Mapping[str, object] | None = None
+    data_layer: Mapping[str, object] | None = None
+    flow_control: Mapping[str, object] | None = None
+    # The `parser:` section's pluginRef, and the parser type it resolves to.
+    parser_ref: str = DEFAULT_PARSER
+    parser_type: str = DEFAULT_PARSER
+
+    def feature_enabled(self, gate: str) -> bool:
+        return gate in self.feature_gates
+
+
+def load_config(text: str | None, *, previous: PickerConfig | None = None) -> PickerConfig:
+    """Validate and build a config; None or empty text gives the default config."""
+    doc = document.parse(text)
+    builder = _Builder(doc, previous)
+    scheduler = builder.build()
+    parser_ref = doc.parser_ref or DEFAULT_PARSER
+    return PickerConfig(
+        scheduler=scheduler,
+        feature_gates=doc.feature_gates,
+        plugins=dict(builder.instances),
+        saturation_detector=doc.saturation_detector,
+        data_layer=doc.data_layer,
+        flow_control=doc.flow_control,
+        parser_ref=parser_ref,
+        parser_type=builder.parser_type(parser_ref),
+    )
+
+
+def _is_handler(plugin: object) -> bool:
+    return callable(getattr(plugin, "pick_profiles", None)) and callable(
+        getattr(plugin, "process_results", None)
+    )
+
+
+def _kinds(plugin: object) -> str:
+    kinds = [
+        kind
+        for kind, proto in (
+            ("filter", Filter),
+            ("scorer", Scorer),
+            ("picker", Picker),
+            ("data producer", DataProducer),
+        )
+        if isinstance(plugin, proto)
+    ]
+    return ", ".join(kinds) or "none of filter, scorer, picker, data producer"
+
+
+class _Builder:
+    def __init__(self, doc: document.Document, previous: PickerConfig | None) -> None:
+        self.doc = doc
+        self.previous = previous.plugins if previous is not None else {}
+        self.instances: dict[str, object] = {}
+        self.where: dict[str, str] = {}  # plugin name -> "plugins[2]" or "default plugin"
+
+    # -- plugin instances ------------------------------------------------------------
+
+    def _create(self, spec: document.PluginSpec) -> object:
+        factory = registry.factory(spec.type)
+        if factory is None:
+            hint = parameters.did_you_mean(spec.type, registry.plugin_types())
+            raise ConfigError(
+                f"{spec.path}.type: unknown plugin type {spec.type!r}{hint}; "
+                f"known types: {', '.join(registry.plugin_types())}"
+            )
+        try:
+            plugin = factory(spec.name, spec.parameters)
+        except parameters.ParameterError as exc:
+            at = f"{spec.path}.parameters.{exc.key}" if exc.key else f"{spec.path}.parameters"
+            raise ConfigError(f"{at} ({spec.type} {spec.name!r}): {exc.problem}") from None
+        except ValueError as exc:
+            raise ConfigError(f"{spec.path} ({spec.type} {spec.name!r}): {exc}") from None
+        old = self.previous.get(spec.name)
+        if (
+            old is not None
+            and isinstance(old, StatefulPlugin)
+            and getattr(old, "type_name", None) == spec.type
+            and old.same_settings(plugin)
+        ):
+            plugin = old
+        self.instances[spec.name] = plugin
+        self.where[spec.name] = spec.path
+        return plugin
+
+    def _default(self, name: str, type_name: str) -> object:
+        """The plugin called `name`: the declared one, else a new one with default settings."""
+        plugin = self.instances.get(name)
+        if plugin is None:
+            return self._create(document.PluginSpec(name, type_name, None, f"default {name}"))
+        if getattr(plugin, "type_name", None) != type_name:
+            raise ConfigError(
+                f"{self.where[name]}: the name {name!r} is needed for the default "
+                f"{type_name}, but it is declared with type {getattr(plugin, 'type_name', '?')!r}"
+            )
+        return plugin
+
+    def parser_type(self, ref: str) -> str:
+        """The parser type the `parser:` section selects: a declared parser plugin's type,
+        or a parser type named directly (so the default needs no declaration)."""
+        plugin = self.instances.get(ref)
+        if isinstance(plugin, registry.ParserDeclaration):
+            return plugin.type_name
+        if plugin is not None:
+            raise ConfigError(
+                f"parser.pluginRef: {ref!r} is a {getattr(plugin, 'type_name', '?')}, "
+                "not a parser"
+            )
+        if ref in registry.parser_types():
+            return ref
+        declared = [
+            n for n, p in self.instances.items() if isinstance(p, registry.ParserDeclaration)
+        ]
+        hint = parameters.did_you_mean(ref, [*declared, *registry.parser_types()])
+        raise ConfigError(
+            f"parser.pluginRef: no parser named {ref!r}{hint}; declare it under plugins or "
+            f"name a parser type ({', '.join(registry.parser_types())})"
+        )
+
+    # -- assembly ------------------------------------------------------------------
+
+    def build(self) -> framework.Scheduler:
+        for spec in self.doc.plugins:
+            self._create(spec)
+
+        handlers = [name for name, p in self.instances.items() if _is_handler(p)]
+        if len(handlers) > 1:
+            raise ConfigError(
+                f"more than one profile handler declared: {', '.join(handlers)}; keep one"
+            )
+
+        profile_specs = self.doc.profiles
+        if profile_specs is None:
+            profiles = [self._implicit_profile()]
+        else:
+            profiles = [self._profile(spec) for spec in profile_specs]
+
+        if handlers:
+            handler = self.instances[handlers[0]]
+        elif len(profiles) == 1:
+            handler = self._default(DEFAULT_HANDLER, DEFAULT_HANDLER)
+        else:
+            raise ConfigError(
+                f"{len(profiles)} scheduling profiles need a profile handler; declare one "
+                "under plugins"
+            )
+        if isinstance(handler, profile_handler.SingleProfileHandler) and len(profiles) != 1:
+            raise ConfigError(
+                f"{self.where[handler.name]}: single-profile-handler runs exactly one "
+                f"profile, but {len(profiles)} are configured: "
+                f"{', '.join(p.name for p in profiles)}"
+            )
+
+        plugins = list(self.instances.values())
+        return framework.Scheduler(
+            {p.name: p for p in profiles},
+            cast(ProfileHandler, handler),  # checked structurally by _is_handler
+            pre_request_plugins=[p for p in plugins if isinstance(p, PreRequest)],
+            response_complete_plugins=[p for p in plugins if isinstance(p, ResponseComplete)],
+        )
+
+    def _implicit_profile(self) -> framework.SchedulingProfile:
+        declared = [
+            document.PluginRef(spec.name, None, spec.path)
+            for spec in self.doc.plugins
+            if isinstance(self.instances[spec.name], Filter | Scorer | Picker | DataProducer)
+        ]
+        if any(
+            isinstance(self.instances[ref.plugin], Filter | Scorer | Picker) for ref in declared
+        ):
+            return self._profile(document.ProfileSpec(DEFAULT_PROFILE, tuple(declared), "plugins"))
+        for name, _ in DEFAULT_SCORERS:
+            self._default(name, name)
+        refs = [document.PluginRef(name, weight, "default") for name, weight in DEFAULT_SCORERS]
+        refs.extend(
+            document.PluginRef(ref.plugin, None, ref.path)
+            for ref in declared  # declared producers still run
+        )
+        return self._profile(document.ProfileSpec(DEFAULT_PROFILE, tuple(refs), "default"))
+
+    def _profile(self, spec: document.ProfileSpec) -> framework.SchedulingProfile:
+        filters: list[Filter] = []
+        scorers: list[framework.WeightedScorer] = []
+        producers: list[DataProducer] = []
+        picker: Picker | None = None
+        picker_ref = ""
+        for ref in spec.refs:
+            plugin = self.instances.get(ref.plugin)
+            if plugin is None:
+                hint = parameters.did_you_mean(ref.plugin, self.instances)
+                raise ConfigError(
+                    f"{ref.path}.pluginRef: no plugin named {ref.plugin!r} is declared under "
+                    f"plugins{hint}"
+                )
+            if _is_handler(plugin):
+                raise ConfigError(
+                    f"{ref.path}: {ref.plugin!r} is a profile handler; handlers choose "
+                    "profiles and are not part of one"
+                )
+            used = False
+            if isinstance(plugin, Scorer):
+                weight = 1.0 if ref.weight is None else ref.weight
+                scorers.append(framework.WeightedScorer(plugin, weight))
+                used = True
+                self._wire_producer(plugin, ref, producers)
+            elif ref.weight is not None:
+                raise ConfigError(
+                    f"{ref.path}.weight: {ref.plugin!r} is not a scorer ({_kinds(plugin)}); "
+                    "only scorers take a weight"
+                )
+            if isinstance(plugin, Picker):
+                if picker is not None:
+                    raise ConfigError(
+                        f"{ref.path}: profile {spec.name!r} already has picker "
+                        f"{picker_ref!r}; a profile has one picker"
+                    )
+                picker, picker_ref, used = plugin, ref.plugin, True
+            if isinstance(plugin, Filter):
+                filters.append(plugin)
+                used = True
+            if isinstance(plugin, DataProducer):
+                if plugin not in producers:
+                    producers.append(plugin)
+                used = True
+            if not used:
+                raise ConfigError(
+                    f"{ref.path}: {ref.plugin!r} (type "
+                    f"{getattr(plugin, 'type_name', '?')}) cannot run in a scheduling profile; "
+                    "it is not a filter, scorer, picker or data producer"
+                )
+        if picker is None:
+            default_picker = self._default(DEFAULT_PICKER, DEFAULT_PICKER)
+            assert isinstance(default_picker, Picker)
+            picker = default_picker
+        return framework.SchedulingProfile(
+            spec.name, picker=picker, filters=filters, scorers=scorers, producers=producers
+        )
+
+    def _wire_producer(
+        self, scorer: object, ref: document.PluginRef, producers: list[DataProducer]
+    ) -> None:
+        """Put the producer a scorer reads into the profile, creating the default one."""
+        needed = getattr(scorer, "required_producer", None)
+        if not isinstance(needed, str):
+            return
+        producer = self.instances.get(needed)
+        if producer is None:
+            if needed != DEFAULT_PREFIX_PRODUCER:
+                hint = parameters.did_you_mean(needed, self.instances)
+                raise ConfigError(
+                    f"{self.where.get(ref.plugin, ref.path)}: {ref.plugin!r} reads data from "
+                    f"producer {needed!r}, which is not declared under plugins{hint}"
+                )
+            producer = self._default(needed, DEFAULT_PREFIX_PRODUCER)
+        if not isinstance(producer, DataProducer):
+            raise ConfigError(
+                f"{self.where.get(ref.plugin, ref.path)}: {ref.plugin!r} reads data from "
+                f"{needed!r}, which is not a data producer ({_kinds(producer)})"
+            )
+        if producer not in producers:
+            producers.append(producer)

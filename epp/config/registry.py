@@ -1,0 +1,75 @@
+"""Plugin types by the string a config's `type:` names, each with its factory.
+
+A factory takes the plugin's name and its `parameters:` mapping (None when absent) and
+returns a plugin instance, raising `ValueError` (usually a
+`epp.scheduling.plugins.parameters.ParameterError`) for bad parameters. Adding a plugin
+means writing its module and adding one line to `_FACTORIES`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from epp.requests import parsers
+from epp.scheduling.plugins import (
+    load_scorers,
+    lora_affinity_scorer,
+    max_score_picker,
+    parameters,
+    prefix_producer,
+    prefix_scorer,
+    profile_handler,
+)
+
+PluginFactory = Callable[[str, Mapping[str, object] | None], object]
+
+
+@dataclass(frozen=True, slots=True)
+class ParserDeclaration:
+    """A body parser declared under `plugins` (`openai-parser`, `passthrough-parser`).
+
+    Parsers are built per request path by `epp.requests.parsers`; the config only records
+    which one the `parser:` section selects.
+    """
+
+    name: str
+    type_name: str
+
+
+def _parser_factory(type_name: str) -> PluginFactory:
+    def create(name: str, params: Mapping[str, object] | None) -> ParserDeclaration:
+        parameters.ParameterReader(params).finish()
+        return ParserDeclaration(name, type_name)
+
+    return create
+
+
+_FACTORIES: dict[str, PluginFactory] = {
+    "single-profile-handler": profile_handler.SingleProfileHandler.from_parameters,
+    "max-score-picker": max_score_picker.MaxScorePicker.from_parameters,
+    "queue-scorer": load_scorers.QueueScorer.from_parameters,
+    "kv-cache-utilization-scorer": load_scorers.KvCacheUtilizationScorer.from_parameters,
+    "lora-affinity-scorer": lora_affinity_scorer.LoraAffinityScorer.from_parameters,
+    "approx-prefix-cache-producer": prefix_producer.ApproxPrefixCacheProducer.from_parameters,
+    "prefix-cache-scorer": prefix_scorer.PrefixCacheScorer.from_parameters,
+    **{type_name: _parser_factory(type_name) for type_name in parsers.PARSERS},
+}
+
+
+def plugin_types() -> list[str]:
+    """Every registered type string, sorted (for error messages and documentation)."""
+    return sorted(_FACTORIES)
+
+
+def factory(type_name: str) -> PluginFactory | None:
+    return _FACTORIES.get(type_name)
+
+
+def create(type_name: str, name: str, parameters: Mapping[str, object] | None = None) -> object:
+    """Build a plugin; `KeyError` for an unknown type, `ValueError` for bad parameters."""
+    return _FACTORIES[type_name](name, parameters)
+
+
+def parser_types() -> list[str]:
+    return sorted(parsers.PARSERS)

@@ -1,0 +1,285 @@
+"""The scheduling cycle: profiles of filters, weighted scorers and a picker, run by a handler.
+
+`Scheduler.schedule` is the only entry the request path needs for choosing endpoints:
+
+    handler.pick_profiles -> for each picked profile:
+        data producers (each at most once per cycle) -> filters in order (an empty result
+        ends the profile with no result) -> scorers (each score clamped to [0, 1], total =
+        sum of score x weight) -> picker
+    -> handler.process_results (chooses the primary profile)
+
+"No endpoint" is not an exception: when every candidate was filtered out (or there were
+none), `SchedulingResult.primary` is None and the caller answers 503. A plugin that raises
+during scheduling propagates; that is a bug to see, not a routing outcome.
+
+After the request is forwarded, `pre_request` runs the pre-request hooks (the prefix index
+records the chosen endpoint there), and when it ends, `response_complete` runs the
+response hooks. Hooks are isolated from each other: one that raises is logged and the
+others still run, because release-on-completion must happen exactly once on every path.
+
+Timing: each plugin call is measured with one `perf_counter()` read (the end of one call is
+the start of the next) and the durations are recorded after the cycle, so recording
+metrics never lands inside another plugin's measurement. Scores travel as lists aligned
+with the candidate sequence; no per-endpoint mappings are built on the hot path.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from time import perf_counter
+
+from epp import metrics
+from epp.scheduling.interfaces import (
+    Candidate,
+    DataProducer,
+    Filter,
+    Picker,
+    Plugin,
+    PreRequest,
+    ProfileHandler,
+    ProfileResult,
+    ResponseComplete,
+    ResponseOutcome,
+    SchedulingRequest,
+    SchedulingResult,
+    Scorer,
+)
+
+logger = logging.getLogger(__name__)
+
+# A plugin's metric labels (extension point, type, name) and the seconds one call took.
+_Timing = tuple[tuple[str, str, str], float]
+
+
+def _labels(extension_point: str, plugin: Plugin) -> tuple[str, str, str]:
+    return (extension_point, plugin.type_name, plugin.name)
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedScorer:
+    scorer: Scorer
+    weight: float = 1.0
+
+
+class SchedulingProfile:
+    """One named way of choosing endpoints: producers, filters, weighted scorers, a picker."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        picker: Picker,
+        filters: Sequence[Filter] = (),
+        scorers: Sequence[WeightedScorer | tuple[Scorer, float]] = (),
+        producers: Sequence[DataProducer] = (),
+    ) -> None:
+        self.name = name
+        self.picker = picker
+        self.filters: tuple[Filter, ...] = tuple(filters)
+        self.scorers: tuple[WeightedScorer, ...] = tuple(
+            s if isinstance(s, WeightedScorer) else WeightedScorer(s[0], float(s[1]))
+            for s in scorers
+        )
+        for weighted in self.scorers:
+            if not (math.isfinite(weighted.weight) and weighted.weight >= 0.0):
+                raise ValueError(
+                    f"profile {name!r}: scorer {weighted.scorer.name!r} has weight "
+                    f"{weighted.weight}; weights must be finite numbers >= 0"
+                )
+        self.producers: tuple[DataProducer, ...] = tuple(producers)
+        # Labels resolved once, so the hot path does no attribute lookups for metrics.
+        self._producer_steps = [(p, _labels("PrepareData", p)) for p in self.producers]
+        self._filter_steps = [(f, _labels("Filter", f)) for f in self.filters]
+        self._scorer_steps = [
+            (w.scorer, w.weight, _labels("Scorer", w.scorer)) for w in self.scorers
+        ]
+        self._picker_labels = _labels("Picker", picker)
+
+    def __repr__(self) -> str:
+        return (
+            f"SchedulingProfile({self.name!r}, filters={[f.name for f in self.filters]}, "
+            f"scorers={[(w.scorer.name, w.weight) for w in self.scorers]}, "
+            f"producers={[p.name for p in self.producers]}, picker={self.picker.name!r})"
+        )
+
+    def run(
+        self, request: SchedulingRequest, candidates: Sequence[Candidate]
+    ) -> ProfileResult | None:
+        """Run this profile alone (tests, tools); the scheduler uses `_run` to share timing."""
+        timings: list[_Timing] = []
+        result, _ = self._run(request, candidates, perf_counter(), set(), timings)
+        _record(timings)
+        return result
+
+    def _run(
+        self,
+        request: SchedulingRequest,
+        candidates: Sequence[Candidate],
+        start: float,
+        produced: set[int],
+        timings: list[_Timing],
+    ) -> tuple[ProfileResult | None, float]:
+        t = start
+        for producer, labels in self._producer_steps:
+            if id(producer) in produced:
+                continue
+            produced.add(id(producer))
+            producer.produce(request, candidates)
+            now = perf_counter()
+            timings.append((labels, now - t))
+            t = now
+
+        for filter_, labels in self._filter_steps:
+            candidates = filter_.filter(request, candidates)
+            now = perf_counter()
+            timings.append((labels, now - t))
+            t = now
+            if not candidates:
+                logger.debug(
+                    "profile %s: filter %s left no candidates (request %s)",
+                    self.name, filter_.name, request.request_id,
+                )
+                return None, t
+        if not candidates:
+            return None, t
+
+        count = len(candidates)
+        totals = [0.0] * count
+        for scorer, weight, labels in self._scorer_steps:
+            scores = scorer.score(request, candidates)
+            if len(scores) != count:
+                raise ValueError(
+                    f"scorer {scorer.name!r} returned {len(scores)} scores "
+                    f"for {count} candidates"
+                )
+            for i, score in enumerate(scores):
+                # `not score >= 0.0` also catches NaN.
+                if score > 1.0:
+                    score = 1.0
+                elif not score >= 0.0:
+                    score = 0.0
+                totals[i] += score * weight
+            now = perf_counter()
+            timings.append((labels, now - t))
+            t = now
+
+        result = self.picker.pick(request, candidates, totals)
+        now = perf_counter()
+        timings.append((self._picker_labels, now - t))
+        if not result.targets:
+            return None, now
+        return result, now
+
+
+class Scheduler:
+    """Runs scheduling cycles over a fixed set of profiles; immutable once built."""
+
+    def __init__(
+        self,
+        profiles: Mapping[str, SchedulingProfile],
+        handler: ProfileHandler,
+        *,
+        pre_request_plugins: Sequence[PreRequest] = (),
+        response_complete_plugins: Sequence[ResponseComplete] = (),
+    ) -> None:
+        if not profiles:
+            raise ValueError("a scheduler needs at least one profile")
+        for key, profile in profiles.items():
+            if key != profile.name:
+                raise ValueError(f"profile registered as {key!r} is named {profile.name!r}")
+        self.profiles: Mapping[str, SchedulingProfile] = dict(profiles)
+        self.handler = handler
+        self.pre_request_plugins: tuple[PreRequest, ...] = tuple(pre_request_plugins)
+        self.response_complete_plugins: tuple[ResponseComplete, ...] = tuple(
+            response_complete_plugins
+        )
+        self._pick_labels = _labels("ProfilePicker", handler)
+        self._process_labels = _labels("ProcessProfilesResults", handler)
+        self._pre_request_steps = [
+            (p, _labels("PreRequest", p)) for p in self.pre_request_plugins
+        ]
+        self._response_steps = [
+            (p, _labels("ResponseComplete", p)) for p in self.response_complete_plugins
+        ]
+
+    def schedule(
+        self, request: SchedulingRequest, candidates: Sequence[Candidate]
+    ) -> SchedulingResult:
+        """Choose endpoints for one request. `result.primary is None` means "none fit" (503)."""
+        start = t = perf_counter()
+        timings: list[_Timing] = []
+        results: dict[str, ProfileResult | None] = {}
+        produced: set[int] = set()
+        profiles = self.profiles
+        while True:
+            names = self.handler.pick_profiles(request, profiles, results)
+            now = perf_counter()
+            timings.append((self._pick_labels, now - t))
+            t = now
+            if not names:
+                break
+            for name in names:
+                profile = profiles.get(name)
+                if profile is None:
+                    raise ValueError(
+                        f"profile handler {self.handler.name!r} picked unknown profile {name!r}"
+                    )
+                if name in results:
+                    raise ValueError(
+                        f"profile handler {self.handler.name!r} picked profile {name!r} twice"
+                    )
+                results[name], t = profile._run(request, candidates, t, produced, timings)
+
+        result = self.handler.process_results(request, results)
+        end = perf_counter()
+        timings.append((self._process_labels, end - t))
+        metrics.observe_scheduler_duration(end - start)
+        _record(timings)
+        return result
+
+    def pre_request(self, request: SchedulingRequest, result: SchedulingResult) -> None:
+        """Tell the pre-request hooks where the request is going (skipped when nowhere)."""
+        primary = result.primary
+        if primary is None or not primary.targets:
+            return
+        t = perf_counter()
+        timings: list[_Timing] = []
+        for plugin, labels in self._pre_request_steps:
+            try:
+                plugin.pre_request(request, result)
+            except Exception:
+                logger.exception(
+                    "pre-request plugin %s failed for request %s", plugin.name, request.request_id
+                )
+            now = perf_counter()
+            timings.append((labels, now - t))
+            t = now
+        _record(timings)
+
+    def response_complete(
+        self, request: SchedulingRequest, target: Candidate, outcome: ResponseOutcome
+    ) -> None:
+        """Tell the response hooks how the request ended; each hook runs even if one fails."""
+        t = perf_counter()
+        timings: list[_Timing] = []
+        for plugin, labels in self._response_steps:
+            try:
+                plugin.response_complete(request, target, outcome)
+            except Exception:
+                logger.exception(
+                    "response-complete plugin %s failed for request %s",
+                    plugin.name, request.request_id,
+                )
+            now = perf_counter()
+            timings.append((labels, now - t))
+            t = now
+        _record(timings)
+
+
+def _record(timings: list[_Timing]) -> None:
+    observe = metrics.observe_plugin_duration
+    for (extension_point, plugin_type, plugin_name), seconds in timings:
+        observe(extension_point, plugin_type, plugin_name, seconds)
