@@ -1,0 +1,465 @@
+"""One simulated vLLM server over HTTP (aiohttp): the OpenAI API, /health, /metrics.
+
+Every response carries `x-inference-pod` and `x-inference-port` so tests and demos can
+see who served a request; an incoming `x-request-id` is echoed back.
+
+Failure injection, for robustness tests of whatever sits in front:
+
+* `failure_rate` / `failure_status`: that fraction of inference requests (after
+  validation) is answered at once with an error of that status.
+* `slow_start_s`: for that many wall seconds after start, every endpoint except the
+  `/sim/...` control endpoints answers 503 (as a server still loading its model).
+* silence: `set_silent(True)`, `POST /sim/silence {"silent": true}` or `silent_after_s`.
+  A silent server accepts connections but answers nothing — not /metrics, not /health,
+  not requests; streams in flight stop mid-way. Unsilencing lets everything that was
+  held continue. The `/sim/...` endpoints keep answering so a test can switch it back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from epp.sim import config as sim_config
+from epp.sim import engine, metrics_text, openai_api, tokens
+
+log = logging.getLogger(__name__)
+
+_MAX_BODY_BYTES = 64 * 1024 * 1024
+_JSON = "application/json"
+
+
+class SimulatedServer:
+    """A vLLM look-alike on one port. Use `async with SimulatedServer(...)` or
+    `await start()` / `await stop()`; `port` is the bound port (useful with port=0)."""
+
+    def __init__(
+        self,
+        config: sim_config.SimConfig | None = None,
+        *,
+        pod_name: str = "sim-0",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        shutdown_timeout_s: float = 1.0,
+        access_log: bool = False,
+    ) -> None:
+        self.config = config if config is not None else sim_config.SimConfig()
+        if problems := self.config.problems():
+            raise ValueError("; ".join(problems))
+        self.pod_name = pod_name
+        self.host = host
+        self.port = port
+        self.engine = engine.EngineLoop(
+            engine.EngineCore(self.config.performance), self.config.time_scale
+        )
+        self._adapters: dict[str, str] = {name: name for name in self.config.lora_modules}
+        self._lora_enabled = bool(self._adapters)
+        self._rng = random.Random(f"{self.config.seed}:{pod_name}")
+        self._audible = asyncio.Event()
+        self._audible.set()
+        self._ready_at = 0.0
+        self._shutdown_timeout_s = shutdown_timeout_s
+        self._access_log = access_log
+        self._runner: web.AppRunner | None = None
+        self._silence_timer: asyncio.TimerHandle | None = None
+        perf = self.config.performance
+        self._cache_config = {
+            "block_size": str(perf.block_size),
+            "cache_dtype": "auto",
+            "enable_prefix_caching": str(perf.enable_prefix_caching),
+            "gpu_memory_utilization": "0.9",
+            "num_cpu_blocks": "0",
+            "num_gpu_blocks": str(perf.kv_cache_blocks),
+        }
+        self.requests_received = 0
+        self.failures_injected = 0
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        app = web.Application(client_max_size=_MAX_BODY_BYTES)
+        app.on_response_prepare.append(self._stamp_headers)
+        app.add_routes([
+            web.post("/v1/completions", self._completions),
+            web.post("/v1/chat/completions", self._chat_completions),
+            web.get("/v1/models", self._models),
+            web.get("/health", self._health),
+            web.get("/metrics", self._metrics),
+            web.post("/v1/load_lora_adapter", self._load_lora),
+            web.post("/v1/unload_lora_adapter", self._unload_lora),
+            web.get("/sim/state", self._state),
+            web.post("/sim/silence", self._silence),
+        ])
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=True,  # a client that goes away aborts its request
+            shutdown_timeout=self._shutdown_timeout_s,
+            access_log=log if self._access_log else None,
+        )
+        await runner.setup()
+        sock = _bind(self.host, self.port)
+        self.port = sock.getsockname()[1]
+        try:
+            await web.SockSite(runner, sock).start()
+        except BaseException:
+            sock.close()
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self.engine.start()
+        self._ready_at = loop.time() + self.config.slow_start_s
+        if self.config.silent_after_s > 0:
+            self._silence_timer = loop.call_later(
+                self.config.silent_after_s, self.set_silent, True
+            )
+
+    async def stop(self) -> None:
+        if self._silence_timer is not None:
+            self._silence_timer.cancel()
+        self._audible.set()  # let held handlers run to their end (or be cancelled)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        await self.engine.stop()
+
+    async def __aenter__(self) -> SimulatedServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def silent(self) -> bool:
+        return not self._audible.is_set()
+
+    def set_silent(self, silent: bool) -> None:
+        if silent:
+            self._audible.clear()
+        else:
+            self._audible.set()
+        log.info("%s: %s", self.pod_name, "silent" if silent else "answering again")
+
+    def metrics_text(self) -> bytes:
+        core = self.engine.core
+        gauges = metrics_text.Gauges(core.num_running, core.num_waiting, core.kv_cache_usage)
+        return metrics_text.render(
+            core.stats,
+            gauges,
+            model_name=self.config.names[0],
+            cache_config=self._cache_config,
+            lora=self.engine.lora_info() if self._lora_enabled else None,
+        )
+
+    # -- plumbing --------------------------------------------------------------------
+
+    async def _stamp_headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        response.headers["x-inference-pod"] = self.pod_name
+        response.headers["x-inference-port"] = str(self.port)
+        if (request_id := request.headers.get("x-request-id")) is not None:
+            response.headers["x-request-id"] = request_id
+
+    async def _gate(self) -> web.Response | None:
+        """Hold while silent; during slow start answer 503; else None (go ahead)."""
+        if not self._audible.is_set():
+            await self._audible.wait()
+        if asyncio.get_running_loop().time() < self._ready_at:
+            return _error(503, "The model server is still starting (simulated slow start)")
+        return None
+
+    def _resolve(self, model: str) -> str | None:
+        """The LoRA adapter a model name refers to (None = base model); 404 if unknown."""
+        if model in self.config.names:
+            return None
+        if model in self._adapters:
+            return model
+        raise openai_api.ApiError(404, f"The model `{model}` does not exist.", "model")
+
+    # -- inference -------------------------------------------------------------------
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=False)
+
+    async def _chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        if (held := await self._gate()) is not None:
+            return held
+        self.requests_received += 1
+        body = await request.read()
+        try:
+            parsed = openai_api.parse(body, chat=chat)
+            lora = self._resolve(parsed.model)
+            prompt, max_tokens, limit_reason = self._plan(parsed, lora)
+        except openai_api.ApiError as e:
+            return web.Response(status=e.status, body=e.body(), content_type=_JSON)
+        if self.config.failure_rate > 0 and self._rng.random() < self.config.failure_rate:
+            self.failures_injected += 1
+            return _error(self.config.failure_status, "Simulated failure (--failure-rate)")
+        progress = asyncio.Event()
+        sim_request = engine.SimRequest(
+            ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex,
+            prompt,
+            max_tokens,
+            lora=lora,
+            limit_reason=limit_reason,
+            on_progress=progress.set,
+        )
+        try:
+            self.engine.submit(sim_request)
+        except ValueError as e:
+            return _error(400, str(e))
+        try:
+            if parsed.stream:
+                return await self._stream(request, parsed, sim_request, progress)
+            while not sim_request.done:
+                progress.clear()
+                await progress.wait()
+            if not self._audible.is_set():
+                await self._audible.wait()
+            return web.Response(
+                body=openai_api.response_body(
+                    chat=chat,
+                    request_id=sim_request.request_id,
+                    created=int(time.time()),
+                    model=parsed.model,
+                    text=tokens.output_text(0, sim_request.generated),
+                    finish_reason=sim_request.finish_reason,
+                    usage_=_usage(sim_request),
+                ),
+                content_type=_JSON,
+            )
+        finally:
+            if not sim_request.done:
+                self.engine.abort(sim_request)
+
+    def _plan(
+        self, parsed: openai_api.ParsedRequest, lora: str | None
+    ) -> tuple[tokens.Prompt, int, str]:
+        block_size = self.config.performance.block_size
+        seed = tokens.hash_seed(lora or self.config.model, parsed.cache_salt)
+        if parsed.prompt_ids is not None:
+            prompt = tokens.token_ids_prompt(parsed.prompt_ids, block_size, seed)
+        else:
+            prompt = tokens.text_prompt(parsed.prompt_text or "", block_size, seed)
+        if prompt.num_tokens == 0:
+            raise openai_api.ApiError(400, "The decoder prompt cannot be empty", "prompt")
+        context = self.config.context_tokens
+        if parsed.max_tokens is None:
+            max_tokens, limit_reason = self.config.default_max_tokens, "stop"
+            max_tokens = min(max_tokens, context - prompt.num_tokens)
+        else:
+            max_tokens, limit_reason = parsed.max_tokens, "length"
+        if max_tokens < 1 or prompt.num_tokens + max_tokens > context:
+            raise openai_api.ApiError(
+                400,
+                f"This model's maximum context length is {context} tokens. However, you "
+                f"requested {prompt.num_tokens + max(max_tokens, 0)} tokens "
+                f"({prompt.num_tokens} in the messages, {max(max_tokens, 0)} in the "
+                "completion). Please reduce the length of the messages or completion.",
+                "messages" if parsed.chat else "prompt",
+            )
+        return prompt, max_tokens, limit_reason
+
+    async def _stream(
+        self,
+        request: web.Request,
+        parsed: openai_api.ParsedRequest,
+        sim_request: engine.SimRequest,
+        progress: asyncio.Event,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream; charset=utf-8",
+                     "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        chunks = openai_api.StreamChunks(
+            chat=parsed.chat, request_id=sim_request.request_id,
+            created=int(time.time()), model=parsed.model,
+        )
+        sent = 0
+        with contextlib.suppress(ConnectionResetError):
+            while True:
+                progress.clear()
+                generated, done = sim_request.generated, sim_request.done
+                out: list[bytes] = []
+                if parsed.chat and sent == 0 and generated > 0:
+                    out.append(chunks.role())
+                for i in range(sent, generated):
+                    last = done and i == generated - 1
+                    out.append(chunks.token(
+                        tokens.output_text(i, 1), sim_request.finish_reason if last else None
+                    ))
+                sent = generated
+                if done:
+                    if parsed.include_usage:
+                        out.append(chunks.usage(_usage(sim_request)))
+                    out.append(chunks.done())
+                if out:
+                    if not self._audible.is_set():
+                        await self._audible.wait()
+                    await response.write(b"".join(out))
+                if done:
+                    break
+                await progress.wait()
+            await response.write_eof()
+        return response
+
+    # -- everything else -------------------------------------------------------------
+
+    async def _models(self, request: web.Request) -> web.Response:
+        if (held := await self._gate()) is not None:
+            return held
+        created = int(time.time())
+        base = self.config.names[0]
+        data: list[dict[str, Any]] = [
+            _model_card(name, created, root=self.config.model, parent=None,
+                        max_model_len=self.config.context_tokens)
+            for name in self.config.names
+        ]
+        data += [
+            _model_card(name, created, root=path, parent=base, max_model_len=None)
+            for name, path in self._adapters.items()
+        ]
+        return web.json_response({"object": "list", "data": data}, dumps=_dumps)
+
+    async def _health(self, request: web.Request) -> web.Response:
+        if (held := await self._gate()) is not None:
+            return held
+        return web.Response(status=200)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if (held := await self._gate()) is not None:
+            return held
+        return web.Response(
+            body=self.metrics_text(), headers={"Content-Type": metrics_text.CONTENT_TYPE}
+        )
+
+    async def _load_lora(self, request: web.Request) -> web.Response:
+        if (held := await self._gate()) is not None:
+            return held
+        body = await _json_object(request)
+        name, path = body.get("lora_name"), body.get("lora_path")
+        if not isinstance(name, str) or not name or not isinstance(path, str):
+            return _error(400, "Both 'lora_name' and 'lora_path' must be provided.")
+        if name in self._adapters or name in self.config.names:
+            return _error(400, f"The lora adapter '{name}' has already been loaded.")
+        self._adapters[name] = path
+        self._lora_enabled = True
+        return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+    async def _unload_lora(self, request: web.Request) -> web.Response:
+        if (held := await self._gate()) is not None:
+            return held
+        body = await _json_object(request)
+        name = body.get("lora_name")
+        if not isinstance(name, str) or name not in self._adapters:
+            return _error(404, f"The lora adapter '{name}' cannot be found.")
+        del self._adapters[name]
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+    async def _state(self, request: web.Request) -> web.Response:
+        return web.json_response(self._state_dict(), dumps=_dumps)
+
+    async def _silence(self, request: web.Request) -> web.Response:
+        body = await _json_object(request)
+        silent = body.get("silent")
+        if not isinstance(silent, bool):
+            return _error(400, 'Send {"silent": true} or {"silent": false}.')
+        self.set_silent(silent)
+        return web.json_response(self._state_dict(), dumps=_dumps)
+
+    def _state_dict(self) -> dict[str, Any]:
+        core = self.engine.core
+        return {
+            "pod": self.pod_name,
+            "silent": self.silent,
+            "starting": asyncio.get_running_loop().time() < self._ready_at,
+            "running": core.num_running,
+            "waiting": core.num_waiting,
+            "kv_cache_usage": core.kv_cache_usage,
+            "loaded_loras": core.loaded_loras,
+            "requests_received": self.requests_received,
+            "failures_injected": self.failures_injected,
+        }
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def _usage(r: engine.SimRequest) -> dict[str, Any]:
+    return openai_api.usage(r.prompt.num_tokens, r.generated, r.cached_tokens or 0)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.Response(status=status, body=openai_api.error_body(status, message),
+                        content_type=_JSON)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    try:
+        value = orjson.loads(await request.read())
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _model_card(
+    name: str, created: int, *, root: str, parent: str | None, max_model_len: int | None
+) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "vllm",
+        "root": root,
+        "parent": parent,
+        "max_model_len": max_model_len,
+        "permission": [{
+            "id": f"modelperm-{name}",
+            "object": "model_permission",
+            "created": created,
+            "allow_create_engine": False,
+            "allow_sampling": True,
+            "allow_logprobs": True,
+            "allow_search_indices": False,
+            "allow_view": True,
+            "allow_fine_tuning": False,
+            "organization": "*",
+            "group": None,
+            "is_blocking": False,
+        }],
+    }
