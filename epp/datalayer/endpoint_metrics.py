@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 
 from epp.datastore.snapshot import EndpointKey
 
 _NO_CUSTOM: Mapping[str, float] = MappingProxyType({})
+
+
+def _no_custom() -> Mapping[str, float]:
+    # A factory, because Python 3.11 dataclasses reject an unhashable mappingproxy as a
+    # default; every instance still shares the one read-only empty mapping.
+    return _NO_CUSTOM
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,7 +29,7 @@ class EndpointMetrics:
     max_adapters: int = 0
     cache_block_size: int = 0
     cache_num_blocks: int = 0
-    custom: Mapping[str, float] = _NO_CUSTOM
+    custom: Mapping[str, float] = field(default_factory=_no_custom)
     updated_at: float = 0.0
 
     def is_stale(self, now: float, threshold_s: float) -> bool:
