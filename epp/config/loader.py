@@ -26,12 +26,14 @@ is used in the new scheduler. In-flight requests keep using the old scheduler th
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Protocol, cast, runtime_checkable
 
 from epp.config import document, registry
 from epp.config.document import ConfigError
+from epp.datastore.snapshot import EndpointKey
 from epp.scheduling import framework
 from epp.scheduling.interfaces import (
     DataProducer,
@@ -85,6 +87,15 @@ class PickerConfig:
     def feature_enabled(self, gate: str) -> bool:
         return gate in self.feature_gates
 
+    def retain_endpoints(self, keys: Iterable[EndpointKey]) -> None:
+        """Let plugins with per-endpoint state (the prefix index) forget endpoints that left
+        the pool; call it when the endpoint set changes."""
+        keep = frozenset(keys)
+        for plugin in self.plugins.values():
+            retain = getattr(plugin, "retain", None)
+            if callable(retain):
+                retain(keep)
+
 
 def load_config(text: str | None, *, previous: PickerConfig | None = None) -> PickerConfig:
     """Validate and build a config; None or empty text gives the default config."""
@@ -95,7 +106,7 @@ def load_config(text: str | None, *, previous: PickerConfig | None = None) -> Pi
     return PickerConfig(
         scheduler=scheduler,
         feature_gates=doc.feature_gates,
-        plugins=dict(builder.instances),
+        plugins=MappingProxyType(dict(builder.instances)),
         saturation_detector=doc.saturation_detector,
         data_layer=doc.data_layer,
         flow_control=doc.flow_control,

@@ -105,15 +105,6 @@ class SchedulingProfile:
             f"producers={[p.name for p in self.producers]}, picker={self.picker.name!r})"
         )
 
-    def run(
-        self, request: SchedulingRequest, candidates: Sequence[Candidate]
-    ) -> ProfileResult | None:
-        """Run this profile alone (tests, tools); the scheduler uses `_run` to share timing."""
-        timings: list[_Timing] = []
-        result, _ = self._run(request, candidates, perf_counter(), set(), timings)
-        _record(timings)
-        return result
-
     def _run(
         self,
         request: SchedulingRequest,

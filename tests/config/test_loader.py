@@ -449,3 +449,14 @@ def test_every_registered_type_builds_with_default_parameters() -> None:
         plugin = registry.create(type_name, f"my-{type_name}")
         assert getattr(plugin, "type_name") == type_name  # noqa: B009
         assert getattr(plugin, "name") == f"my-{type_name}"  # noqa: B009
+
+
+def test_retain_endpoints_reaches_stateful_plugins() -> None:
+    config = load_config(None)
+    _learn(config)
+    producer = config.plugins["approx-prefix-cache-producer"]
+    assert isinstance(producer, ApproxPrefixCacheProducer) and len(producer.index) == 1
+    config.retain_endpoints([candidate("a").endpoint.key])
+    assert len(producer.index) == 1
+    config.retain_endpoints([])
+    assert len(producer.index) == 0

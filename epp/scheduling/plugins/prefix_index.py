@@ -17,8 +17,9 @@ vLLM server, which frees a finished sequence's tail blocks before its head, the 
 forgets the ends of prompts before their beginnings. A candidate's match is the number of
 leading blocks present in its LRU (greedy longest prefix).
 
-Memory: an entry costs roughly 150 bytes in CPython, so a full LRU of the default 31,250
-blocks is ~5 MB per endpoint; `retain` drops endpoints that left the pool.
+Memory: an entry costs about 130 bytes in CPython (ordered-dict slot plus the hash's int),
+so a full LRU of the default 31,250 blocks is ~4 MB per endpoint; `retain` drops endpoints
+that left the pool.
 """
 
 from __future__ import annotations
