@@ -196,9 +196,13 @@ class MetricsPage:
         size = len(name)
         needle = "\n" + name
         found: list[Sample] = []
-        # The first line has no newline before it.
-        at = -1 if text.startswith(name) else text.find(needle)
-        while at != -1:
+        if text.startswith(name):
+            at = -1  # the first line has no newline before it
+        else:
+            at = text.find(needle)
+            if at < 0:
+                return found
+        while True:
             start = at + 1
             after = start + size
             if text[after : after + 1] in ("{", " ", "\t"):
@@ -213,7 +217,8 @@ class MetricsPage:
                 at = text.find(needle, end)
             else:
                 at = text.find(needle, after)
-        return found
+            if at < 0:
+                return found
 
 
 @dataclass(slots=True)
