@@ -43,7 +43,7 @@ class Endpoint:
     address: str
     port: int
     rank: int = 0
-    labels: Mapping[str, str] = _EMPTY
+    labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     engine: str = DEFAULT_ENGINE
     # Precomputed because every routed request sends it in a header.
     target: str = field(default="", compare=False)
@@ -129,11 +129,15 @@ class Snapshot:
     version: int = 0
     pool: PoolSpec | None = None
     endpoints: tuple[Endpoint, ...] = ()
-    objectives: Mapping[str, Objective] = MappingProxyType({})
+    objectives: Mapping[str, Objective] = field(default_factory=lambda: MappingProxyType({}))
     # Rewrite rules resolved once per snapshot: exact model -> targets, and the catch-all.
-    rewrites_exact: Mapping[str, tuple[RewriteTarget, ...]] = MappingProxyType({})
+    rewrites_exact: Mapping[str, tuple[RewriteTarget, ...]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
     rewrite_catch_all: tuple[RewriteTarget, ...] = ()
-    workload_classes: Mapping[str, WorkloadClass] = MappingProxyType({})
+    workload_classes: Mapping[str, WorkloadClass] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
     synced: bool = False
 
     def rewrite_targets(self, model: str) -> tuple[RewriteTarget, ...]:
