@@ -4,6 +4,7 @@ LoRA slots) instead of a GPU.
 
 Layers, lowest first: `tokens` (approximate tokenisation, block hashes), `prefix_cache`
 (the KV block pool), `metrics_text` (counters, histograms, Prometheus text), `engine`
-(the scheduler and its real-time loop), `openai_api` (request parsing, response shapes),
-`server` (aiohttp, `SimulatedServer`, `run_fleet`), `cli`.
+(the scheduler, clock-free), `realtime` (runs it against the wall clock), `faults`
+(failure injection), `openai_api` (request parsing, response shapes), `config`
+(`SimConfig`), `server` (`SimulatedServer`, aiohttp), `fleet` (`run_fleet`), `cli`.
 """

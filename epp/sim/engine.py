@@ -3,7 +3,7 @@
 `EngineCore` is a plain state machine with no I/O and no clock of its own: `begin_step(now)`
 decides what the next forward pass does and how long it takes, `end_step(step, now)`
 applies its effects at the time it ends. Tests drive it with a fake clock; `EngineLoop`
-drives it in real time on an asyncio loop.
+drives it in real time (`epp.sim.realtime`).
 
 One step, as in vLLM's continuous batching:
 
@@ -24,19 +24,13 @@ One step, as in vLLM's continuous batching:
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from epp.sim import metrics_text, prefix_cache, tokens
-
-# How far modelled time may fall behind the wall clock before the loop stops catching up
-# (asyncio sleeps overshoot by up to ~1 ms, which would otherwise slow short steps down).
-_MAX_LAG_S = 0.05
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,69 +348,3 @@ class EngineCore:
             budget -= uncached
         self._waiting.extendleft(reversed(skipped))
         return load_ms
-
-
-class EngineLoop:
-    """Runs an `EngineCore` in real time on the current asyncio loop.
-
-    Every modelled duration is multiplied by `time_scale`. Token times are the modelled
-    step ends, so short steps keep their modelled rate even though asyncio sleeps
-    overshoot (the loop catches up, up to `_MAX_LAG_S` behind the wall clock). When
-    there is nothing to run the loop waits on an event: an idle engine costs no CPU.
-    """
-
-    def __init__(self, core: EngineCore, time_scale: float = 1.0) -> None:
-        if time_scale <= 0:
-            raise ValueError("time_scale must be positive")
-        self.core = core
-        self.time_scale = time_scale
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self.lora_changed_at = time.time()
-        self._lora_state: tuple[list[str], list[str]] = ([], [])
-
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    def submit(self, request: SimRequest) -> None:
-        self.core.add(request, asyncio.get_running_loop().time())
-        self._wake.set()
-
-    def abort(self, request: SimRequest) -> None:
-        self.core.abort(request, asyncio.get_running_loop().time())
-
-    def lora_info(self) -> metrics_text.LoraInfo:
-        """Adapters running and waiting, stamped with the wall time they last changed."""
-        state = (self.core.running_loras(), self.core.waiting_loras())
-        if state != self._lora_state:
-            self._lora_state = state
-            self.lora_changed_at = time.time()
-        return metrics_text.LoraInfo(
-            state[0], state[1], self.core.model.max_loras, self.lora_changed_at
-        )
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        core = self.core
-        deadline: float | None = None
-        while True:
-            now = loop.time()
-            step = core.begin_step(now)
-            if step is None:
-                deadline = None
-                self._wake.clear()
-                await self._wake.wait()
-                continue
-            start = now if deadline is None else max(deadline, now - _MAX_LAG_S)
-            start = max(start, step.latest_arrival_s)
-            deadline = start + step.duration_s * self.time_scale
-            await asyncio.sleep(max(0.0, deadline - loop.time()))
-            core.end_step(step, deadline)

@@ -254,3 +254,31 @@ class StreamChunks:
     @staticmethod
     def done() -> bytes:
         return b"data: [DONE]\n\n"
+
+
+def model_card(
+    name: str, created: int, *, root: str, parent: str | None, max_model_len: int | None
+) -> dict[str, Any]:
+    return {
+        "id": name,
+        "object": "model",
+        "created": created,
+        "owned_by": "vllm",
+        "root": root,
+        "parent": parent,
+        "max_model_len": max_model_len,
+        "permission": [{
+            "id": f"modelperm-{name}",
+            "object": "model_permission",
+            "created": created,
+            "allow_create_engine": False,
+            "allow_sampling": True,
+            "allow_logprobs": True,
+            "allow_search_indices": False,
+            "allow_view": True,
+            "allow_fine_tuning": False,
+            "organization": "*",
+            "group": None,
+            "is_blocking": False,
+        }],
+    }

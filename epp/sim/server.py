@@ -3,16 +3,9 @@
 Every response carries `x-inference-pod` and `x-inference-port` so tests and demos can
 see who served a request; an incoming `x-request-id` is echoed back.
 
-Failure injection, for robustness tests of whatever sits in front:
-
-* `failure_rate` / `failure_status`: that fraction of inference requests (after
-  validation) is answered at once with an error of that status.
-* `slow_start_s`: for that many wall seconds after start, every endpoint except the
-  `/sim/...` control endpoints answers 503 (as a server still loading its model).
-* silence: `set_silent(True)`, `POST /sim/silence {"silent": true}` or `silent_after_s`.
-  A silent server accepts connections but answers nothing — not /metrics, not /health,
-  not requests; streams in flight stop mid-way. Unsilencing lets everything that was
-  held continue. The `/sim/...` endpoints keep answering so a test can switch it back.
+Failure injection (`faults`): an error rate, a slow start (503s), and silence (nothing
+answered; `POST /sim/silence {"silent": true|false}` toggles it). The `/sim/...` control
+endpoints always answer. `GET /sim/state` shows the engine and fault state as JSON.
 """
 
 from __future__ import annotations
@@ -20,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import socket
 import time
 import uuid
@@ -30,7 +22,7 @@ import orjson
 from aiohttp import web
 
 from epp.sim import config as sim_config
-from epp.sim import engine, metrics_text, openai_api, tokens
+from epp.sim import engine, faults, metrics_text, openai_api, realtime, tokens
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +50,21 @@ class SimulatedServer:
         self.pod_name = pod_name
         self.host = host
         self.port = port
-        self.engine = engine.EngineLoop(
+        self.engine = realtime.EngineLoop(
             engine.EngineCore(self.config.performance), self.config.time_scale
         )
         self._adapters: dict[str, str] = {name: name for name in self.config.lora_modules}
         self._lora_enabled = bool(self._adapters)
-        self._rng = random.Random(f"{self.config.seed}:{pod_name}")
-        self._audible = asyncio.Event()
-        self._audible.set()
-        self._ready_at = 0.0
+        self.faults = faults.FaultInjector(
+            pod_name=pod_name,
+            failure_rate=self.config.failure_rate,
+            slow_start_s=self.config.slow_start_s,
+            silent_after_s=self.config.silent_after_s,
+            seed=self.config.seed,
+        )
         self._shutdown_timeout_s = shutdown_timeout_s
         self._access_log = access_log
         self._runner: web.AppRunner | None = None
-        self._silence_timer: asyncio.TimerHandle | None = None
         perf = self.config.performance
         self._cache_config = {
             "block_size": str(perf.block_size),
@@ -81,7 +75,6 @@ class SimulatedServer:
             "num_gpu_blocks": str(perf.kv_cache_blocks),
         }
         self.requests_received = 0
-        self.failures_injected = 0
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -95,7 +88,6 @@ class SimulatedServer:
         return f"http://{self.address}"
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         app = web.Application(client_max_size=_MAX_BODY_BYTES)
         app.on_response_prepare.append(self._stamp_headers)
         app.add_routes([
@@ -126,16 +118,10 @@ class SimulatedServer:
             raise
         self._runner = runner
         self.engine.start()
-        self._ready_at = loop.time() + self.config.slow_start_s
-        if self.config.silent_after_s > 0:
-            self._silence_timer = loop.call_later(
-                self.config.silent_after_s, self.set_silent, True
-            )
+        self.faults.start()
 
     async def stop(self) -> None:
-        if self._silence_timer is not None:
-            self._silence_timer.cancel()
-        self._audible.set()  # let held handlers run to their end (or be cancelled)
+        self.faults.stop()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -150,14 +136,10 @@ class SimulatedServer:
 
     @property
     def silent(self) -> bool:
-        return not self._audible.is_set()
+        return self.faults.silent
 
     def set_silent(self, silent: bool) -> None:
-        if silent:
-            self._audible.clear()
-        else:
-            self._audible.set()
-        log.info("%s: %s", self.pod_name, "silent" if silent else "answering again")
+        self.faults.set_silent(silent)
 
     def metrics_text(self) -> bytes:
         core = self.engine.core
@@ -180,9 +162,8 @@ class SimulatedServer:
 
     async def _gate(self) -> web.Response | None:
         """Hold while silent; during slow start answer 503; else None (go ahead)."""
-        if not self._audible.is_set():
-            await self._audible.wait()
-        if asyncio.get_running_loop().time() < self._ready_at:
+        await self.faults.hold()
+        if self.faults.starting:
             return _error(503, "The model server is still starting (simulated slow start)")
         return None
 
@@ -213,8 +194,7 @@ class SimulatedServer:
             prompt, max_tokens, limit_reason = self._plan(parsed, lora)
         except openai_api.ApiError as e:
             return web.Response(status=e.status, body=e.body(), content_type=_JSON)
-        if self.config.failure_rate > 0 and self._rng.random() < self.config.failure_rate:
-            self.failures_injected += 1
+        if self.faults.should_fail():
             return _error(self.config.failure_status, "Simulated failure (--failure-rate)")
         progress = asyncio.Event()
         sim_request = engine.SimRequest(
@@ -235,8 +215,7 @@ class SimulatedServer:
             while not sim_request.done:
                 progress.clear()
                 await progress.wait()
-            if not self._audible.is_set():
-                await self._audible.wait()
+            await self.faults.hold()
             return web.Response(
                 body=openai_api.response_body(
                     chat=chat,
@@ -316,8 +295,7 @@ class SimulatedServer:
                         out.append(chunks.usage(_usage(sim_request)))
                     out.append(chunks.done())
                 if out:
-                    if not self._audible.is_set():
-                        await self._audible.wait()
+                    await self.faults.hold()
                     await response.write(b"".join(out))
                 if done:
                     break
@@ -333,12 +311,12 @@ class SimulatedServer:
         created = int(time.time())
         base = self.config.names[0]
         data: list[dict[str, Any]] = [
-            _model_card(name, created, root=self.config.model, parent=None,
+            openai_api.model_card(name, created, root=self.config.model, parent=None,
                         max_model_len=self.config.context_tokens)
             for name in self.config.names
         ]
         data += [
-            _model_card(name, created, root=path, parent=base, max_model_len=None)
+            openai_api.model_card(name, created, root=path, parent=base, max_model_len=None)
             for name, path in self._adapters.items()
         ]
         return web.json_response({"object": "list", "data": data}, dumps=_dumps)
@@ -394,13 +372,14 @@ class SimulatedServer:
         return {
             "pod": self.pod_name,
             "silent": self.silent,
-            "starting": asyncio.get_running_loop().time() < self._ready_at,
+            "starting": self.faults.starting,
             "running": core.num_running,
             "waiting": core.num_waiting,
             "kv_cache_usage": core.kv_cache_usage,
             "loaded_loras": core.loaded_loras,
+            "lag_s": self.engine.lag_s,
             "requests_received": self.requests_received,
-            "failures_injected": self.failures_injected,
+            "failures_injected": self.faults.failures_injected,
         }
 
 
@@ -435,31 +414,3 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     except orjson.JSONDecodeError:
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _model_card(
-    name: str, created: int, *, root: str, parent: str | None, max_model_len: int | None
-) -> dict[str, Any]:
-    return {
-        "id": name,
-        "object": "model",
-        "created": created,
-        "owned_by": "vllm",
-        "root": root,
-        "parent": parent,
-        "max_model_len": max_model_len,
-        "permission": [{
-            "id": f"modelperm-{name}",
-            "object": "model_permission",
-            "created": created,
-            "allow_create_engine": False,
-            "allow_sampling": True,
-            "allow_logprobs": True,
-            "allow_search_indices": False,
-            "allow_view": True,
-            "allow_fine_tuning": False,
-            "organization": "*",
-            "group": None,
-            "is_blocking": False,
-        }],
-    }

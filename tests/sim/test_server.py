@@ -268,3 +268,26 @@ async def test_client_disconnect_aborts_the_request(session: aiohttp.ClientSessi
         samples = await support.scrape(session, server.url)
     assert support.value(samples, "vllm:request_success_total", finished_reason="abort") == 1
     assert support.value(samples, "vllm:kv_cache_usage_perc") == 0.0
+
+
+async def test_picker_parser_reads_the_metrics_page_strictly(
+    session: aiohttp.ClientSession,
+) -> None:
+    """The contract with the picker's data layer: its strict parser accepts the page and
+    its lazy per-name lookup finds the gauges the core extractor reads."""
+    from epp.datalayer import prometheus_text
+
+    cfg = sim(lora_modules=("sql",))
+    async with fleet.run_fleet(1, config=cfg) as servers:
+        await support.complete(session, servers[0].url,
+                               {"model": "sql", "prompt": 'quote " and \\ back', "max_tokens": 2})
+        async with session.get(f"{servers[0].url}/metrics") as resp:
+            text = await resp.text()
+    exposition = prometheus_text.parse(text, strict=True)
+    assert exposition.by_name("vllm:request_success_total")
+    page = prometheus_text.MetricsPage(text)
+    for name in ("vllm:num_requests_waiting", "vllm:num_requests_running",
+                 "vllm:kv_cache_usage_perc", "vllm:lora_requests_info",
+                 "vllm:cache_config_info"):
+        assert len(page.samples(name)) == 1, name
+    assert not page.errors
