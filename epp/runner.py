@@ -65,7 +65,9 @@ class Picker:
             static_endpoints=static,
         )
         self.manifests = (
-            sources.ManifestWatcher(self.reconciler, options.manifests, options.manifest_poll_interval_s)
+            sources.ManifestWatcher(
+                self.reconciler, options.manifests, options.manifest_poll_interval_s
+            )
             if options.manifests
             else None
         )
@@ -153,7 +155,9 @@ class Picker:
                 staleness_s=self.options.metrics_staleness_threshold_s,
             )
             metrics.pool_ready_pods.labels(name).set(len({e.pod_name for e in snapshot.endpoints}))
-            metrics.pool_average_kv_cache_utilization.labels(name).set(summary.average_kv_cache_usage)
+            metrics.pool_average_kv_cache_utilization.labels(name).set(
+                summary.average_kv_cache_usage
+            )
             metrics.pool_average_queue_size.labels(name).set(summary.average_queue_size)
             await asyncio.sleep(self.options.pool_gauge_interval_s)
 
@@ -165,7 +169,9 @@ def _config_text(options: PickerOptions) -> str | None:
         try:
             return options.config_file.read_text(encoding="utf-8")
         except OSError as error:
-            raise loader.ConfigError(f"--config-file {options.config_file}: {error.strerror or error}") from error
+            raise loader.ConfigError(
+                f"--config-file {options.config_file}: {error.strerror or error}"
+            ) from error
     return None
 
 
@@ -197,7 +203,13 @@ class _ArgumentParser(argparse.ArgumentParser):
 def build_argument_parser(prog: str = "sluice picker") -> argparse.ArgumentParser:
     p = _ArgumentParser(prog=prog, description="Endpoint picker for LLM inference (no Kubernetes).")
     p.add_argument("--endpoints", default="", help="static endpoints: ip:port,ip:port")
-    p.add_argument("--manifests", nargs="+", type=Path, default=[], help="YAML files with Pods, InferencePool, ...")
+    p.add_argument(
+        "--manifests",
+        nargs="+",
+        type=Path,
+        default=[],
+        help="YAML files with Pods, InferencePool, ...",
+    )
     p.add_argument("--pool-name", default=None)
     p.add_argument("--pool-namespace", default="default")
     p.add_argument("--config-file", type=Path, default=None, help="EndpointPickerConfig YAML")
@@ -209,7 +221,9 @@ def build_argument_parser(prog: str = "sluice picker") -> argparse.ArgumentParse
     p.add_argument("--refresh-metrics-interval", type=_duration, default=0.05)
     p.add_argument("--metrics-staleness-threshold", type=_duration, default=2.0)
     p.add_argument("--secure-serving", type=parse_bool, nargs="?", const=True, default=True)
-    p.add_argument("--cert-path", type=Path, default=None, help="directory with tls.crt and tls.key")
+    p.add_argument(
+        "--cert-path", type=Path, default=None, help="directory with tls.crt and tls.key"
+    )
     p.add_argument("--max-request-body-bytes", type=int, default=16 * 1024 * 1024)
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p

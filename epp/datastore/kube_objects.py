@@ -105,11 +105,17 @@ def pool_from_object(obj: Mapping[str, Any]) -> PoolSpec:
         ports.append(port)
     app_protocol = spec.get("appProtocol") or "http"
     if app_protocol not in ("http", "kubernetes.io/h2c"):
-        raise _fail(obj, f"spec.appProtocol must be 'http' or 'kubernetes.io/h2c', got {app_protocol!r}")
+        raise _fail(
+            obj, f"spec.appProtocol must be 'http' or 'kubernetes.io/h2c', got {app_protocol!r}"
+        )
     picker_ref = _mapping(obj, spec.get("endpointPickerRef"), "spec.endpointPickerRef")
     failure_mode = picker_ref.get("failureMode") or "FailClose"
     if failure_mode not in ("FailOpen", "FailClose"):
-        raise _fail(obj, f"spec.endpointPickerRef.failureMode must be FailOpen or FailClose, got {failure_mode!r}")
+        raise _fail(
+            obj,
+            "spec.endpointPickerRef.failureMode must be FailOpen or FailClose, "
+            f"got {failure_mode!r}",
+        )
     return PoolSpec(
         name=name,
         namespace=namespace,
@@ -159,7 +165,9 @@ def endpoints_from_pod(pod: Mapping[str, Any], pool: PoolSpec) -> list[Endpoint]
         for part in active.split(","):
             part = part.strip()
             if not part.isdigit():
-                raise _fail(pod, f"annotation {ACTIVE_PORTS_ANNOTATION} has a non-numeric port {part!r}")
+                raise _fail(
+                    pod, f"annotation {ACTIVE_PORTS_ANNOTATION} has a non-numeric port {part!r}"
+                )
             wanted.add(int(part))
         ports = tuple(p for p in ports if p in wanted)
     engine = labels.get(ENGINE_LABEL, DEFAULT_ENGINE)
@@ -194,7 +202,11 @@ def objective_from_object(obj: Mapping[str, Any], pool: PoolSpec | None) -> Obje
     priority = spec.get("priority", 0)
     if priority is None:
         priority = 0
-    return Objective(name=name, namespace=namespace, priority=_int(obj, priority, "spec.priority", -(2**31), 2**31 - 1))
+    return Objective(
+        name=name,
+        namespace=namespace,
+        priority=_int(obj, priority, "spec.priority", -(2**31), 2**31 - 1),
+    )
 
 
 def rewrite_from_object(obj: Mapping[str, Any], pool: PoolSpec | None) -> ModelRewrite | None:
@@ -207,7 +219,9 @@ def rewrite_from_object(obj: Mapping[str, Any], pool: PoolSpec | None) -> ModelR
         rule = _mapping(obj, rule, f"spec.rules[{i}]")
         exact: list[str] = []
         for j, match in enumerate(rule.get("matches") or ()):
-            model = _mapping(obj, _mapping(obj, match, f"spec.rules[{i}].matches[{j}]").get("model"), "model")
+            model = _mapping(
+                obj, _mapping(obj, match, f"spec.rules[{i}].matches[{j}]").get("model"), "model"
+            )
             match_type = model.get("type", "Exact")
             value = model.get("value")
             if match_type != "Exact" or not isinstance(value, str) or not value:
@@ -219,7 +233,9 @@ def rewrite_from_object(obj: Mapping[str, Any], pool: PoolSpec | None) -> ModelR
             model_name = target.get("modelRewrite")
             if not isinstance(model_name, str) or not model_name:
                 raise _fail(obj, f"spec.rules[{i}].targets[{j}].modelRewrite is required")
-            weight = _int(obj, target.get("weight", 1), f"spec.rules[{i}].targets[{j}].weight", 1, 1_000_000)
+            weight = _int(
+                obj, target.get("weight", 1), f"spec.rules[{i}].targets[{j}].weight", 1, 1_000_000
+            )
             targets.append(RewriteTarget(model=model_name, weight=weight))
         if not targets:
             raise _fail(obj, f"spec.rules[{i}].targets needs at least one target")
@@ -228,7 +244,9 @@ def rewrite_from_object(obj: Mapping[str, Any], pool: PoolSpec | None) -> ModelR
     return ModelRewrite(name=name, namespace=namespace, created=created, rules=tuple(rules))
 
 
-def workload_class_from_object(obj: Mapping[str, Any], pool: PoolSpec | None) -> WorkloadClass | None:
+def workload_class_from_object(
+    obj: Mapping[str, Any], pool: PoolSpec | None
+) -> WorkloadClass | None:
     namespace, name = metadata(obj)
     spec = _mapping(obj, obj.get("spec"), "spec")
     if not _refers_to_pool(obj, spec, pool):

@@ -135,7 +135,9 @@ class Reconciler:
         for obj in self._of_kind("InferenceObjective"):
             self._collect(obj, kube_objects.objective_from_object, pool, objectives, "name")
         for obj in self._of_kind("WorkloadClass"):
-            self._collect(obj, kube_objects.workload_class_from_object, pool, classes, "workload_id")
+            self._collect(
+                obj, kube_objects.workload_class_from_object, pool, classes, "workload_id"
+            )
         for obj in self._of_kind("InferenceModelRewrite"):
             try:
                 rewrite = kube_objects.rewrite_from_object(obj, pool)

@@ -115,7 +115,7 @@ def immediate_response(error: InferenceError) -> pb.ProcessingResponse:
         headers.append(header("retry-after", str(error.retry_after_s)))
     return pb.ProcessingResponse(
         immediate_response=pb.ImmediateResponse(
-            status=http_status_pb2.HttpStatus(code=status),  # type: ignore[arg-type]
+            status=http_status_pb2.HttpStatus(code=status),
             headers=pb.HeaderMutation(set_headers=headers),
             body=error.body,
             details=f"{error.code}: {error.message}"[:200],

@@ -27,7 +27,7 @@ _GRPC_OPTIONS = [
 ]
 
 
-class ExternalProcessor(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]
+class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, director: Director, max_body_bytes: int) -> None:
         self._director = director
         self._max_body_bytes = max_body_bytes
@@ -59,7 +59,9 @@ def load_or_create_tls(cert_path: Path | None) -> TlsFiles:
     """`--cert-path DIR` holds tls.crt and tls.key; without it, a self-signed pair."""
     if cert_path is not None:
         try:
-            return TlsFiles((cert_path / "tls.crt").read_bytes(), (cert_path / "tls.key").read_bytes())
+            return TlsFiles(
+                (cert_path / "tls.crt").read_bytes(), (cert_path / "tls.key").read_bytes()
+            )
         except OSError as error:
             raise ValueError(f"--cert-path {cert_path}: {error.strerror or error}") from error
     return _self_signed()
@@ -127,13 +129,17 @@ class PickerServer:
         pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, self._server)
         address = f"{self._host}:{self._grpc_port}"
         if self._tls is not None:
-            credentials = grpc.ssl_server_credentials([(self._tls.private_key, self._tls.certificate)])
+            credentials = grpc.ssl_server_credentials(
+                [(self._tls.private_key, self._tls.certificate)]
+            )
             self.grpc_port = self._server.add_secure_port(address, credentials)
         else:
             self.grpc_port = self._server.add_insecure_port(address)
         self._health_server = grpc.aio.server(options=_GRPC_OPTIONS)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
-        self.health_port = self._health_server.add_insecure_port(f"{self._host}:{self._health_port}")
+        self.health_port = self._health_server.add_insecure_port(
+            f"{self._host}:{self._health_port}"
+        )
         for service in HEALTH_SERVICES:
             status = health_pb2.HealthCheckResponse.SERVING
             if service == "readiness":
@@ -141,13 +147,19 @@ class PickerServer:
             await self._set_health(service, status)
         await self._server.start()
         await self._health_server.start()
-        log.info("picker listening", extra={"grpc_port": self.grpc_port, "health_port": self.health_port})
+        log.info(
+            "picker listening", extra={"grpc_port": self.grpc_port, "health_port": self.health_port}
+        )
 
     async def _set_health(self, service: str, status: int) -> None:
         await self.health.set(service, status)
 
     async def set_ready(self, ready: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ready
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         await self._set_health("readiness", status)
 
     async def stop(self, grace_s: float = 5.0) -> None:

@@ -101,7 +101,9 @@ class RequestStream:
 
     def _expect(self, phase: Phase, what: str) -> None:
         if self.phase is not phase:
-            raise errors.bad_request(f"ext_proc protocol: {what} arrived in phase '{self.phase.value}'")
+            raise errors.bad_request(
+                f"ext_proc protocol: {what} arrived in phase '{self.phase.value}'"
+            )
 
     def _on_request_headers(self, message: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         self._expect(Phase.START, "request headers")
@@ -121,7 +123,9 @@ class RequestStream:
                 headers[name] = item.value
         ctx.request_id = headers.get("x-request-id") or str(uuid.uuid4())
         ctx.path = (
-            headers.get(":path") or headers.get("x-original-path") or headers.get("x-forwarded-path", "")
+            headers.get(":path")
+            or headers.get("x-original-path")
+            or headers.get("x-forwarded-path", "")
         )
         ctx.subset = _subset_hint(message.metadata_context.filter_metadata)
         if message.request_headers.end_of_stream:
@@ -223,7 +227,9 @@ class RequestStream:
             if body.end_of_stream:
                 ctx.usage = self._sse.finish()
                 self._finish()
-            return messages.streamed_body(chunk, end_of_stream=body.end_of_stream, response_side=True)
+            return messages.streamed_body(
+                chunk, end_of_stream=body.end_of_stream, response_side=True
+            )
         if chunk:
             self._response_buffer.append(chunk)
         if not body.end_of_stream:

@@ -61,15 +61,45 @@ async def test_lowest_queue_and_kv_wins(pool):
     responses = await route(client)
     headers = set_headers(responses[0])
     assert headers["x-gateway-destination-endpoint"] == servers[1].target
-    assert responses[0].dynamic_metadata.fields["envoy.lb"].struct_value.fields[
-        "x-gateway-destination-endpoint"
-    ].string_value == servers[1].target
+    assert (
+        responses[0]
+        .dynamic_metadata.fields["envoy.lb"]
+        .struct_value.fields["x-gateway-destination-endpoint"]
+        .string_value
+        == servers[1].target
+    )
     assert headers["content-length"] == str(len(COMPLETION))
     assert streamed_bodies(responses, "request_body") == COMPLETION
 
 
-async def test_active_lora_adapter_wins_over_lower_kv(pool):
-    servers, picker, client = pool
+LORA_CONFIG = """
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- {type: queue-scorer}
+- {type: kv-cache-utilization-scorer}
+- {type: lora-affinity-scorer}
+- {type: max-score-picker}
+schedulingProfiles:
+- name: default
+  plugins:
+  - {pluginRef: queue-scorer, weight: 1}
+  - {pluginRef: kv-cache-utilization-scorer, weight: 1}
+  - {pluginRef: lora-affinity-scorer, weight: 2}
+  - {pluginRef: max-score-picker}
+"""
+
+
+async def test_active_lora_adapter_wins_over_lower_kv():
+    async with backends(ADDRESSES) as servers:
+        endpoints = ",".join(s.target for s in servers)
+        async with running_picker(endpoints=endpoints, config_text=LORA_CONFIG) as picker:
+            client = ExtProcClient(picker.grpc_port)
+            await _lora_case(servers, picker, client)
+            await client.close()
+
+
+async def _lora_case(servers, picker, client):
     for s in servers:
         s.state.max_lora = 2
     servers[0].state.kv = 0.05
@@ -101,7 +131,9 @@ async def test_header_only_request_goes_to_a_ready_endpoint(pool):
     responses = await client.exchange(
         [request_headers({":method": "GET", ":path": "/v1/models"}, end_of_stream=True)], 1
     )
-    assert set_headers(responses[0])["x-gateway-destination-endpoint"] in {s.target for s in servers}
+    assert set_headers(responses[0])["x-gateway-destination-endpoint"] in {
+        s.target for s in servers
+    }
     assert picker.director.accounting.in_flight <= 1  # released when the stream closes
 
 
@@ -111,7 +143,7 @@ async def test_header_only_request_goes_to_a_ready_endpoint(pool):
         (b'{"prompt": "hi"}', b"'model' is required"),
         (b'{"model": "m", "prompt": ', b"not valid JSON"),
         (b'{"model": 7, "prompt": "x"}', b"'model' must be a non-empty string"),
-        (b'[1, 2]', b"must be a JSON object"),
+        (b"[1, 2]", b"must be a JSON object"),
         (b'{"model": "m"}', b"'prompt' is required"),
     ],
 )
@@ -147,7 +179,9 @@ async def test_body_split_across_chunks(pool):
     while not responses[-1].request_body.response.body_mutation.streamed_response.end_of_stream:
         responses.append(await call.read())
     call.cancel()
-    assert set_headers(responses[0])["x-gateway-destination-endpoint"] in {s.target for s in servers}
+    assert set_headers(responses[0])["x-gateway-destination-endpoint"] in {
+        s.target for s in servers
+    }
     chunks = [r.request_body.response.body_mutation.streamed_response.body for r in responses[1:]]
     assert all(len(c) <= 62_000 for c in chunks)
     assert b"".join(chunks) == body  # byte-for-byte, no re-serialisation
@@ -194,7 +228,9 @@ async def test_model_rewrite_by_header(pool):
     # The response names the model the client asked for.
     await call.write(response_headers(200))
     await call.read()
-    await call.write(response_body(b'{"model":"m-v2","usage":{"prompt_tokens":2,"completion_tokens":1}}', True))
+    await call.write(
+        response_body(b'{"model":"m-v2","usage":{"prompt_tokens":2,"completion_tokens":1}}', True)
+    )
     answer = await call.read()
     assert answer.response_body.response.body_mutation.streamed_response.body == (
         b'{"model":"m","usage":{"prompt_tokens":2,"completion_tokens":1}}'
@@ -254,7 +290,11 @@ async def test_multi_chunk_json_response_is_reassembled(pool):
     await call.write(response_headers(200))
     assert (await call.read()).WhichOneof("response") == "response_headers"
     payload = orjson.dumps(
-        {"model": "m", "choices": [{"text": "y" * 150_000}], "usage": {"prompt_tokens": 7, "completion_tokens": 5}}
+        {
+            "model": "m",
+            "choices": [{"text": "y" * 150_000}],
+            "usage": {"prompt_tokens": 7, "completion_tokens": 5},
+        }
     )
     pieces = [payload[i : i + 40_000] for i in range(0, len(payload), 40_000)]
     for i, piece in enumerate(pieces):
@@ -280,7 +320,9 @@ async def test_sse_usage_counted_into_input_tokens(pool):
     before = _histogram_sum("inference_objective_input_tokens", **labels)
     call = client.open()
     await call.write(request_headers(completion_headers()))
-    await call.write(request_body(orjson.dumps({"model": "sse-model", "prompt": "x", "stream": True})))
+    await call.write(
+        request_body(orjson.dumps({"model": "sse-model", "prompt": "x", "stream": True}))
+    )
     await call.read(), await call.read()
     await call.write(response_headers(200, "text/event-stream"))
     await call.read()
@@ -302,7 +344,9 @@ async def test_sse_usage_counted_into_input_tokens(pool):
 async def test_buffered_mode_routes_on_the_body_response(pool):
     servers, _, client = pool
     call = client.open()
-    await call.write(request_headers(completion_headers(), request_mode=BUFFERED, response_mode=BUFFERED))
+    await call.write(
+        request_headers(completion_headers(), request_mode=BUFFERED, response_mode=BUFFERED)
+    )
     ack = await call.read()
     assert ack.WhichOneof("response") == "request_headers"
     assert not ack.request_headers.response.header_mutation.set_headers

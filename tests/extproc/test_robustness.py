@@ -50,7 +50,7 @@ async def test_body_before_headers(pool):
     assert responses[0].immediate_response.status.code == 400
     assert b"request body chunk arrived in phase 'start'" in responses[0].immediate_response.body
     await still_serves(client)
-    assert picker.director.accounting.is_idle()
+    await wait_for(picker.director.accounting.is_idle, what="the served request's release")
 
 
 async def test_message_without_a_phase(pool):
@@ -122,7 +122,9 @@ async def _one_request(client: ExtProcClient, kind: int, rng: random.Random) -> 
             await call.read(), await call.read()
             await call.write(response_headers(200))
             await call.read()
-            await call.write(response_body(b'{"usage":{"prompt_tokens":1,"completion_tokens":1}}', True))
+            await call.write(
+                response_body(b'{"usage":{"prompt_tokens":1,"completion_tokens":1}}', True)
+            )
             await call.read()
             await call.done_writing()
             assert await call.read() is grpc.aio.EOF
@@ -143,7 +145,9 @@ async def _one_request(client: ExtProcClient, kind: int, rng: random.Random) -> 
             await call.write(request_headers(completion_headers()))
             await call.write(request_body(COMPLETION))
             await call.read(), await call.read()
-            await call.write(response_headers(500 if rng.random() < 0.5 else 200, "text/event-stream"))
+            await call.write(
+                response_headers(500 if rng.random() < 0.5 else 200, "text/event-stream")
+            )
             await call.read()
             await call.write(response_body(b"data: {}\n\n"))
             await call.read()
@@ -163,13 +167,18 @@ async def test_ten_thousand_mixed_requests_leave_every_counter_at_zero(pool):
             await _one_request(client, kind, rng)
 
     await asyncio.gather(*(run(k) for k in kinds))
-    await wait_for(lambda: picker.server.processor.open_streams == 0, timeout_s=30, what="streams closed")
+    await wait_for(
+        lambda: picker.server.processor.open_streams == 0, timeout_s=30, what="streams closed"
+    )
     accounting = picker.director.accounting
     assert accounting.in_flight == 0
     assert accounting.per_endpoint == {}
     assert accounting.released_twice == 0
     from epp import metrics
 
-    assert metrics.REGISTRY.get_sample_value(
-        "inference_objective_running_requests", {"model_name": "m"}
-    ) == 0
+    assert (
+        metrics.REGISTRY.get_sample_value(
+            "inference_objective_running_requests", {"model_name": "m"}
+        )
+        == 0
+    )

@@ -64,7 +64,11 @@ def _app(state: BackendState, name: str) -> web.Application:
         body = await request.read()
         state.received.append(body)
         return web.json_response(
-            {"model": "m", "choices": [{"text": "ok"}], "usage": {"prompt_tokens": 3, "completion_tokens": 1}},
+            {
+                "model": "m",
+                "choices": [{"text": "ok"}],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 1},
+            },
             headers={"x-inference-pod": name},
         )
 

@@ -32,7 +32,8 @@ def request_headers(
             headers=base_pb2.HeaderMap(headers=values), end_of_stream=end_of_stream
         ),
         protocol_config=pb.ProtocolConfiguration(
-            request_body_mode=request_mode, response_body_mode=response_mode  # type: ignore[arg-type]
+            request_body_mode=request_mode,
+            response_body_mode=response_mode,  # type: ignore[arg-type]
         ),
     )
     if subset is not None:
@@ -46,7 +47,9 @@ def request_body(data: bytes, end_of_stream: bool = True) -> pb.ProcessingReques
     return pb.ProcessingRequest(request_body=pb.HttpBody(body=data, end_of_stream=end_of_stream))
 
 
-def response_headers(status: int = 200, content_type: str = "application/json") -> pb.ProcessingRequest:
+def response_headers(
+    status: int = 200, content_type: str = "application/json"
+) -> pb.ProcessingRequest:
     values = [
         base_pb2.HeaderValue(key=":status", raw_value=str(status).encode()),
         base_pb2.HeaderValue(key="content-type", raw_value=content_type.encode()),
@@ -60,7 +63,9 @@ def response_body(data: bytes, end_of_stream: bool = False) -> pb.ProcessingRequ
     return pb.ProcessingRequest(response_body=pb.HttpBody(body=data, end_of_stream=end_of_stream))
 
 
-def completion_headers(path: str = "/v1/completions", **extra: str | bytes) -> dict[str, str | bytes]:
+def completion_headers(
+    path: str = "/v1/completions", **extra: str | bytes
+) -> dict[str, str | bytes]:
     headers: dict[str, str | bytes] = {
         ":method": "POST",
         ":path": path,

@@ -10,7 +10,9 @@ from collections.abc import AsyncIterator, Callable
 from epp.runner import Picker, PickerOptions
 
 
-async def wait_for(condition: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition") -> None:
+async def wait_for(
+    condition: Callable[[], bool], timeout_s: float = 10.0, what: str = "condition"
+) -> None:
     """Poll a condition the test cannot await as an event (e.g. a scrape landing)."""
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -23,10 +25,7 @@ def scrape_count_at_least(picker: Picker, count: int) -> Callable[[], bool]:
     def check() -> bool:
         endpoints = picker.reconciler.current.endpoints
         now = time.monotonic()
-        fresh = [
-            e for e in endpoints
-            if not picker.metrics_store.get(e.key).is_stale(now, 1.0)
-        ]
+        fresh = [e for e in endpoints if not picker.metrics_store.get(e.key).is_stale(now, 1.0)]
         return len(fresh) >= count
 
     return check
@@ -44,7 +43,9 @@ async def running_picker(**overrides: object) -> AsyncIterator[Picker]:
         manifest_poll_interval_s=0.05,
         shutdown_grace_s=0.5,
     )
-    options = PickerOptions(**{**{f: getattr(options, f) for f in options.__dataclass_fields__}, **overrides})  # type: ignore[arg-type]
+    options = PickerOptions(
+        **{**{f: getattr(options, f) for f in options.__dataclass_fields__}, **overrides}
+    )  # type: ignore[arg-type]
     picker = Picker(options)
     await picker.start()
     try:
