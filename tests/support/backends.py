@@ -63,6 +63,17 @@ def _app(state: BackendState, name: str) -> web.Application:
     async def completions(request: web.Request) -> web.StreamResponse:
         body = await request.read()
         state.received.append(body)
+        if b'"stream":true' in body.replace(b" ", b""):
+            response = web.StreamResponse(
+                headers={"content-type": "text/event-stream", "x-inference-pod": name}
+            )
+            await response.prepare(request)
+            for i in range(5):
+                await response.write(f'data: {{"choices":[{{"text":"t{i}"}}]}}\n\n'.encode())
+            usage = '{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}'
+            await response.write(f"data: {usage}\n\ndata: [DONE]\n\n".encode())
+            await response.write_eof()
+            return response
         return web.json_response(
             {
                 "model": "m",
