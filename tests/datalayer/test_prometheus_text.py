@@ -199,3 +199,14 @@ def test_arbitrary_text_never_raises_anything_but_parse_errors(text: str) -> Non
     page = MetricsPage(text)
     for name in ("m", "a", "vllm:x"):
         page.samples(name)
+
+
+def test_lazy_samples_are_shared_across_pages_and_read_only() -> None:
+    text = 'cached_metric{a="1",b="2"} 5\n'
+    first = MetricsPage(text).samples("cached_metric")[0]
+    again = MetricsPage(text).samples("cached_metric")[0]
+    assert again is first  # an unchanged line is not parsed twice
+    with pytest.raises(TypeError):
+        first.labels["a"] = "x"  # type: ignore[index]
+    changed = MetricsPage(text.replace(" 5", " 6")).samples("cached_metric")[0]
+    assert changed.value == 6.0 and changed.labels == {"a": "1", "b": "2"}
