@@ -137,6 +137,7 @@ class Picker:
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         self.collector.update_endpoints(snapshot.endpoints)
+        self.config.retain_endpoints([e.key for e in snapshot.endpoints])
         if snapshot.synced and not self._ready.is_set():
             asyncio.get_running_loop().create_task(self._apply_readiness(snapshot))
 
