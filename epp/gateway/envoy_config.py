@@ -104,6 +104,9 @@ class GatewayOptions:
     request_body_mode: BodyMode = BodyMode.FULL_DUPLEX_STREAMED
     response_body_mode: BodyMode = BodyMode.FULL_DUPLEX_STREAMED
     message_timeout_s: float = 1000.0
+    # Active TCP health checks of the picker; None disables them. See the module docstring:
+    # they are what lets FailOpen keep request bodies while the picker is down.
+    picker_health_check_interval_s: float | None = 1.0
     subset_hint: tuple[str, ...] | None = None  # sets envoy.lb.subset_hint metadata when given
     # backends ("ip:port"): the pool in direct mode; the FailOpen / no-header fallback
     # in picker and original-dst mode.
@@ -376,6 +379,21 @@ def _picker_cluster(options: GatewayOptions) -> dict[str, Any]:
     }
     if options.picker_tls:
         cluster["transport_socket"] = _picker_tls(options)
+    if options.picker_health_check_interval_s is not None:
+        interval = _duration(options.picker_health_check_interval_s)
+        cluster["health_checks"] = [
+            {
+                "timeout": interval,
+                "interval": interval,
+                "no_traffic_interval": interval,  # default 60 s would slow down recovery
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "tcp_health_check": {},
+            }
+        ]
+        # Without panic routing an unhealthy picker means "no healthy upstream": the ext_proc
+        # stream then fails while it is being opened, before Envoy hands it any body.
+        cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
     return cluster
 
 

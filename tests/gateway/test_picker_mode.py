@@ -1,0 +1,418 @@
+"""Picker mode through a real Envoy, with the stub ext_proc server standing in for the picker.
+
+These tests pin the Envoy 1.40 behaviour the picker relies on: which messages arrive in
+which order, what Envoy does with the answers, and what FailOpen / FailClose do when the
+picker is unreachable or broken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import re
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import pytest
+
+from epp.gateway import envoy_config, envoy_process, ports
+from epp.gateway.envoy_config import BodyMode, FailureMode, GatewayOptions
+from tests.gateway import ext_proc_stub as stub
+from tests.gateway import tls
+from tests.gateway.conftest import SSE_EVENTS, Backend
+from tests.gateway.test_routing import read_sse_releasing_each
+
+pytestmark = pytest.mark.envoy
+
+HEADER = envoy_config.DESTINATION_HEADER
+# `stub.shape` patterns: a run of chunks may be absent when one chunk carries end_of_stream.
+FULL_DUPLEX_POST = (
+    r"request_headers (request_body\* )?request_body! "
+    r"response_headers (response_body\* )?response_body!"
+)
+
+
+@contextlib.asynccontextmanager
+async def gateway(
+    behaviour: stub.StubBehaviour,
+    credentials: grpc.ServerCredentials | None = None,
+    **options: Any,
+) -> AsyncIterator[tuple[envoy_process.EnvoyProcess, stub.StubPicker]]:
+    server, port, picker = await stub.serve(behaviour, credentials)
+    try:
+        async with envoy_process.EnvoyProcess(GatewayOptions(picker_port=port, **options)) as e:
+            yield e, picker
+    finally:
+        await stub.stop(server)
+
+
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A port that is bound (so nobody else gets it) but not listening: connects fail."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield sock.getsockname()[1]
+
+
+async def post(url: str, body: bytes, **kwargs: Any) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.post(url, data=body, **kwargs) as r:
+        return r.status, await r.text()
+
+
+async def test_full_duplex_routes_after_the_body_and_sequence_is_pinned(
+    backends: tuple[Backend, Backend],
+) -> None:
+    target = backends[1]
+    body = b'{"model": "llama", "prompt": "hello"}'
+    async with gateway(stub.StubBehaviour(destination=target.address)) as (envoy, picker):
+        status, text = await post(envoy.url + "/v1/completions", body)
+    assert status == 200 and '"pod": "beta"' in text
+    assert target.bodies == [body]
+    [stream] = picker.streams
+    assert re.fullmatch(FULL_DUPLEX_POST, stub.shape(stream)), stub.shape(stream)
+    assert sum(s.size for s in stream if s.kind == "request_body") == len(body)
+    # No trailers message when the request has none, although trailer mode is SEND.
+    assert not any(s.kind.endswith("trailers") for s in stream)
+    assert picker.closed_streams == 1
+
+
+async def test_header_only_request_is_answered_at_the_headers(
+    backends: tuple[Backend, Backend],
+) -> None:
+    target = backends[0]
+    async with (
+        gateway(stub.StubBehaviour(destination=target.address)) as (envoy, picker),
+        aiohttp.ClientSession() as session,
+        session.get(envoy.url + "/v1/models") as response,
+    ):
+        assert (await response.json())["pod"] == "alpha"
+    [stream] = picker.streams
+    assert re.fullmatch(
+        r"request_headers! response_headers (response_body\* )?response_body!", stub.shape(stream)
+    )
+
+
+async def test_answering_headers_before_the_body_also_works(
+    backends: tuple[Backend, Backend],
+) -> None:
+    target = backends[0]
+    body = os.urandom(300 * 1024)
+    behaviour = stub.StubBehaviour(destination=target.address, answer_headers_first=True)
+    async with gateway(behaviour) as (envoy, _picker):
+        status, _ = await post(envoy.url + "/v1/completions", body)
+    assert status == 200 and target.bodies == [body]
+
+
+async def test_large_body_arrives_byte_for_byte_without_content_length(
+    backends: tuple[Backend, Backend],
+) -> None:
+    target = backends[0]
+    body = os.urandom(200 * 1024)
+    async with gateway(stub.StubBehaviour(destination=target.address)) as (envoy, _picker):
+        status, text = await post(envoy.url + "/v1/completions", body)
+    assert status == 200 and hashlib.sha256(body).hexdigest() in text
+    assert target.bodies == [body]
+    # FULL_DUPLEX_STREAMED: Envoy drops Content-Length (even the one the picker set) and
+    # sends the body chunked.
+    headers = {k.lower(): v for k, v in target.headers[0].items()}
+    assert "content-length" not in headers
+    assert headers["transfer-encoding"] == "chunked"
+
+
+async def test_streamed_response_passes_through_the_picker_incrementally(
+    backends: tuple[Backend, Backend],
+) -> None:
+    target = backends[1]
+    async with gateway(stub.StubBehaviour(destination=target.address)) as (envoy, picker):
+        async with aiohttp.ClientSession() as session:
+            events = await read_sse_releasing_each(session, envoy.url, target, {})
+        await asyncio.sleep(0.05)
+    assert events == [f"data: beta {i}" for i in range(SSE_EVENTS)]
+    [stream] = picker.streams
+    assert re.fullmatch(FULL_DUPLEX_POST, stub.shape(stream))
+    response_chunks = [s for s in stream if s.kind == "response_body" and s.size]
+    assert len(response_chunks) == SSE_EVENTS  # one message per event written
+
+
+async def test_stream_ends_with_the_response_unless_response_body_is_skipped(
+    backends: tuple[Backend, Backend],
+) -> None:
+    """With response body mode NONE Envoy closes the gRPC stream right after the response
+    headers answer: the picker cannot see when a streamed response ends."""
+    target = backends[1]
+    for body_mode, closed_before_end in ((BodyMode.FULL_DUPLEX_STREAMED, 0), (BodyMode.NONE, 1)):
+        behaviour = stub.StubBehaviour(destination=target.address)
+        async with (
+            gateway(behaviour, response_body_mode=body_mode) as (envoy, picker),
+            aiohttp.ClientSession() as session,
+            session.post(envoy.url + "/sse", data=b"{}") as response,
+        ):
+            assert (await response.content.readline()).startswith(b"data: beta 0")
+            await asyncio.sleep(0.2)
+            assert picker.closed_streams == closed_before_end, body_mode
+            for _ in range(SSE_EVENTS - 1):
+                target.sse_release.put_nowait(None)
+            await response.read()
+        assert picker.closed_streams == 1
+
+
+async def test_client_destination_header_never_reaches_the_picker(
+    backends: tuple[Backend, Backend],
+) -> None:
+    chosen, requested = backends
+    async with gateway(stub.StubBehaviour(destination=chosen.address)) as (envoy, picker):
+        status, text = await post(envoy.url + "/", b"{}", headers={HEADER: requested.address})
+    assert status == 200 and '"pod": "alpha"' in text
+    assert HEADER not in picker.request_headers[0]
+    assert requested.bodies == []
+
+
+async def test_subset_hint_and_lb_metadata(
+    backends: tuple[Backend, Backend], tmp_path: Path
+) -> None:
+    target = backends[0]
+    log = tmp_path / "access.log"
+    behaviour = stub.StubBehaviour(destination=target.address)
+    hint = (backends[1].address,)
+    async with gateway(behaviour, subset_hint=hint, access_log_path=str(log)) as (envoy, picker):
+        await post(envoy.url + "/", b"{}")
+        await asyncio.sleep(0.2)  # the access log is flushed asynchronously
+    subset = {"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": list(hint)}}
+    assert picker.metadata_contexts[0] == subset
+    # The picker's dynamic metadata in envoy.lb was accepted (receiving_namespaces).
+    assert f"lb={target.address}" in log.read_text()
+
+
+async def test_immediate_response_after_the_body(backends: tuple[Backend, Backend]) -> None:
+    behaviour = stub.StubBehaviour(destination=backends[0].address, immediate_status=429)
+    async with gateway(behaviour) as (envoy, _picker):
+        status, text = await post(envoy.url + "/v1/completions", b'{"model": "m"}')
+    assert (status, text) == (429, "inference error: stub - status 429")
+    assert backends[0].bodies == []
+
+
+async def test_mode_override_is_ignored_when_a_direction_is_full_duplex(
+    backends: tuple[Backend, Backend],
+) -> None:
+    behaviour = stub.StubBehaviour(destination=backends[0].address, skip_response_body=True)
+    async with gateway(behaviour) as (envoy, picker):
+        await post(envoy.url + "/", b"{}")
+    assert re.fullmatch(FULL_DUPLEX_POST, stub.shape(picker.streams[0]))
+
+
+async def test_mode_override_skips_the_response_body_in_buffered_mode(
+    backends: tuple[Backend, Backend],
+) -> None:
+    behaviour = stub.StubBehaviour(
+        destination=backends[0].address,
+        full_duplex_request=False,
+        full_duplex_response=False,
+        skip_response_body=True,
+    )
+    options = {"request_body_mode": BodyMode.BUFFERED, "response_body_mode": BodyMode.STREAMED}
+    async with gateway(behaviour, **options) as (envoy, picker):
+        status, _ = await post(envoy.url + "/", b"{}")
+    assert status == 200
+    assert stub.shape(picker.streams[0]) == "request_headers request_body! response_headers"
+
+
+async def test_buffered_mode_sends_each_body_in_one_message(
+    backends: tuple[Backend, Backend],
+) -> None:
+    target = backends[0]
+    body = os.urandom(200 * 1024)
+    behaviour = stub.StubBehaviour(
+        destination=target.address, full_duplex_request=False, full_duplex_response=False
+    )
+    options = {"request_body_mode": BodyMode.BUFFERED, "response_body_mode": BodyMode.BUFFERED}
+    async with gateway(behaviour, **options) as (envoy, picker):
+        status, _ = await post(envoy.url + "/", body)
+    assert status == 200 and target.bodies == [body]
+    [stream] = picker.streams
+    assert stub.shape(stream) == "request_headers request_body! response_headers response_body!"
+    assert stream[1].size == len(body)
+    # Unlike full duplex, buffered mode keeps the client's Content-Length.
+    assert {k.lower(): v for k, v in target.headers[0].items()}["content-length"] == str(len(body))
+
+
+async def test_request_trailers_end_the_body_instead_of_end_of_stream(
+    backends: tuple[Backend, Backend],
+) -> None:
+    target = backends[0]
+    server, port, picker = await stub.serve(stub.StubBehaviour(destination=target.address))
+    bootstrap = envoy_config.render_bootstrap(GatewayOptions(picker_port=port))
+    listener = bootstrap["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_protocol_options"] = {
+        "enable_trailers": True
+    }  # HTTP/1.1 trailers are dropped by default
+    try:
+        async with envoy_process.EnvoyProcess(bootstrap) as envoy:
+            reader, writer = await asyncio.open_connection(envoy.host, envoy.port)
+            writer.write(
+                b"POST /v1/completions HTTP/1.1\r\nHost: sluice\r\nTransfer-Encoding: chunked\r\n"
+                b"Trailer: x-check\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\nx-check: 1\r\n\r\n"
+            )
+            await writer.drain()
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=10)
+            writer.close()
+    finally:
+        await stub.stop(server)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert target.bodies == [b"hello world"]
+    assert stub.shape(picker.streams[0]).startswith(
+        "request_headers request_body* request_trailers response_headers"
+    )
+
+
+# -- FailOpen / FailClose ----------------------------------------------------------------
+
+
+async def test_fail_close_with_the_picker_down_is_a_500(backends: tuple[Backend, Backend]) -> None:
+    with refused_port() as port:
+        options = GatewayOptions(
+            picker_port=port,
+            failure_mode=FailureMode.FAIL_CLOSE,
+            backends=(backends[0].address,),
+        )
+        async with envoy_process.EnvoyProcess(options) as envoy:
+            status, _ = await post(envoy.url + "/v1/completions", b"{}")
+    assert status == 500
+    assert backends[0].bodies == []
+
+
+async def test_fail_open_with_the_picker_down_uses_the_fallback_backends(
+    backends: tuple[Backend, Backend],
+) -> None:
+    body = os.urandom(100 * 1024)
+    with refused_port() as port:
+        options = GatewayOptions(
+            picker_port=port,
+            failure_mode=FailureMode.FAIL_OPEN,
+            backends=tuple(b.address for b in backends),
+        )
+        async with envoy_process.EnvoyProcess(options) as envoy:
+            for _ in range(4):
+                status, _ = await post(envoy.url + "/v1/completions", body)
+                assert status == 200
+            async with aiohttp.ClientSession() as session:
+                events = await read_sse_releasing_each(session, envoy.url, backends, {})
+    # Round robin over the pool (its starting point is random); the SSE went to one of them.
+    posted = [b.bodies[:2] for b in backends]
+    assert all(received == [body, body] for received in posted)
+    assert sorted(len(b.bodies) for b in backends) == [2, 3]
+    assert re.fullmatch(r"data: (alpha|beta) 0", events[0])
+
+
+async def test_fail_open_without_health_checks_loses_bodies_while_the_picker_is_down(
+    backends: tuple[Backend, Backend],
+) -> None:
+    """Without the picker health check the ext_proc stream fails only after Envoy has handed
+    it the body (full duplex does not wait), so only header-only requests fall back."""
+    fallback = backends[0]
+    with refused_port() as port:
+        options = GatewayOptions(
+            picker_port=port,
+            failure_mode=FailureMode.FAIL_OPEN,
+            backends=(fallback.address,),
+            picker_health_check_interval_s=None,
+        )
+        async with envoy_process.EnvoyProcess(options) as envoy:
+            status, _ = await post(envoy.url + "/v1/completions", b"{}")
+            assert status == 500
+            async with aiohttp.ClientSession() as session, session.get(envoy.url + "/") as r:
+                assert r.status == 200
+    assert fallback.bodies == [b""]
+
+
+async def test_requests_flow_once_a_late_picker_comes_up(backends: tuple[Backend, Backend]) -> None:
+    target = backends[0]
+    port = ports.free_tcp_port()
+    options = GatewayOptions(picker_port=port, picker_health_check_interval_s=0.2)
+    async with envoy_process.EnvoyProcess(options) as envoy:
+        status, _ = await post(envoy.url + "/", b"{}")
+        assert status == 500  # FailClose, picker not there yet
+        server = grpc.aio.server()
+        picker = stub.StubPicker(stub.StubBehaviour(destination=target.address))
+        stub.pb_grpc.add_ExternalProcessorServicer_to_server(picker, server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        try:
+            deadline = asyncio.get_running_loop().time() + 5
+            while status != 200 and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(0.05)
+                status, _ = await post(envoy.url + "/", b"{}")
+        finally:
+            await stub.stop(server)
+    assert status == 200
+
+
+async def test_fail_open_without_fallback_backends_is_a_clear_503() -> None:
+    with refused_port() as port:
+        options = GatewayOptions(picker_port=port, failure_mode=FailureMode.FAIL_OPEN)
+        async with envoy_process.EnvoyProcess(options) as envoy:
+            status, text = await post(envoy.url + "/", b"{}")
+    assert status == 503 and HEADER in text
+
+
+@pytest.mark.parametrize(
+    ("body_mode", "method", "failure_mode", "expected_status"),
+    [
+        # Full duplex hands body chunks to the picker without waiting for its answers, so
+        # once the stream fails Envoy cannot forward the body: 500 even with FailOpen.
+        (BodyMode.FULL_DUPLEX_STREAMED, "POST", FailureMode.FAIL_OPEN, 500),
+        (BodyMode.FULL_DUPLEX_STREAMED, "GET", FailureMode.FAIL_OPEN, 200),
+        (BodyMode.BUFFERED, "POST", FailureMode.FAIL_OPEN, 200),
+        (BodyMode.FULL_DUPLEX_STREAMED, "POST", FailureMode.FAIL_CLOSE, 500),
+        (BodyMode.BUFFERED, "POST", FailureMode.FAIL_CLOSE, 500),
+    ],
+)
+async def test_picker_failing_the_stream_after_it_opened(
+    backends: tuple[Backend, Backend],
+    body_mode: BodyMode,
+    method: str,
+    failure_mode: FailureMode,
+    expected_status: int,
+) -> None:
+    fallback = backends[1]
+    behaviour = stub.StubBehaviour(destination=backends[0].address, abort_on_headers=True)
+    options = {
+        "failure_mode": failure_mode,
+        "backends": (fallback.address,),
+        "request_body_mode": body_mode,
+    }
+    body = os.urandom(64 * 1024) if method == "POST" else None
+    async with (
+        gateway(behaviour, **options) as (envoy, _picker),
+        aiohttp.ClientSession() as session,
+        session.request(method, envoy.url + "/v1/completions", data=body) as response,
+    ):
+        assert response.status == expected_status
+    if expected_status == 200:  # no destination was set: the fallback route served it
+        assert fallback.bodies == [body or b""]
+    assert backends[0].bodies == []
+
+
+# -- TLS ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("verify", [False, True])
+async def test_tls_to_the_picker(
+    backends: tuple[Backend, Backend], tmp_path: Path, verify: bool
+) -> None:
+    cert, key = tls.self_signed(tmp_path)
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    behaviour = stub.StubBehaviour(destination=backends[0].address)
+    options: dict[str, Any] = {"picker_tls": True, "failure_mode": FailureMode.FAIL_CLOSE}
+    if verify:
+        options |= {"picker_ca_file": str(cert), "picker_sni": "localhost"}
+    async with gateway(behaviour, credentials, **options) as (envoy, picker):
+        status, text = await post(envoy.url + "/", b"{}")
+    assert status == 200 and '"pod": "alpha"' in text
+    assert picker.closed_streams == 1

@@ -1,0 +1,136 @@
+"""The picker-less configurations through a real Envoy: direct and original-dst."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+
+import aiohttp
+import pytest
+
+from epp.gateway import envoy_config, envoy_process
+from tests.gateway.conftest import SSE_EVENTS, Backend
+
+pytestmark = pytest.mark.envoy
+
+HEADER = envoy_config.DESTINATION_HEADER
+
+
+async def test_direct_mode_round_robins_across_backends(backends: tuple[Backend, Backend]) -> None:
+    options = envoy_config.GatewayOptions(
+        mode=envoy_config.GatewayMode.DIRECT, backends=tuple(b.address for b in backends)
+    )
+    async with envoy_process.EnvoyProcess(options) as envoy, aiohttp.ClientSession() as session:
+        served: collections.Counter[str] = collections.Counter()
+        for _ in range(10):
+            async with session.get(envoy.url + "/v1/models") as response:
+                assert response.status == 200
+                served[(await response.json())["pod"]] += 1
+    assert served == {"alpha": 5, "beta": 5}
+
+
+async def test_direct_mode_least_request_uses_every_backend(
+    backends: tuple[Backend, Backend],
+) -> None:
+    options = envoy_config.GatewayOptions(
+        mode=envoy_config.GatewayMode.DIRECT,
+        backends=tuple(b.address for b in backends),
+        lb_policy=envoy_config.LbPolicy.LEAST_REQUEST,
+    )
+    async with envoy_process.EnvoyProcess(options) as envoy, aiohttp.ClientSession() as session:
+        served = set()
+        for _ in range(20):
+            async with session.get(envoy.url + "/") as response:
+                served.add((await response.json())["pod"])
+    assert served == {"alpha", "beta"}
+
+
+async def test_original_dst_routes_to_the_backend_named_in_the_header(
+    backends: tuple[Backend, Backend],
+) -> None:
+    options = envoy_config.GatewayOptions(mode=envoy_config.GatewayMode.ORIGINAL_DST)
+    async with envoy_process.EnvoyProcess(options) as envoy, aiohttp.ClientSession() as session:
+        for backend in (*backends, backends[1], backends[0]):
+            headers = {HEADER: backend.address}
+            async with session.post(envoy.url + "/v1/completions", headers=headers) as response:
+                assert response.status == 200
+                assert (await response.json())["pod"] == backend.name
+        # The header reaches the backend unchanged (it is not stripped in this mode).
+        assert backends[0].headers[-1][HEADER] == backends[0].address
+
+
+async def test_original_dst_without_header_and_without_fallback_is_a_clear_503() -> None:
+    options = envoy_config.GatewayOptions(mode=envoy_config.GatewayMode.ORIGINAL_DST)
+    async with (
+        envoy_process.EnvoyProcess(options) as envoy,
+        aiohttp.ClientSession() as session,
+        session.get(envoy.url + "/v1/models") as response,
+    ):
+        assert response.status == 503
+        assert HEADER in await response.text()
+
+
+async def test_original_dst_without_header_uses_the_fallback_backends(
+    backends: tuple[Backend, Backend],
+) -> None:
+    options = envoy_config.GatewayOptions(
+        mode=envoy_config.GatewayMode.ORIGINAL_DST, backends=(backends[1].address,)
+    )
+    async with envoy_process.EnvoyProcess(options) as envoy, aiohttp.ClientSession() as session:
+        async with session.get(envoy.url + "/v1/models") as response:
+            assert (await response.json())["pod"] == "beta"
+        async with session.get(envoy.url + "/", headers={HEADER: backends[0].address}) as response:
+            assert (await response.json())["pod"] == "alpha"
+
+
+@pytest.mark.parametrize(
+    "mode", [envoy_config.GatewayMode.DIRECT, envoy_config.GatewayMode.ORIGINAL_DST]
+)
+async def test_large_body_arrives_byte_for_byte(
+    backends: tuple[Backend, Backend], mode: envoy_config.GatewayMode
+) -> None:
+    body = os.urandom(200 * 1024)
+    target = backends[0]
+    options = envoy_config.GatewayOptions(mode=mode, backends=(target.address,))
+    async with envoy_process.EnvoyProcess(options) as envoy, aiohttp.ClientSession() as session:
+        headers = {HEADER: target.address}
+        async with session.post(envoy.url + "/v1/completions", data=body, headers=headers) as resp:
+            answer = await resp.json()
+    assert answer["size"] == len(body)
+    assert answer["sha256"] == hashlib.sha256(body).hexdigest()
+    assert target.bodies[-1] == body
+
+
+async def test_streamed_response_passes_through_incrementally(
+    backends: tuple[Backend, Backend],
+) -> None:
+    target = backends[1]
+    options = envoy_config.GatewayOptions(mode=envoy_config.GatewayMode.ORIGINAL_DST)
+    async with envoy_process.EnvoyProcess(options) as envoy, aiohttp.ClientSession() as session:
+        events = await read_sse_releasing_each(session, envoy.url, target, {HEADER: target.address})
+    assert events == [f"data: beta {i}" for i in range(SSE_EVENTS)]
+
+
+async def read_sse_releasing_each(
+    session: aiohttp.ClientSession,
+    url: str,
+    backend: Backend | tuple[Backend, ...],
+    headers: dict[str, str],
+) -> list[str]:
+    """Read `/sse` event by event, letting the backend (or whichever of several serves the
+    request) produce the next event only after the previous one reached the client.
+    Hangs, and times out, if anything on the way buffers the response."""
+    serving = backend if isinstance(backend, tuple) else (backend,)
+    events: list[str] = []
+    timeout = aiohttp.ClientTimeout(total=15, sock_read=5)
+    async with session.post(url + "/sse", data=b"{}", headers=headers, timeout=timeout) as resp:
+        assert resp.status == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        async for raw in resp.content:
+            line = raw.decode().strip()
+            if line:
+                events.append(line)
+                for candidate in serving:
+                    candidate.sse_release.put_nowait(None)
+    return events
