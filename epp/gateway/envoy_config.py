@@ -1,166 +1,63 @@
 """Envoy bootstrap configurations for running Sluice behind a real Envoy.
 
-`render_bootstrap(options)` turns one frozen `GatewayOptions` value into an Envoy v3
-bootstrap (a plain dict, written as JSON by `write_bootstrap`). Three shapes exist:
+`render_bootstrap(options)` turns one `settings.GatewayOptions` value into an Envoy v3
+bootstrap (a plain dict; `write_bootstrap` writes it as JSON). Three shapes exist:
 
 * ``picker`` — the Gateway API Inference Extension data path: the ext_proc filter streams
   every request to the endpoint picker over gRPC (HTTP/2, optionally TLS); the picker
   answers with the ``x-gateway-destination-endpoint: ip:port`` header and the router sends
   the request to an ``ORIGINAL_DST`` cluster that reads its destination from that header.
 * ``original-dst`` — the same routing without ext_proc: the *client* names the backend in
-  the header. A baseline that costs the same routing work as ``picker`` minus the picker.
-* ``direct`` — a plain ``STATIC`` cluster of the backends with Envoy's own load balancing
-  (round robin or least request): the baseline for benchmarks.
+  the header. A baseline with the same routing work as ``picker``, minus the picker.
+* ``direct`` — a ``STATIC`` cluster of the backends balanced by Envoy itself (round robin
+  or least request): the baseline for benchmarks.
 
-Routing in ``picker`` and ``original-dst`` mode uses two routes. The first matches when the
-destination header is present and goes to the ``ORIGINAL_DST`` cluster. The second catches
-requests without the header: with ``fallback_backends`` it balances them over those
-backends (the pool), otherwise it answers 503 with a body naming the cause. This second
-route is what makes FailOpen useful: when the picker cannot be reached and
-``failure_mode_allow`` lets the request continue, no header was set, and without the
-fallback an ``ORIGINAL_DST`` cluster would have no destination at all. With FailClose
-Envoy itself answers 500 when the picker is unreachable, before routing.
+Routes. ``picker`` and ``original-dst`` have two: requests carrying the destination header
+go to the ``ORIGINAL_DST`` cluster; requests without it go to the pool's backends
+(`GatewayOptions.backends`) round robin, or, when none are configured, get a 503 whose body
+names the missing header. The route is chosen again after the picker's header answer
+(``route_cache_action: CLEAR``, so even a picker that forgets ``clear_route_cache`` is
+routed). In ``picker`` mode a header-mutation filter ahead of ext_proc removes any
+destination header the client sent: clients cannot pick their own backend.
 
-Because the first route depends on a header the picker sets, the route must be recomputed
-after the picker's header response; the filter is configured with
-``route_cache_action: CLEAR`` so that happens even if a picker forgets
-``clear_route_cache``.
-
-In ``picker`` mode a header-mutation filter in front of ext_proc removes any destination
-header sent by the client, so a client cannot choose its own backend (and a FailOpen
-request cannot be steered by the client either).
+FailOpen / FailClose. FailClose (``failure_mode_allow: false``) answers 500 whenever the
+picker cannot be reached or its stream fails. FailOpen lets the request continue without a
+destination header, so the fallback route above serves it from the pool — but with
+``FULL_DUPLEX_STREAMED`` Envoy hands body chunks to the gRPC stream without waiting, and if
+the stream fails *after* that (connection refused is only learnt asynchronously) the body is
+gone and Envoy answers 500 even with FailOpen. Header-only requests and BUFFERED request
+bodies are not affected. The picker cluster therefore has an active TCP health check
+(`picker_health_check_interval_s`, 1 s) and no panic routing: once a dead picker is noticed
+the ext_proc stream fails while being opened, before any body is handed over, and FailOpen
+requests reach the pool with their bodies intact. Requests inside the detection window (at
+most one interval), or cut off by a picker that dies mid-stream, still get 500.
 """
 
 from __future__ import annotations
 
-import enum
 import ipaddress
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DESTINATION_HEADER = "x-gateway-destination-endpoint"
-SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
-SUBSET_HINT_KEY = "x-gateway-destination-endpoint-subset"
-LB_METADATA_NAMESPACE = "envoy.lb"
+from epp.gateway.settings import (
+    DESTINATION_HEADER,
+    LB_METADATA_NAMESPACE,
+    SUBSET_HINT_KEY,
+    SUBSET_HINT_NAMESPACE,
+    BodyMode,
+    FailureMode,
+    GatewayMode,
+    GatewayOptions,
+    parse_endpoint,
+)
 
 PICKER_CLUSTER = "endpoint_picker"
 ORIGINAL_DST_CLUSTER = "pool_original_dst"
 POOL_CLUSTER = "pool"
 
 _TYPE = "type.googleapis.com/"
-_EXT_PROC_MAX_TIMEOUT_S = 3600.0  # upper bound enforced by Envoy's config validation
-
-
-class GatewayMode(enum.StrEnum):
-    PICKER = "picker"
-    ORIGINAL_DST = "original-dst"
-    DIRECT = "direct"
-
-
-class FailureMode(enum.StrEnum):
-    """InferencePool `endpointPickerRef.failureMode`."""
-
-    FAIL_OPEN = "FailOpen"
-    FAIL_CLOSE = "FailClose"
-
-
-class BodyMode(enum.StrEnum):
-    """ext_proc `ProcessingMode.BodySendMode` values Sluice supports."""
-
-    FULL_DUPLEX_STREAMED = "FULL_DUPLEX_STREAMED"
-    BUFFERED = "BUFFERED"
-    STREAMED = "STREAMED"
-    NONE = "NONE"
-
-
-class LbPolicy(enum.StrEnum):
-    ROUND_ROBIN = "ROUND_ROBIN"
-    LEAST_REQUEST = "LEAST_REQUEST"
-
-
-@dataclass(frozen=True)
-class GatewayOptions:
-    """Everything that varies between the Envoy configurations Sluice runs.
-
-    Ports set to 0 are chosen by the kernel when Envoy binds them; `EnvoyProcess` reads
-    the real ports back from Envoy's admin interface, so no port can be stolen in between.
-    """
-
-    mode: GatewayMode = GatewayMode.PICKER
-    listen_host: str = "127.0.0.1"
-    listen_port: int = 0
-    admin_host: str = "127.0.0.1"
-    admin_port: int = 0
-    # picker mode: where the ext_proc gRPC server listens, and how to reach it.
-    picker_host: str = "127.0.0.1"
-    picker_port: int = 9002
-    picker_tls: bool = False
-    picker_ca_file: str | None = None  # verify the picker's certificate; None: no verification
-    picker_sni: str | None = None
-    failure_mode: FailureMode = FailureMode.FAIL_CLOSE
-    request_body_mode: BodyMode = BodyMode.FULL_DUPLEX_STREAMED
-    response_body_mode: BodyMode = BodyMode.FULL_DUPLEX_STREAMED
-    message_timeout_s: float = 1000.0
-    # Active TCP health checks of the picker; None disables them. See the module docstring:
-    # they are what lets FailOpen keep request bodies while the picker is down.
-    picker_health_check_interval_s: float | None = 1.0
-    subset_hint: tuple[str, ...] | None = None  # sets envoy.lb.subset_hint metadata when given
-    # backends ("ip:port"): the pool in direct mode; the FailOpen / no-header fallback
-    # in picker and original-dst mode.
-    backends: tuple[str, ...] = ()
-    lb_policy: LbPolicy = LbPolicy.ROUND_ROBIN
-    upstream_http2: bool = False  # InferencePool appProtocol kubernetes.io/h2c
-    connect_timeout_s: float = 5.0
-    route_timeout_s: float = 0.0  # 0 disables it: streamed completions can run for minutes
-    stream_idle_timeout_s: float = 300.0
-    buffer_limit_bytes: int = 32 * 1024 * 1024
-    max_upstream_requests: int = 100_000  # circuit-breaker ceilings; Envoy's default is 1024
-    access_log_path: str | None = None
-    destination_header: str = DESTINATION_HEADER
-    extra_clusters: tuple[dict[str, Any], ...] = field(default=())
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "mode", GatewayMode(self.mode))
-        object.__setattr__(self, "failure_mode", FailureMode(self.failure_mode))
-        object.__setattr__(self, "request_body_mode", BodyMode(self.request_body_mode))
-        object.__setattr__(self, "response_body_mode", BodyMode(self.response_body_mode))
-        object.__setattr__(self, "lb_policy", LbPolicy(self.lb_policy))
-        object.__setattr__(self, "backends", tuple(self.backends))
-        for name in ("listen_port", "admin_port", "picker_port"):
-            port = getattr(self, name)
-            if not 0 <= port <= 65535:
-                raise ValueError(f"{name}={port} is not a TCP port (0-65535; 0 = any free port)")
-        for backend in self.backends:
-            parse_endpoint(backend)
-        for hinted in self.subset_hint or ():
-            parse_endpoint(hinted)
-        if self.mode is GatewayMode.DIRECT and not self.backends:
-            raise ValueError("mode 'direct' needs at least one backend ('ip:port') to balance over")
-        if not 0 <= self.message_timeout_s <= _EXT_PROC_MAX_TIMEOUT_S:
-            raise ValueError(
-                f"message_timeout_s={self.message_timeout_s} is outside Envoy's 0-3600 s range"
-            )
-        if self.buffer_limit_bytes <= 0 or self.buffer_limit_bytes >= 2**32:
-            raise ValueError("buffer_limit_bytes must fit in 32 bits and be positive")
-
-
-def parse_endpoint(endpoint: str) -> tuple[str, int]:
-    """Split ``ip:port`` (IPv6 as ``[addr]:port``) into an IP string and a port."""
-    host, sep, port_text = endpoint.rpartition(":")
-    if not sep or not port_text.isdigit():
-        raise ValueError(f"endpoint {endpoint!r} is not 'ip:port'")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        raise ValueError(f"endpoint {endpoint!r}: {host!r} is not an IP address") from None
-    port = int(port_text)
-    if not 0 < port <= 65535:
-        raise ValueError(f"endpoint {endpoint!r}: port {port} is out of range")
-    return host, port
 
 
 def render_bootstrap(options: GatewayOptions) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any
 
 import aiohttp
 
-from epp.gateway import envoy_config
+from epp.gateway import envoy_config, settings
 
 ENVOY_BIN_ENV = "SLUICE_ENVOY_BIN"
 _LOG_TAIL_LINES = 30
@@ -96,7 +96,7 @@ class EnvoyProcess:
 
     def __init__(
         self,
-        config: envoy_config.GatewayOptions | Mapping[str, Any],
+        config: settings.GatewayOptions | Mapping[str, Any],
         *,
         concurrency: int = 1,
         log_level: str = "warning",
@@ -106,7 +106,7 @@ class EnvoyProcess:
         listener_name: str | None = None,
         extra_args: Sequence[str] = (),
     ) -> None:
-        if isinstance(config, envoy_config.GatewayOptions):
+        if isinstance(config, settings.GatewayOptions):
             self.bootstrap: dict[str, Any] = envoy_config.render_bootstrap(config)
         else:
             self.bootstrap = dict(config)

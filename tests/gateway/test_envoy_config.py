@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from epp.gateway import envoy_config, envoy_process
-from epp.gateway.envoy_config import BodyMode, FailureMode, GatewayMode, GatewayOptions
+from epp.gateway.settings import BodyMode, FailureMode, GatewayMode, GatewayOptions
 from tests.gateway import tls
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from epp.gateway import envoy_config, envoy_process, ports
-from epp.gateway.envoy_config import GatewayMode
+from epp.gateway import envoy_config, envoy_process, ports, settings
+from epp.gateway.settings import GatewayMode
 
-HEADER = envoy_config.DESTINATION_HEADER
+HEADER = settings.DESTINATION_HEADER
 
 
 def _alive(pid: int) -> bool:
@@ -28,7 +28,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.envoy
 async def test_start_reports_ports_and_stop_leaves_nothing_behind() -> None:
-    envoy = envoy_process.EnvoyProcess(envoy_config.GatewayOptions(mode=GatewayMode.ORIGINAL_DST))
+    envoy = envoy_process.EnvoyProcess(settings.GatewayOptions(mode=GatewayMode.ORIGINAL_DST))
     async with envoy:
         pid = envoy.pid
         assert pid is not None and _alive(pid)
@@ -47,7 +47,7 @@ async def test_start_reports_ports_and_stop_leaves_nothing_behind() -> None:
 
 @pytest.mark.envoy
 async def test_several_envoys_run_side_by_side() -> None:
-    options = envoy_config.GatewayOptions(mode=GatewayMode.ORIGINAL_DST)
+    options = settings.GatewayOptions(mode=GatewayMode.ORIGINAL_DST)
     async with (
         envoy_process.EnvoyProcess(options) as first,
         envoy_process.EnvoyProcess(options, concurrency=2) as second,
@@ -59,7 +59,7 @@ async def test_several_envoys_run_side_by_side() -> None:
 @pytest.mark.envoy
 async def test_fixed_listener_port_is_honoured() -> None:
     port = ports.free_tcp_port()
-    options = envoy_config.GatewayOptions(mode=GatewayMode.ORIGINAL_DST, listen_port=port)
+    options = settings.GatewayOptions(mode=GatewayMode.ORIGINAL_DST, listen_port=port)
     async with envoy_process.EnvoyProcess(options) as envoy:
         assert envoy.port == port
 
@@ -67,7 +67,7 @@ async def test_fixed_listener_port_is_honoured() -> None:
 @pytest.mark.envoy
 async def test_envoy_that_dies_at_start_raises_with_its_log() -> None:
     bootstrap = envoy_config.render_bootstrap(
-        envoy_config.GatewayOptions(mode=GatewayMode.ORIGINAL_DST)
+        settings.GatewayOptions(mode=GatewayMode.ORIGINAL_DST)
     )
     bootstrap["static_resources"]["clusters"][0]["lb_policy"] = "NO_SUCH_POLICY"
     envoy = envoy_process.EnvoyProcess(bootstrap)
@@ -82,14 +82,14 @@ async def test_listener_port_already_taken_is_reported() -> None:
         holder.bind(("127.0.0.1", 0))
         holder.listen()
         taken = holder.getsockname()[1]
-        options = envoy_config.GatewayOptions(mode=GatewayMode.ORIGINAL_DST, listen_port=taken)
+        options = settings.GatewayOptions(mode=GatewayMode.ORIGINAL_DST, listen_port=taken)
         with pytest.raises(envoy_process.EnvoyError, match=r"Address already in use|exited"):
             await envoy_process.EnvoyProcess(options, startup_timeout_s=10).start()
 
 
 @pytest.mark.envoy
 async def test_cancelled_start_kills_envoy() -> None:
-    envoy = envoy_process.EnvoyProcess(envoy_config.GatewayOptions(mode=GatewayMode.ORIGINAL_DST))
+    envoy = envoy_process.EnvoyProcess(settings.GatewayOptions(mode=GatewayMode.ORIGINAL_DST))
     task = asyncio.create_task(envoy.start())
     for _ in range(5000):  # until the child exists, then cancel while it is starting
         if envoy.pid is not None:
@@ -106,7 +106,7 @@ async def test_cancelled_start_kills_envoy() -> None:
 @pytest.mark.envoy
 async def test_stats_reads_counters() -> None:
     async with envoy_process.EnvoyProcess(
-        envoy_config.GatewayOptions(mode=GatewayMode.ORIGINAL_DST)
+        settings.GatewayOptions(mode=GatewayMode.ORIGINAL_DST)
     ) as e:
         async with aiohttp.ClientSession() as session, session.get(e.url + "/") as response:
             await response.read()

@@ -21,8 +21,8 @@ import aiohttp
 import grpc
 import pytest
 
-from epp.gateway import envoy_config, envoy_process, ports
-from epp.gateway.envoy_config import BodyMode, FailureMode, GatewayOptions
+from epp.gateway import envoy_config, envoy_process, ports, settings
+from epp.gateway.settings import BodyMode, FailureMode, GatewayOptions
 from tests.gateway import ext_proc_stub as stub
 from tests.gateway import tls
 from tests.gateway.conftest import SSE_EVENTS, Backend
@@ -30,7 +30,7 @@ from tests.gateway.test_routing import read_sse_releasing_each
 
 pytestmark = pytest.mark.envoy
 
-HEADER = envoy_config.DESTINATION_HEADER
+HEADER = settings.DESTINATION_HEADER
 # `stub.shape` patterns: a run of chunks may be absent when one chunk carries end_of_stream.
 FULL_DUPLEX_POST = (
     r"request_headers (request_body\* )?request_body! "

@@ -9,17 +9,17 @@ import os
 import aiohttp
 import pytest
 
-from epp.gateway import envoy_config, envoy_process
+from epp.gateway import envoy_process, settings
 from tests.gateway.conftest import SSE_EVENTS, Backend
 
 pytestmark = pytest.mark.envoy
 
-HEADER = envoy_config.DESTINATION_HEADER
+HEADER = settings.DESTINATION_HEADER
 
 
 async def test_direct_mode_round_robins_across_backends(backends: tuple[Backend, Backend]) -> None:
-    options = envoy_config.GatewayOptions(
-        mode=envoy_config.GatewayMode.DIRECT, backends=tuple(b.address for b in backends)
+    options = settings.GatewayOptions(
+        mode=settings.GatewayMode.DIRECT, backends=tuple(b.address for b in backends)
     )
     async with envoy_process.EnvoyProcess(options) as envoy, aiohttp.ClientSession() as session:
         served: collections.Counter[str] = collections.Counter()
@@ -33,10 +33,10 @@ async def test_direct_mode_round_robins_across_backends(backends: tuple[Backend,
 async def test_direct_mode_least_request_uses_every_backend(
     backends: tuple[Backend, Backend],
 ) -> None:
-    options = envoy_config.GatewayOptions(
-        mode=envoy_config.GatewayMode.DIRECT,
+    options = settings.GatewayOptions(
+        mode=settings.GatewayMode.DIRECT,
         backends=tuple(b.address for b in backends),
-        lb_policy=envoy_config.LbPolicy.LEAST_REQUEST,
+        lb_policy=settings.LbPolicy.LEAST_REQUEST,
     )
     async with envoy_process.EnvoyProcess(options) as envoy, aiohttp.ClientSession() as session:
         served = set()
@@ -49,7 +49,7 @@ async def test_direct_mode_least_request_uses_every_backend(
 async def test_original_dst_routes_to_the_backend_named_in_the_header(
     backends: tuple[Backend, Backend],
 ) -> None:
-    options = envoy_config.GatewayOptions(mode=envoy_config.GatewayMode.ORIGINAL_DST)
+    options = settings.GatewayOptions(mode=settings.GatewayMode.ORIGINAL_DST)
     async with envoy_process.EnvoyProcess(options) as envoy, aiohttp.ClientSession() as session:
         for backend in (*backends, backends[1], backends[0]):
             headers = {HEADER: backend.address}
@@ -61,7 +61,7 @@ async def test_original_dst_routes_to_the_backend_named_in_the_header(
 
 
 async def test_original_dst_without_header_and_without_fallback_is_a_clear_503() -> None:
-    options = envoy_config.GatewayOptions(mode=envoy_config.GatewayMode.ORIGINAL_DST)
+    options = settings.GatewayOptions(mode=settings.GatewayMode.ORIGINAL_DST)
     async with (
         envoy_process.EnvoyProcess(options) as envoy,
         aiohttp.ClientSession() as session,
@@ -74,8 +74,8 @@ async def test_original_dst_without_header_and_without_fallback_is_a_clear_503()
 async def test_original_dst_without_header_uses_the_fallback_backends(
     backends: tuple[Backend, Backend],
 ) -> None:
-    options = envoy_config.GatewayOptions(
-        mode=envoy_config.GatewayMode.ORIGINAL_DST, backends=(backends[1].address,)
+    options = settings.GatewayOptions(
+        mode=settings.GatewayMode.ORIGINAL_DST, backends=(backends[1].address,)
     )
     async with envoy_process.EnvoyProcess(options) as envoy, aiohttp.ClientSession() as session:
         async with session.get(envoy.url + "/v1/models") as response:
@@ -84,15 +84,13 @@ async def test_original_dst_without_header_uses_the_fallback_backends(
             assert (await response.json())["pod"] == "alpha"
 
 
-@pytest.mark.parametrize(
-    "mode", [envoy_config.GatewayMode.DIRECT, envoy_config.GatewayMode.ORIGINAL_DST]
-)
+@pytest.mark.parametrize("mode", [settings.GatewayMode.DIRECT, settings.GatewayMode.ORIGINAL_DST])
 async def test_large_body_arrives_byte_for_byte(
-    backends: tuple[Backend, Backend], mode: envoy_config.GatewayMode
+    backends: tuple[Backend, Backend], mode: settings.GatewayMode
 ) -> None:
     body = os.urandom(200 * 1024)
     target = backends[0]
-    options = envoy_config.GatewayOptions(mode=mode, backends=(target.address,))
+    options = settings.GatewayOptions(mode=mode, backends=(target.address,))
     async with envoy_process.EnvoyProcess(options) as envoy, aiohttp.ClientSession() as session:
         headers = {HEADER: target.address}
         async with session.post(envoy.url + "/v1/completions", data=body, headers=headers) as resp:
@@ -106,7 +104,7 @@ async def test_streamed_response_passes_through_incrementally(
     backends: tuple[Backend, Backend],
 ) -> None:
     target = backends[1]
-    options = envoy_config.GatewayOptions(mode=envoy_config.GatewayMode.ORIGINAL_DST)
+    options = settings.GatewayOptions(mode=settings.GatewayMode.ORIGINAL_DST)
     async with envoy_process.EnvoyProcess(options) as envoy, aiohttp.ClientSession() as session:
         events = await read_sse_releasing_each(session, envoy.url, target, {HEADER: target.address})
     assert events == [f"data: beta {i}" for i in range(SSE_EVENTS)]

@@ -1,0 +1,129 @@
+"""What varies between the Envoy configurations Sluice runs: one frozen `GatewayOptions`.
+
+`envoy_config.render_bootstrap` turns it into an Envoy bootstrap; `envoy_process.EnvoyProcess`
+runs it. The enums accept their string spellings too (``GatewayMode("original-dst")``,
+``FailureMode("FailOpen")`` as in an InferencePool's ``endpointPickerRef.failureMode``).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_HINT_KEY = "x-gateway-destination-endpoint-subset"
+LB_METADATA_NAMESPACE = "envoy.lb"
+
+_EXT_PROC_MAX_TIMEOUT_S = 3600.0  # upper bound enforced by Envoy's config validation
+
+
+class GatewayMode(enum.StrEnum):
+    PICKER = "picker"
+    ORIGINAL_DST = "original-dst"
+    DIRECT = "direct"
+
+
+class FailureMode(enum.StrEnum):
+    """InferencePool `endpointPickerRef.failureMode`."""
+
+    FAIL_OPEN = "FailOpen"
+    FAIL_CLOSE = "FailClose"
+
+
+class BodyMode(enum.StrEnum):
+    """ext_proc `ProcessingMode.BodySendMode` values Sluice supports."""
+
+    FULL_DUPLEX_STREAMED = "FULL_DUPLEX_STREAMED"
+    BUFFERED = "BUFFERED"
+    STREAMED = "STREAMED"
+    NONE = "NONE"
+
+
+class LbPolicy(enum.StrEnum):
+    ROUND_ROBIN = "ROUND_ROBIN"
+    LEAST_REQUEST = "LEAST_REQUEST"
+
+
+@dataclass(frozen=True)
+class GatewayOptions:
+    """Everything that varies between the Envoy configurations Sluice runs.
+
+    Ports set to 0 are chosen by the kernel when Envoy binds them; `EnvoyProcess` reads
+    the real ports back from Envoy's admin interface, so no port can be stolen in between.
+    """
+
+    mode: GatewayMode = GatewayMode.PICKER
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 0
+    # picker mode: where the ext_proc gRPC server listens, and how to reach it.
+    picker_host: str = "127.0.0.1"
+    picker_port: int = 9002
+    picker_tls: bool = False
+    picker_ca_file: str | None = None  # verify the picker's certificate; None: no verification
+    picker_sni: str | None = None
+    failure_mode: FailureMode = FailureMode.FAIL_CLOSE
+    request_body_mode: BodyMode = BodyMode.FULL_DUPLEX_STREAMED
+    response_body_mode: BodyMode = BodyMode.FULL_DUPLEX_STREAMED
+    message_timeout_s: float = 1000.0
+    # Active TCP health checks of the picker; None disables them. See the module docstring:
+    # they are what lets FailOpen keep request bodies while the picker is down.
+    picker_health_check_interval_s: float | None = 1.0
+    subset_hint: tuple[str, ...] | None = None  # sets envoy.lb.subset_hint metadata when given
+    # backends ("ip:port"): the pool in direct mode; the FailOpen / no-header fallback
+    # in picker and original-dst mode.
+    backends: tuple[str, ...] = ()
+    lb_policy: LbPolicy = LbPolicy.ROUND_ROBIN
+    upstream_http2: bool = False  # InferencePool appProtocol kubernetes.io/h2c
+    connect_timeout_s: float = 5.0
+    route_timeout_s: float = 0.0  # 0 disables it: streamed completions can run for minutes
+    stream_idle_timeout_s: float = 300.0
+    buffer_limit_bytes: int = 32 * 1024 * 1024
+    max_upstream_requests: int = 100_000  # circuit-breaker ceilings; Envoy's default is 1024
+    access_log_path: str | None = None
+    destination_header: str = DESTINATION_HEADER
+    extra_clusters: tuple[dict[str, Any], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", GatewayMode(self.mode))
+        object.__setattr__(self, "failure_mode", FailureMode(self.failure_mode))
+        object.__setattr__(self, "request_body_mode", BodyMode(self.request_body_mode))
+        object.__setattr__(self, "response_body_mode", BodyMode(self.response_body_mode))
+        object.__setattr__(self, "lb_policy", LbPolicy(self.lb_policy))
+        object.__setattr__(self, "backends", tuple(self.backends))
+        for name in ("listen_port", "admin_port", "picker_port"):
+            port = getattr(self, name)
+            if not 0 <= port <= 65535:
+                raise ValueError(f"{name}={port} is not a TCP port (0-65535; 0 = any free port)")
+        for backend in self.backends:
+            parse_endpoint(backend)
+        for hinted in self.subset_hint or ():
+            parse_endpoint(hinted)
+        if self.mode is GatewayMode.DIRECT and not self.backends:
+            raise ValueError("mode 'direct' needs at least one backend ('ip:port') to balance over")
+        if not 0 <= self.message_timeout_s <= _EXT_PROC_MAX_TIMEOUT_S:
+            raise ValueError(
+                f"message_timeout_s={self.message_timeout_s} is outside Envoy's 0-3600 s range"
+            )
+        if self.buffer_limit_bytes <= 0 or self.buffer_limit_bytes >= 2**32:
+            raise ValueError("buffer_limit_bytes must fit in 32 bits and be positive")
+
+
+def parse_endpoint(endpoint: str) -> tuple[str, int]:
+    """Split ``ip:port`` (IPv6 as ``[addr]:port``) into an IP string and a port."""
+    host, sep, port_text = endpoint.rpartition(":")
+    if not sep or not port_text.isdigit():
+        raise ValueError(f"endpoint {endpoint!r} is not 'ip:port'")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"endpoint {endpoint!r}: {host!r} is not an IP address") from None
+    port = int(port_text)
+    if not 0 < port <= 65535:
+        raise ValueError(f"endpoint {endpoint!r}: port {port} is out of range")
+    return host, port
