@@ -60,6 +60,7 @@ class StubBehaviour:
     echo_request_body: bool = True  # False: answer the headers but never send the body back
     immediate_status: int | None = None  # answer the complete request with this status
     abort_on_headers: bool = False  # fail the gRPC stream as soon as request headers arrive
+    silent: bool = False  # read every message, answer none (a hung picker)
     extra_headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -100,6 +101,9 @@ class _Stream:
 
     async def on(self, request: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         kind = request.WhichOneof("request")
+        if self.behaviour.silent:
+            self.seen.append(Seen(str(kind)))
+            return []
         if request.HasField("metadata_context"):
             self.picker.metadata_contexts.append(_metadata_dict(request.metadata_context))
         if kind == "request_headers":

@@ -109,11 +109,12 @@ async def test_answering_headers_before_the_body_also_works(
     assert status == 200 and target.bodies == [body]
 
 
+@pytest.mark.parametrize("size_bytes", [200 * 1024, 1024 * 1024])
 async def test_large_body_arrives_byte_for_byte_without_content_length(
-    backends: tuple[Backend, Backend],
+    backends: tuple[Backend, Backend], size_bytes: int
 ) -> None:
     target = backends[0]
-    body = os.urandom(200 * 1024)
+    body = os.urandom(size_bytes)
     async with gateway(stub.StubBehaviour(destination=target.address)) as (envoy, _picker):
         status, text = await post(envoy.url + "/v1/completions", body)
     assert status == 200 and hashlib.sha256(body).hexdigest() in text
@@ -209,16 +210,33 @@ async def test_mode_override_is_ignored_when_a_direction_is_full_duplex(
 async def test_mode_override_skips_the_response_body_in_buffered_mode(
     backends: tuple[Backend, Backend],
 ) -> None:
+    """Without full duplex, mode_override on the response-headers answer turns off response
+    body processing, yet the gRPC stream stays open until the HTTP response ends: the picker
+    still sees the request finish, for three messages in all."""
+    target = backends[0]
     behaviour = stub.StubBehaviour(
-        destination=backends[0].address,
+        destination=target.address,
         full_duplex_request=False,
         full_duplex_response=False,
         skip_response_body=True,
     )
     options = {"request_body_mode": BodyMode.BUFFERED, "response_body_mode": BodyMode.STREAMED}
-    async with gateway(behaviour, **options) as (envoy, picker):
-        status, _ = await post(envoy.url + "/", b"{}")
-    assert status == 200
+    async with (
+        gateway(behaviour, **options) as (envoy, picker),
+        aiohttp.ClientSession() as session,
+    ):
+        async with session.post(envoy.url + "/sse", data=b"{}") as response:
+            assert (await response.content.readline()).startswith(b"data: alpha 0")
+            await asyncio.sleep(0.2)
+            assert picker.closed_streams == 0
+            for _ in range(SSE_EVENTS - 1):
+                target.sse_release.put_nowait(None)
+            assert (await response.read()).endswith(b"data: alpha 2\n\n")
+        for _ in range(100):
+            if picker.closed_streams:
+                break
+            await asyncio.sleep(0.02)
+    assert picker.closed_streams == 1
     assert stub.shape(picker.streams[0]) == "request_headers request_body! response_headers"
 
 
@@ -226,7 +244,7 @@ async def test_buffered_mode_sends_each_body_in_one_message(
     backends: tuple[Backend, Backend],
 ) -> None:
     target = backends[0]
-    body = os.urandom(200 * 1024)
+    body = os.urandom(1024 * 1024)
     behaviour = stub.StubBehaviour(
         destination=target.address, full_duplex_request=False, full_duplex_response=False
     )
@@ -397,6 +415,41 @@ async def test_picker_failing_the_stream_after_it_opened(
     if expected_status == 200:  # no destination was set: the fallback route served it
         assert fallback.bodies == [body or b""]
     assert backends[0].bodies == []
+
+
+@pytest.mark.parametrize(
+    ("body_mode", "failure_mode", "expected_status", "body_part"),
+    [
+        # Full duplex: message_timeout is not enforced; only the stream idle timeout ends it.
+        (BodyMode.FULL_DUPLEX_STREAMED, FailureMode.FAIL_CLOSE, 504, "stream timeout"),
+        (BodyMode.FULL_DUPLEX_STREAMED, FailureMode.FAIL_OPEN, 504, "stream timeout"),
+        # Buffered: message_timeout applies, and FailOpen then falls back to the pool.
+        (BodyMode.BUFFERED, FailureMode.FAIL_CLOSE, 504, ""),
+        (BodyMode.BUFFERED, FailureMode.FAIL_OPEN, 200, '"pod": "alpha"'),
+    ],
+)
+async def test_a_silent_picker(
+    backends: tuple[Backend, Backend],
+    body_mode: BodyMode,
+    failure_mode: FailureMode,
+    expected_status: int,
+    body_part: str,
+) -> None:
+    behaviour = stub.StubBehaviour(destination=backends[1].address, silent=True)
+    options = {
+        "request_body_mode": body_mode,
+        "failure_mode": failure_mode,
+        "message_timeout_s": 0.5,
+        "stream_idle_timeout_s": 1.0,
+        "backends": (backends[0].address,),
+    }
+    async with gateway(behaviour, **options) as (envoy, _picker):
+        status, text = await post(envoy.url + "/v1/completions", b"{}")
+        timeouts = await envoy.stats(r"ext_proc\.message_timeouts")
+    assert status == expected_status and body_part in text
+    assert timeouts["http.gateway.ext_proc.message_timeouts"] == (
+        0 if body_mode is BodyMode.FULL_DUPLEX_STREAMED else 1
+    )
 
 
 # -- TLS ---------------------------------------------------------------------------------
