@@ -214,7 +214,7 @@ def report(results: dict[str, object]) -> str:
         f"(scraping) {float(results['picker_idle_cpu_fraction']) * 100:.1f}% of a core, "  # type: ignore[arg-type]
         "subtracted from its per-request CPU",
         "",
-        "| prompt | gateway | p50 ms | p99 ms | added p50 ms | added p99 ms | ext_proc CPU µs/req |",
+        "| prompt | gateway | p50 ms | p99 ms | added p50 | added p99 | ext_proc CPU µs/req |",
         "|---|---|---|---|---|---|---|",
     ]
     for size in sorted({r["prompt_bytes"] for r in runs}):  # type: ignore[attr-defined]
@@ -231,7 +231,7 @@ def report(results: dict[str, object]) -> str:
         picker_cpu = rows["picker"]["extproc_cpu_us_per_request"]
         null_cpu = rows["null"]["extproc_cpu_us_per_request"]
         lines.append(
-            f"| {size // 1000} KB | picker/null CPU | | | | | {picker_cpu / null_cpu:.2f}× |"
+            f"| {size // 1000} KB | picker/null CPU | | | | | {picker_cpu / null_cpu:.2f}x |"
         )
     return "\n".join(lines)
 

@@ -387,3 +387,35 @@ async def test_generates_request_id_when_absent(pool):
     _, _, client = pool
     headers = set_headers((await route(client))[0])
     assert len(headers["x-request-id"]) == 36
+
+
+OBJECTIVE_MANIFEST = (
+    REWRITE_MANIFEST.split("---\napiVersion: inference.networking.x-k8s.io")[0]
+    + """---
+apiVersion: inference.networking.x-k8s.io/v1alpha2
+kind: InferenceObjective
+metadata: {name: critical, namespace: default}
+spec: {priority: 7, poolRef: {name: pool}}
+"""
+)
+
+
+async def test_objective_header_sets_the_request_priority(tmp_path):
+    async with backends(["127.0.0.2"]) as servers:
+        manifest = tmp_path / "pool.yaml"
+        manifest.write_text(OBJECTIVE_MANIFEST.replace("PORT", str(servers[0].port)))
+        async with running_picker(manifests=(manifest,), pool_name="pool") as picker:
+            client = ExtProcClient(picker.grpc_port)
+            labels = {
+                "model_name": "prio-model",
+                "target_model_name": "prio-model",
+                "priority": "7",
+            }
+            before = (
+                metrics.REGISTRY.get_sample_value("inference_objective_request_total", labels) or 0
+            )
+            body = orjson.dumps({"model": "prio-model", "prompt": "hi"})
+            await route(client, body, **{"x-gateway-inference-objective": "critical"})
+            await client.close()
+            after = metrics.REGISTRY.get_sample_value("inference_objective_request_total", labels)
+    assert after == before + 1
