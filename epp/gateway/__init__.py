@@ -1,2 +1,2 @@
-"""Envoy in front of the picker: bootstrap rendering (`envoy_config`), running a real
-Envoy process (`envoy_process`), and port helpers (`ports`)."""
+"""Envoy in front of the picker: gateway options (`settings`), bootstrap rendering
+(`envoy_config`), running a real Envoy (`envoy_process`), and a port helper (`ports`)."""

@@ -62,7 +62,7 @@ _TYPE = "type.googleapis.com/"
 
 def render_bootstrap(options: GatewayOptions) -> dict[str, Any]:
     """The complete Envoy bootstrap for `options`, as JSON-ready data."""
-    clusters = list(_clusters(options)) + [dict(c) for c in options.extra_clusters]
+    clusters = _clusters(options)
     return {
         "admin": {"address": _socket_address(options.admin_host, options.admin_port)},
         "static_resources": {"listeners": [_listener(options)], "clusters": clusters},

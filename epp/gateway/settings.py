@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import enum
 import ipaddress
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
 SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
@@ -86,7 +85,6 @@ class GatewayOptions:
     max_upstream_requests: int = 100_000  # circuit-breaker ceilings; Envoy's default is 1024
     access_log_path: str | None = None
     destination_header: str = DESTINATION_HEADER
-    extra_clusters: tuple[dict[str, Any], ...] = field(default=())
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", GatewayMode(self.mode))

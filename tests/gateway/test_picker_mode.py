@@ -109,6 +109,19 @@ async def test_answering_headers_before_the_body_also_works(
     assert status == 200 and target.bodies == [body]
 
 
+async def test_route_is_recomputed_even_without_clear_route_cache(
+    backends: tuple[Backend, Backend],
+) -> None:
+    """The header route is chosen after the picker's answer (route_cache_action CLEAR), so a
+    picker that omits clear_route_cache is not sent down the no-header fallback route."""
+    chosen, fallback = backends
+    behaviour = stub.StubBehaviour(destination=chosen.address, clear_route_cache=False)
+    async with gateway(behaviour, backends=(fallback.address,)) as (envoy, _picker):
+        status, text = await post(envoy.url + "/", b"{}")
+    assert status == 200 and '"pod": "alpha"' in text
+    assert fallback.bodies == []
+
+
 @pytest.mark.parametrize("size_bytes", [200 * 1024, 1024 * 1024])
 async def test_large_body_arrives_byte_for_byte_without_content_length(
     backends: tuple[Backend, Backend], size_bytes: int

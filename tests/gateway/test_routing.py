@@ -132,3 +132,19 @@ async def read_sse_releasing_each(
                 for candidate in serving:
                     candidate.sse_release.put_nowait(None)
     return events
+
+
+async def test_original_dst_does_not_understand_a_list_of_endpoints(
+    backends: tuple[Backend, Backend],
+) -> None:
+    """A comma-joined fallback list in the header is not an address to ORIGINAL_DST: 503."""
+    options = settings.GatewayOptions(mode=settings.GatewayMode.ORIGINAL_DST)
+    listed = ",".join(b.address for b in backends)
+    async with (
+        envoy_process.EnvoyProcess(options) as envoy,
+        aiohttp.ClientSession() as session,
+        session.get(envoy.url + "/", headers={HEADER: listed}) as response,
+    ):
+        assert response.status == 503
+        assert "no healthy upstream" in await response.text()
+    assert all(b.bodies == [] for b in backends)
