@@ -11,6 +11,7 @@ import pytest
 
 from epp.gateway import envoy_process, settings
 from tests.gateway.conftest import SSE_EVENTS, Backend
+from tests.gateway.harness import read_sse_releasing_each
 
 pytestmark = pytest.mark.envoy
 
@@ -108,30 +109,6 @@ async def test_streamed_response_passes_through_incrementally(
     async with envoy_process.EnvoyProcess(options) as envoy, aiohttp.ClientSession() as session:
         events = await read_sse_releasing_each(session, envoy.url, target, {HEADER: target.address})
     assert events == [f"data: beta {i}" for i in range(SSE_EVENTS)]
-
-
-async def read_sse_releasing_each(
-    session: aiohttp.ClientSession,
-    url: str,
-    backend: Backend | tuple[Backend, ...],
-    headers: dict[str, str],
-) -> list[str]:
-    """Read `/sse` event by event, letting the backend (or whichever of several serves the
-    request) produce the next event only after the previous one reached the client.
-    Hangs, and times out, if anything on the way buffers the response."""
-    serving = backend if isinstance(backend, tuple) else (backend,)
-    events: list[str] = []
-    timeout = aiohttp.ClientTimeout(total=15, sock_read=5)
-    async with session.post(url + "/sse", data=b"{}", headers=headers, timeout=timeout) as resp:
-        assert resp.status == 200
-        assert resp.headers["content-type"].startswith("text/event-stream")
-        async for raw in resp.content:
-            line = raw.decode().strip()
-            if line:
-                events.append(line)
-                for candidate in serving:
-                    candidate.sse_release.put_nowait(None)
-    return events
 
 
 async def test_original_dst_does_not_understand_a_list_of_endpoints(
