@@ -131,11 +131,12 @@ class RequestStream:
         if message.request_headers.end_of_stream:
             self._director.route_header_only(ctx)
             self.phase = Phase.UPSTREAM
-            destination = ctx.destination
             return [
                 messages.request_headers_response(
-                    messages.routing_mutation(destination, ctx.request_id, None, self._echo()),
-                    destination,
+                    messages.routing_mutation(
+                        ctx.primary_target, ctx.request_id, None, self._echo()
+                    ),
+                    ctx.destination,
                 )
             ]
         self.phase = Phase.REQUEST_BODY
@@ -173,7 +174,7 @@ class RequestStream:
         destination = ctx.destination
         body_out = ctx.body_out
         mutation = messages.routing_mutation(
-            destination, ctx.request_id, len(body_out), self._echo()
+            ctx.primary_target, ctx.request_id, len(body_out), self._echo()
         )
         if self._request_mode == FULL_DUPLEX:
             return [

@@ -48,7 +48,13 @@ class RequestContext:
     released: bool = False
 
     @property
+    def primary_target(self) -> str:
+        """For the destination header: Envoy's ORIGINAL_DST cluster accepts one ip:port only."""
+        return self.targets[0].endpoint.target
+
+    @property
     def destination(self) -> str:
+        """For `envoy.lb` metadata: the primary and any fallbacks, comma-joined."""
         return ",".join(c.endpoint.target for c in self.targets)
 
     def body(self) -> bytes:
