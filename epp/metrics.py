@@ -181,3 +181,56 @@ def observe_plugin_duration(
 
 def observe_scheduler_duration(seconds: float) -> None:
     scheduler_e2e_duration_seconds.observe(seconds)
+
+# ---- flow control and workloads (DESIGN §7) ---------------------------------------------
+
+# Gauges, not counters: a counter would be exposed as `workload_total_requests_total`, and
+# the series is dropped when an idle workload is forgotten anyway.
+workload_total_requests = Gauge(
+    "workload_total_requests",
+    "Requests seen per workload since it became known.",
+    ("workload_id",),
+    registry=REGISTRY,
+)
+workload_active_requests = Gauge(
+    "workload_active_requests",
+    "Requests of a workload queued or in flight.",
+    ("workload_id",),
+    registry=REGISTRY,
+)
+workload_request_rate = Gauge(
+    "workload_request_rate",
+    "Requests per second of a workload over the sliding window.",
+    ("workload_id",),
+    registry=REGISTRY,
+)
+workload_context_invalid_total = Counter(
+    "workload_context_invalid_total",
+    "Requests whose X-Workload-Context header was unusable (they run as `default`).",
+    ("reason",),
+    registry=REGISTRY,
+)
+flow_control_queue_size = Gauge(
+    "inference_extension_flow_control_queue_size",
+    "Requests waiting in flow control, by priority band.",
+    ("priority",),
+    registry=REGISTRY,
+)
+flow_control_queue_bytes = Gauge(
+    "inference_extension_flow_control_queue_bytes",
+    "Request body bytes waiting in flow control, by priority band.",
+    ("priority",),
+    registry=REGISTRY,
+)
+flow_control_request_queue_duration_seconds = Histogram(
+    "inference_extension_flow_control_request_queue_duration_seconds",
+    "Time a request spent in flow control, by how it left (dispatched, rejected, evicted...).",
+    ("priority", "outcome"),
+    buckets=(*_FAST_BUCKETS, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0),
+    registry=REGISTRY,
+)
+flow_control_pool_saturation = Gauge(
+    "inference_extension_flow_control_pool_saturation",
+    "Pool saturation as the flow controller's detector sees it (>= 1: saturated).",
+    registry=REGISTRY,
+)
