@@ -70,6 +70,7 @@ class Document:
     profiles: tuple[ProfileSpec, ...] | None = None  # None: the section is absent
     saturation_detector: Mapping[str, object] | None = None
     data_layer: Mapping[str, object] | None = None
+    data_layer_key: str = "dataLayer"  # how the document spelt the section, for messages
     flow_control: Mapping[str, object] | None = None
     parser_ref: str | None = None
 
@@ -200,6 +201,7 @@ def _document(raw: Mapping[str, object]) -> Document:
         profiles=_profiles(raw["schedulingProfiles"]) if "schedulingProfiles" in raw else None,
         saturation_detector=_optional_mapping(raw.get("saturationDetector"), "saturationDetector"),
         data_layer=_optional_mapping(raw.get(data_key), data_key),
+        data_layer_key=data_key,
         flow_control=_optional_mapping(raw.get("flowControl"), "flowControl"),
         parser_ref=_parser_ref(raw.get("parser")),
     )

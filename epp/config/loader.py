@@ -18,6 +18,10 @@ document's shape (`document`):
   `single-profile-handler` — using any declared plugin whose name matches one of those
   (so declaring `approx-prefix-cache-producer` with parameters tunes the default).
 
+Data layer: see `epp.config.data_layer`; `PickerConfig.data_sources` are wired and ready
+for the collector. A scorer with a `consumes` set (`metric-scorer`) must read custom
+metrics that some wired extractor `produces`.
+
 Reload: `load_config(text, previous=old)` keeps a stateful plugin (one with a
 `same_settings(other) -> bool` method, e.g. the prefix producer and its index) when the new
 config has a plugin of the same name and type whose settings are equal: the old instance
@@ -26,13 +30,15 @@ is used in the new scheduler. In-flight requests keep using the old scheduler th
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol, cast, runtime_checkable
 
+from epp.config import data_layer as data_layer_section
 from epp.config import document, registry
 from epp.config.document import ConfigError
+from epp.datalayer import interfaces as datalayer
 from epp.datastore.snapshot import EndpointKey
 from epp.scheduling import framework
 from epp.scheduling.interfaces import (
@@ -44,7 +50,7 @@ from epp.scheduling.interfaces import (
     ResponseComplete,
     Scorer,
 )
-from epp.scheduling.plugins import parameters, profile_handler
+from epp.scheduling.plugins import parameters
 
 __all__ = ["ConfigError", "PickerConfig", "load_config"]
 
@@ -83,6 +89,9 @@ class PickerConfig:
     # The `parser:` section's pluginRef, and the parser type it resolves to.
     parser_ref: str = DEFAULT_PARSER
     parser_type: str = DEFAULT_PARSER
+    # The data layer's sources with their extractors wired, for the collector.
+    data_sources: tuple[datalayer.DataSource, ...] = ()
+    data_layer_fingerprint: str = ""
 
     def feature_enabled(self, gate: str) -> bool:
         return gate in self.feature_gates
@@ -102,6 +111,8 @@ def load_config(text: str | None, *, previous: PickerConfig | None = None) -> Pi
     doc = document.parse(text)
     builder = _Builder(doc, previous)
     scheduler = builder.build()
+    sources, fingerprint = builder.build_data_layer(previous)
+    builder.check_consumed_metrics(scheduler, sources)
     parser_ref = doc.parser_ref or DEFAULT_PARSER
     return PickerConfig(
         scheduler=scheduler,
@@ -112,6 +123,8 @@ def load_config(text: str | None, *, previous: PickerConfig | None = None) -> Pi
         flow_control=doc.flow_control,
         parser_ref=parser_ref,
         parser_type=builder.parser_type(parser_ref),
+        data_sources=sources,
+        data_layer_fingerprint=fingerprint,
     )
 
 
@@ -141,6 +154,7 @@ class _Builder:
         self.previous = previous.plugins if previous is not None else {}
         self.instances: dict[str, object] = {}
         self.where: dict[str, str] = {}  # plugin name -> "plugins[2]" or "default plugin"
+        self.specs: dict[str, document.PluginSpec] = {}
 
     # -- plugin instances ------------------------------------------------------------
 
@@ -159,9 +173,12 @@ class _Builder:
             raise ConfigError(f"{at} ({spec.type} {spec.name!r}): {exc.problem}") from None
         except ValueError as exc:
             raise ConfigError(f"{spec.path} ({spec.type} {spec.name!r}): {exc}") from None
+        self.specs[spec.name] = spec
         old = self.previous.get(spec.name)
         if (
             old is not None
+            # Data-layer plugins are kept as a whole pipeline (see build_data_layer).
+            and not data_layer_section.is_source(plugin)
             and isinstance(old, StatefulPlugin)
             and getattr(old, "type_name", None) == spec.type
             and old.same_settings(plugin)
@@ -232,12 +249,17 @@ class _Builder:
                 f"{len(profiles)} scheduling profiles need a profile handler; declare one "
                 "under plugins"
             )
-        if isinstance(handler, profile_handler.SingleProfileHandler) and len(profiles) != 1:
-            raise ConfigError(
-                f"{self.where[handler.name]}: single-profile-handler runs exactly one "
-                f"profile, but {len(profiles)} are configured: "
-                f"{', '.join(p.name for p in profiles)}"
-            )
+        check = getattr(handler, "check_profiles", None)
+        if callable(check):
+            name = getattr(handler, "name", "?")
+            try:
+                check([p.name for p in profiles])
+            except parameters.ParameterError as exc:
+                raise ConfigError(
+                    f"{self.where[name]}.parameters.{exc.key}: {exc.problem}"
+                ) from None
+            except ValueError as exc:
+                raise ConfigError(f"{self.where[name]}: {exc}") from None
 
         plugins = list(self.instances.values())
         return framework.Scheduler(
@@ -246,6 +268,69 @@ class _Builder:
             pre_request_plugins=[p for p in plugins if isinstance(p, PreRequest)],
             response_complete_plugins=[p for p in plugins if isinstance(p, ResponseComplete)],
         )
+
+    # -- data layer ------------------------------------------------------------------
+
+    def build_data_layer(
+        self, previous: PickerConfig | None
+    ) -> tuple[tuple[datalayer.DataSource, ...], str]:
+        raw, key = self.doc.data_layer, self.doc.data_layer_key
+        if raw is not None:
+            wirings = data_layer_section.parse_section(raw, key)
+        else:
+            self._default(data_layer_section.DEFAULT_SOURCE, data_layer_section.DEFAULT_SOURCE)
+            self._default(
+                data_layer_section.DEFAULT_EXTRACTOR, data_layer_section.DEFAULT_EXTRACTOR
+            )
+            wirings = (
+                data_layer_section.SourceWiring(
+                    data_layer_section.DEFAULT_SOURCE,
+                    ((data_layer_section.DEFAULT_EXTRACTOR, "default data layer"),),
+                    "default data layer",
+                ),
+            )
+        specs: dict[str, document.PluginSpec | None] = {
+            name: self.specs.get(name) for name in self.instances
+        }
+        fingerprint = data_layer_section.fingerprint(wirings, specs)
+        if previous is not None and previous.data_layer_fingerprint == fingerprint:
+            # Same pipeline: keep the running instances (connections, extractor state).
+            for source in previous.data_sources:
+                self.instances[source.name] = source
+                for extractor in source.extractors:
+                    self.instances[extractor.name] = extractor
+            return previous.data_sources, fingerprint
+        built = data_layer_section.build(
+            wirings, self.instances, self.where, self._default_data_layer_plugin
+        )
+        return built, fingerprint
+
+    def _default_data_layer_plugin(self, name: str) -> object | None:
+        if registry.factory(name) is None:
+            return None
+        plugin = self._default(name, name)
+        is_data = data_layer_section.is_source(plugin) or data_layer_section.is_extractor(plugin)
+        if not is_data:
+            del self.instances[name]  # a scheduling type named here is a mistake; report it
+            return None
+        return plugin
+
+    def check_consumed_metrics(
+        self, scheduler: framework.Scheduler, sources: Sequence[datalayer.DataSource]
+    ) -> None:
+        produced = data_layer_section.produced_metrics(sources)
+        for profile in scheduler.profiles.values():
+            for weighted in profile.scorers:
+                consumes: frozenset[str] = getattr(weighted.scorer, "consumes", frozenset())
+                for metric in sorted(consumes - produced):
+                    name = weighted.scorer.name
+                    offered = ", ".join(sorted(produced)) or "none"
+                    raise ConfigError(
+                        f"{self.where.get(name, name)} ({weighted.scorer.type_name} {name!r}): "
+                        f"reads custom metric {metric!r}, but no extractor in "
+                        f"{self.doc.data_layer_key} produces it (produced: {offered}); wire "
+                        f"a prometheus-metric extractor with metricName: {metric}"
+                    )
 
     def _implicit_profile(self) -> framework.SchedulingProfile:
         declared = [

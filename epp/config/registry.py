@@ -11,15 +11,19 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from epp.datalayer import custom_metrics, extractors, sources
 from epp.requests import parsers
 from epp.scheduling.plugins import (
+    header_filter,
     load_scorers,
     lora_affinity_scorer,
     max_score_picker,
+    metric_scorer,
     parameters,
     prefix_producer,
     prefix_scorer,
     profile_handler,
+    random_pickers,
 )
 
 PluginFactory = Callable[[str, Mapping[str, object] | None], object]
@@ -45,14 +49,37 @@ def _parser_factory(type_name: str) -> PluginFactory:
     return create
 
 
+def _source_factory(type_name: str) -> PluginFactory:
+    def create(name: str, params: Mapping[str, object] | None) -> sources.MetricsDataSource:
+        return sources.new_metrics_data_source(name, params, type_name)
+
+    return create
+
+
 _FACTORIES: dict[str, PluginFactory] = {
+    # profile handlers
     "single-profile-handler": profile_handler.SingleProfileHandler.from_parameters,
+    "multi-profile-handler": profile_handler.MultiProfileHandler.from_parameters,
+    # pickers
     "max-score-picker": max_score_picker.MaxScorePicker.from_parameters,
+    "random-picker": random_pickers.RandomPicker.from_parameters,
+    "weighted-random-picker": random_pickers.WeightedRandomPicker.from_parameters,
+    # filters
+    "header-based-testing-filter": header_filter.HeaderBasedTestingFilter.from_parameters,
+    # scorers
     "queue-scorer": load_scorers.QueueScorer.from_parameters,
     "kv-cache-utilization-scorer": load_scorers.KvCacheUtilizationScorer.from_parameters,
+    "running-requests-size-scorer": load_scorers.RunningRequestsSizeScorer.from_parameters,
     "lora-affinity-scorer": lora_affinity_scorer.LoraAffinityScorer.from_parameters,
-    "approx-prefix-cache-producer": prefix_producer.ApproxPrefixCacheProducer.from_parameters,
     "prefix-cache-scorer": prefix_scorer.PrefixCacheScorer.from_parameters,
+    "metric-scorer": metric_scorer.MetricScorer.from_parameters,
+    # data producers
+    "approx-prefix-cache-producer": prefix_producer.ApproxPrefixCacheProducer.from_parameters,
+    # data layer: sources and extractors
+    **{type_name: _source_factory(type_name) for type_name in sources.TYPE_NAMES},
+    "core-metrics-extractor": extractors.new_core_metrics_extractor,
+    "prometheus-metric": custom_metrics.new_prometheus_metric_extractor,
+    # request body parsers
     **{type_name: _parser_factory(type_name) for type_name in parsers.PARSERS},
 }
 

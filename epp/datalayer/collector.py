@@ -16,7 +16,10 @@ failing loop never spins; the first success returns to the normal interval.
 
 The runner feeds snapshot changes to :meth:`Collector.update_endpoints`, which must be
 called on the collector's event loop (from another thread, via
-`loop.call_soon_threadsafe`).
+`loop.call_soon_threadsafe`). A config reload that changes the data layer hands the new
+sources to :meth:`Collector.replace_sources`: the loops keep running and pick the new
+sources up on their next tick, and the metrics store is kept, so no endpoint goes stale
+or loses its numbers because of a reload.
 """
 
 from __future__ import annotations
@@ -28,8 +31,6 @@ import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-
-import aiohttp
 
 from epp.datalayer import extractors, interfaces
 from epp.datalayer import sources as datasources
@@ -77,7 +78,6 @@ class Collector:
         interval_s: float = DEFAULT_INTERVAL_S,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         max_backoff_s: float = DEFAULT_MAX_BACKOFF_S,
-        session: aiohttp.ClientSession | None = None,
     ) -> None:
         if interval_s <= 0 or timeout_s <= 0 or max_backoff_s <= 0:
             raise ValueError(
@@ -86,21 +86,12 @@ class Collector:
             )
         if sources is None:
             sources = default_sources()
-        for source in sources:
-            if not source.extractors:
-                raise ValueError(
-                    f"data source '{source.name}' (type {source.type_name}) has no "
-                    f"extractors; wire at least one or remove the source"
-                )
-            for extractor in source.extractors:
-                interfaces.check_wiring(source, extractor)
+        _check_sources(sources)
         self._store = store
         self._sources = tuple(sources)
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._max_backoff_s = max(max_backoff_s, interval_s)
-        self._session = session
-        self._owns_session = session is None
         self._endpoints: dict[EndpointKey, Endpoint] = {}
         self._loops: dict[EndpointKey, asyncio.Task[None]] = {}
         self._status: dict[EndpointKey, ScrapeStatus] = {}
@@ -119,23 +110,31 @@ class Collector:
     def status(self, key: EndpointKey) -> ScrapeStatus | None:
         return self._status.get(key)
 
+    @property
+    def sources(self) -> tuple[interfaces.DataSource, ...]:
+        return self._sources
+
+    def replace_sources(self, sources: Sequence[interfaces.DataSource]) -> None:
+        """Scrape with `sources` from each loop's next tick on; close the old ones that are
+        not reused. Stored metrics are kept."""
+        _check_sources(sources)
+        old = self._sources
+        self._sources = tuple(sources)
+        kept = {id(s) for s in self._sources}
+        for source in old:
+            if id(source) not in kept:
+                source.close()  # a fetch in flight finishes; its connection closes after
+
     async def start(self) -> None:
-        """Open the HTTP session and start a loop for every known endpoint."""
+        """Start a loop for every known endpoint."""
         if self._running:
             return
-        if self._session is None or (self._owns_session and self._session.closed):
-            self._session = aiohttp.ClientSession(
-                # limit=0: one connection per endpoint, however many endpoints there are.
-                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
-                raise_for_status=False,
-            )
-            self._owns_session = True
         self._running = True
         for endpoint in self._endpoints.values():
             self._start_loop(endpoint)
 
     async def stop(self) -> None:
-        """Cancel every loop, wait for them to end, and close the session if it is ours."""
+        """Cancel every loop, wait for them to end, and close the sources' connections."""
         self._running = False
         tasks = [*self._loops.values(), *self._stopping]
         self._loops.clear()
@@ -144,9 +143,8 @@ class Collector:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._stopping.clear()
-        if self._owns_session and self._session is not None:
-            await self._session.close()
-            self._session = None
+        for source in self._sources:
+            source.close()
 
     def update_endpoints(self, endpoints: Iterable[Endpoint]) -> None:
         """Make the loops match `endpoints` (the new snapshot's endpoints).
@@ -165,6 +163,8 @@ class Collector:
             self._stop_loop(key)
             if new is None or (new.address, new.port) != (old.address, old.port):
                 moved.add(key)
+                for source in self._sources:
+                    source.forget(old)
         for key, endpoint in wanted.items():
             if key not in self._loops:  # new, changed, or not started yet
                 self._endpoints[key] = endpoint
@@ -213,8 +213,6 @@ class Collector:
 
     async def _tick(self, endpoint: Endpoint, status: ScrapeStatus) -> None:
         store = self._store
-        session = self._session
-        assert session is not None
         key = endpoint.key
         current = store.get(key)
         metrics = current
@@ -224,7 +222,7 @@ class Collector:
             before = metrics
             try:
                 async with asyncio.timeout(self._timeout_s):
-                    payload = await source.fetch(endpoint, session)
+                    payload = await source.fetch(endpoint)
                 for extractor in source.extractors:
                     metrics = extractor.extract(payload, endpoint, metrics)
             except Exception as exc:  # no plugin error may end the loop
@@ -281,6 +279,17 @@ class Collector:
             )
         else:
             logger.debug("scrape of %s still failing: %s", endpoint.key, status.last_error)
+
+
+def _check_sources(sources: Sequence[interfaces.DataSource]) -> None:
+    for source in sources:
+        if not source.extractors:
+            raise ValueError(
+                f"data source '{source.name}' (type {source.type_name}) has no "
+                f"extractors; wire at least one or remove the source"
+            )
+        for extractor in source.extractors:
+            interfaces.check_wiring(source, extractor)
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:

@@ -3,7 +3,7 @@
 The extractor maps a model server's Prometheus page onto the load fields of
 :class:`~epp.datalayer.endpoint_metrics.EndpointMetrics`. Engines name their metrics
 differently, so which metric feeds which field comes from a per-engine table
-(:data:`DEFAULT_ENGINE_METRICS`, replaceable through the constructor) keyed by the
+(:data:`DEFAULT_ENGINE_METRICS`, replaceable per engine by the `engines` parameter) keyed by the
 endpoint's `engine` (pod label `inference.networking.k8s.io/engine-type`, default `vllm`).
 An engine missing from the table is read with the default engine's names, and that is
 logged once.
@@ -39,6 +39,7 @@ from typing import Any, Final
 from epp.datalayer import interfaces, prometheus_text
 from epp.datalayer.endpoint_metrics import EndpointMetrics
 from epp.datastore.snapshot import DEFAULT_ENGINE, Endpoint, EndpointKey
+from epp.scheduling.plugins import parameters
 
 logger = logging.getLogger(__name__)
 
@@ -262,13 +263,87 @@ class CoreMetricsExtractor:
         logger.log(level, message, *args)
 
 
-def new_core_metrics_extractor(
-    name: str, parameters: Mapping[str, object] | None = None
-) -> CoreMetricsExtractor:
-    """Registry factory. The engine table is not configurable yet, so no parameters."""
-    if parameters:
-        raise ValueError(
-            f"extractor '{name}' ({CORE_METRICS_EXTRACTOR}) takes no parameters, got "
-            f"{', '.join(sorted(map(str, parameters)))}"
+_ENGINE_KEYS: Final = (
+    "waiting",
+    "running",
+    "kvUsage",
+    "loraInfo",
+    "cacheInfo",
+    "cacheBlockSizeLabel",
+    "cacheNumBlocksLabel",
+)
+
+
+def _names(value: object, key: str) -> tuple[str, ...]:
+    """One metric name or a list of them (first present wins)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(
+        isinstance(v, str) and v for v in items
+    ):
+        raise parameters.ParameterError(
+            key, f"must be a metric name or a non-empty list of metric names, got {value!r}"
         )
-    return CoreMetricsExtractor(name)
+    return tuple(items)
+
+
+def _engine_mapping(engine: str, raw: object) -> EngineMetricNames:
+    where = f"engines.{engine}"
+    if not isinstance(raw, Mapping):
+        raise parameters.ParameterError(where, f"must be a mapping, got {raw!r}")
+    for key in raw:
+        if key not in _ENGINE_KEYS:
+            hint = parameters.did_you_mean(str(key), _ENGINE_KEYS)
+            allowed = f" (allowed: {', '.join(_ENGINE_KEYS)})"
+            raise parameters.ParameterError(f"{where}.{key}", f"unknown key{hint or allowed}")
+    for required in ("waiting", "running", "kvUsage"):
+        if required not in raw:
+            raise parameters.ParameterError(
+                f"{where}.{required}",
+                "required: an engine mapping names the waiting, running and kvUsage metrics",
+            )
+
+    def optional(key: str, default: str | None) -> str | None:
+        value = raw.get(key, default)
+        if value is not None and (not isinstance(value, str) or not value):
+            raise parameters.ParameterError(f"{where}.{key}", f"must be a string, got {value!r}")
+        return value
+
+    block_label = optional("cacheBlockSizeLabel", "block_size")
+    blocks_label = optional("cacheNumBlocksLabel", "num_gpu_blocks")
+    assert block_label is not None and blocks_label is not None
+    return EngineMetricNames(
+        waiting=_names(raw["waiting"], f"{where}.waiting"),
+        running=_names(raw["running"], f"{where}.running"),
+        kv_usage=_names(raw["kvUsage"], f"{where}.kvUsage"),
+        lora_info=optional("loraInfo", None),
+        cache_info=optional("cacheInfo", None),
+        cache_block_size_label=block_label,
+        cache_num_blocks_label=blocks_label,
+    )
+
+
+def new_core_metrics_extractor(
+    name: str, params: Mapping[str, object] | None = None
+) -> CoreMetricsExtractor:
+    """Registry factory. `engines` replaces (or adds) the mapping of the engines it names;
+    the others keep :data:`DEFAULT_ENGINE_METRICS`. `defaultEngine` reads endpoints whose
+    engine has no mapping."""
+    reader = parameters.ParameterReader(params)
+    default_engine = reader.string("defaultEngine", DEFAULT_ENGINE)
+    engines = dict(DEFAULT_ENGINE_METRICS)
+    raw = reader.mapping("engines")
+    if raw is not None:
+        if not raw:
+            raise parameters.ParameterError(
+                "engines", "must map at least one engine name to its metrics"
+            )
+        for engine, mapping in raw.items():
+            engines[str(engine)] = _engine_mapping(str(engine), mapping)
+    reader.finish()
+    if default_engine not in engines:
+        raise parameters.ParameterError(
+            "defaultEngine",
+            f"no metric mapping for {default_engine!r}; known engines: "
+            f"{', '.join(sorted(engines))}",
+        )
+    return CoreMetricsExtractor(name, engines=engines, default_engine=default_engine)

@@ -23,8 +23,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Protocol, runtime_checkable
 
-import aiohttp
-
 from epp.datalayer.endpoint_metrics import EndpointMetrics
 from epp.datastore.snapshot import Endpoint
 
@@ -84,9 +82,26 @@ class DataSource(Protocol):
         """Wire `extractor` to this source; ValueError if it cannot read the payload."""
         ...
 
-    async def fetch(self, endpoint: Endpoint, session: aiohttp.ClientSession) -> Any:
-        """One payload of `output_type`, or FetchError. Timeouts are the collector's job."""
+    async def fetch(self, endpoint: Endpoint) -> Any:
+        """One payload of `output_type`, or FetchError. Timeouts are the collector's job:
+        it cancels a fetch that takes too long, and the source must then drop whatever
+        connection state the cancelled fetch left half-used."""
         ...
+
+    def forget(self, endpoint: Endpoint) -> None:
+        """The endpoint left the pool: release what the source keeps for it (a connection)."""
+        ...
+
+    def close(self) -> None:
+        """The source is no longer used (shutdown, or replaced by a config reload)."""
+        ...
+
+
+def produced_metrics(extractor: Extractor) -> frozenset[str]:
+    """Custom metric names an extractor writes into `EndpointMetrics.custom` (an optional
+    `produces` attribute); the config loader checks consumers against them."""
+    produces = getattr(extractor, "produces", None)
+    return frozenset(produces) if produces else frozenset()
 
 
 def check_wiring(source: DataSource, extractor: Extractor) -> None:

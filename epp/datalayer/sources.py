@@ -1,24 +1,26 @@
 """`metrics-data-source`: fetches a model server's Prometheus page over HTTP.
 
 `prometheus-data-source` is another type name for the same plugin. Each fetch is one GET of
-`<scheme>://<ip>:<port><path>` on the collector's shared `aiohttp.ClientSession` (so
-connections are kept alive between ticks); the payload is a
-:class:`~epp.datalayer.prometheus_text.MetricsPage`, parsed lazily by the extractors that
-read it. A refused connection, a reset, a non-200 answer or an oversized body is a
-:class:`~epp.datalayer.interfaces.FetchError`; the collector applies the per-fetch
-timeout.
+`<scheme>://<ip>:<port><path>` on the source's own keep-alive client
+(`epp.datalayer.http_client`, one connection per endpoint, reused tick after tick); the
+payload is a :class:`~epp.datalayer.prometheus_text.MetricsPage`, parsed lazily by the
+extractors that read it. A refused connection, a reset, a non-200 answer or an oversized
+body is a :class:`~epp.datalayer.interfaces.FetchError`; the collector applies the
+per-fetch timeout.
+
+Parameters: `scheme` (`http` | `https`), `path` (`/metrics`), `insecureSkipVerify`
+(false), `maxBodyBytes` (16 MiB).
 """
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Mapping, Sequence
 from typing import Final
 
-import aiohttp
-from yarl import URL
-
-from epp.datalayer import interfaces, prometheus_text
+from epp.datalayer import http_client, interfaces, prometheus_text
 from epp.datastore.snapshot import Endpoint
+from epp.scheduling.plugins import parameters
 
 METRICS_DATA_SOURCE: Final = "metrics-data-source"
 TYPE_NAMES: Final = (METRICS_DATA_SOURCE, "prometheus-data-source")
@@ -27,14 +29,12 @@ TYPE_NAMES: Final = (METRICS_DATA_SOURCE, "prometheus-data-source")
 DEFAULT_MAX_BODY_BYTES: Final = 16 * 1024 * 1024
 # Ask for the classic text format: a server that also speaks OpenMetrics or protobuf must
 # not switch formats under us.
-_HEADERS: Final[Mapping[str, str]] = {"Accept": "text/plain; version=0.0.4"}
-_URL_CACHE_LIMIT: Final = 4096
+_ACCEPT: Final = ("Accept", "text/plain; version=0.0.4")
 
 
 class MetricsDataSource:
     """Scrapes `/metrics` (or `path`) of each endpoint and pushes the page to extractors."""
 
-    type_name: Final = METRICS_DATA_SOURCE
     output_type: Final = prometheus_text.MetricsPage
 
     def __init__(
@@ -45,6 +45,7 @@ class MetricsDataSource:
         path: str = "/metrics",
         insecure_skip_verify: bool = False,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        type_name: str = METRICS_DATA_SOURCE,
     ) -> None:
         if scheme not in ("http", "https"):
             raise ValueError(
@@ -55,13 +56,13 @@ class MetricsDataSource:
         if max_body_bytes <= 0:
             raise ValueError(f"data source '{name}': max_body_bytes must be positive")
         self._name = name
+        self.type_name = type_name
         self.scheme = scheme
         self.path = path
+        self.insecure_skip_verify = insecure_skip_verify
         self.max_body_bytes = max_body_bytes
-        # aiohttp: False = do not verify the server certificate, True = default checks.
-        self._ssl = not insecure_skip_verify
         self._extractors: tuple[interfaces.Extractor, ...] = ()
-        self._urls: dict[str, URL] = {}
+        self._client: http_client.KeepAliveClient | None = None
 
     @property
     def name(self) -> str:
@@ -75,89 +76,66 @@ class MetricsDataSource:
         interfaces.check_wiring(self, extractor)
         self._extractors = (*self._extractors, extractor)
 
-    def url_for(self, endpoint: Endpoint) -> URL:
-        """The scrape URL of `endpoint`, built once and reused on every tick."""
-        url = self._urls.get(endpoint.target)
-        if url is None:
-            if len(self._urls) >= _URL_CACHE_LIMIT:
-                self._urls.clear()  # endpoints churned a lot; rebuilding is cheap
-            url = URL(f"{self.scheme}://{endpoint.target}{self.path}")
-            self._urls[endpoint.target] = url
-        return url
+    def url_for(self, endpoint: Endpoint) -> str:
+        """The scrape URL of `endpoint`, for messages."""
+        return f"{self.scheme}://{endpoint.target}{self.path}"
 
-    async def fetch(
-        self, endpoint: Endpoint, session: aiohttp.ClientSession
-    ) -> prometheus_text.MetricsPage:
-        url = self.url_for(endpoint)
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        if self.scheme != "https":
+            return None
+        context = ssl.create_default_context()
+        if self.insecure_skip_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+    async def fetch(self, endpoint: Endpoint) -> prometheus_text.MetricsPage:
+        client = self._client
+        if client is None:
+            client = self._client = http_client.KeepAliveClient(
+                ssl_context=self._ssl_context(),
+                max_body_bytes=self.max_body_bytes,
+                extra_headers=(_ACCEPT,),
+            )
         try:
-            async with session.get(
-                url, headers=_HEADERS, ssl=self._ssl, allow_redirects=False
-            ) as response:
-                if response.status != 200:
-                    raise interfaces.FetchError(f"GET {url}: HTTP {response.status}")
-                body = await self._read_body(url, response)
-        except aiohttp.ClientError as exc:
-            raise interfaces.FetchError(f"GET {url}: {_describe(exc)}") from exc
-        except OSError as exc:
-            raise interfaces.FetchError(f"GET {url}: {exc}") from exc
-        return prometheus_text.MetricsPage(body.decode("utf-8", "replace"))
+            response = await client.get(endpoint.address, endpoint.port, self.path)
+        except http_client.HttpError as exc:
+            raise interfaces.FetchError(f"GET {self.url_for(endpoint)}: {exc}") from exc
+        except (OSError, ssl.SSLError) as exc:
+            raise interfaces.FetchError(f"GET {self.url_for(endpoint)}: {exc}") from exc
+        if response.status != 200:
+            raise interfaces.FetchError(f"GET {self.url_for(endpoint)}: HTTP {response.status}")
+        return prometheus_text.MetricsPage(response.body.decode("utf-8", "replace"))
 
-    async def _read_body(self, url: URL, response: aiohttp.ClientResponse) -> bytes:
-        limit = self.max_body_bytes
-        declared = response.content_length
-        if declared is not None:
-            if declared > limit:
-                raise interfaces.FetchError(
-                    f"GET {url}: body of {declared} bytes exceeds the {limit}-byte limit"
-                )
-            return await response.read()
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in response.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise interfaces.FetchError(f"GET {url}: body exceeds the {limit}-byte limit")
-            chunks.append(chunk)
-        return b"".join(chunks)
+    def forget(self, endpoint: Endpoint) -> None:
+        if self._client is not None:
+            self._client.forget(endpoint.address, endpoint.port)
 
-
-def _describe(exc: aiohttp.ClientError) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-_PARAMETERS: Final[Mapping[str, type]] = {
-    "scheme": str,
-    "path": str,
-    "insecureSkipVerify": bool,
-    "maxBodyBytes": int,
-}
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
 
 
 def new_metrics_data_source(
-    name: str, parameters: Mapping[str, object] | None = None
+    name: str, params: Mapping[str, object] | None = None, type_name: str = METRICS_DATA_SOURCE
 ) -> MetricsDataSource:
-    """Registry factory: `parameters` as written in config (`scheme`, `path`, ...)."""
-    given = dict(parameters or {})
-    for key, value in given.items():
-        expected = _PARAMETERS.get(key)
-        if expected is None:
-            raise ValueError(
-                f"data source '{name}': unknown parameter {key!r} "
-                f"(known: {', '.join(sorted(_PARAMETERS))})"
-            )
-        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
-            raise ValueError(
-                f"data source '{name}': parameter {key!r} must be {expected.__name__}, "
-                f"got {value!r}"
-            )
-    scheme, path = given.get("scheme", "http"), given.get("path", "/metrics")
-    skip_verify, max_body = given.get("insecureSkipVerify", False), given.get("maxBodyBytes")
-    assert isinstance(scheme, str) and isinstance(path, str) and isinstance(skip_verify, bool)
+    """Registry factory: `params` as written in config (`scheme`, `path`, ...)."""
+    reader = parameters.ParameterReader(params)
+    scheme = reader.string("scheme", "http")
+    if scheme not in ("http", "https"):
+        raise parameters.ParameterError("scheme", f"must be 'http' or 'https', got {scheme!r}")
+    path = reader.string("path", "/metrics")
+    if not path.startswith("/"):
+        raise parameters.ParameterError("path", f"must start with '/', got {path!r}")
+    skip_verify = reader.boolean("insecureSkipVerify", False)
+    max_body = reader.integer("maxBodyBytes", DEFAULT_MAX_BODY_BYTES, minimum=1)
+    reader.finish()
     return MetricsDataSource(
         name,
         scheme=scheme,
         path=path,
         insecure_skip_verify=skip_verify,
-        max_body_bytes=max_body if isinstance(max_body, int) else DEFAULT_MAX_BODY_BYTES,
+        max_body_bytes=max_body,
+        type_name=type_name,
     )

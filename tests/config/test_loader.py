@@ -343,7 +343,8 @@ def test_legacy_combined_prefix_scorer() -> None:
     assert isinstance(scorer, SelfIndexingPrefixCacheScorer)
     assert _shape(config)["p"]["producers"] == ["prefix-cache-scorer"]
     assert list(config.plugins) == ["prefix-cache-scorer", "max-score-picker",
-                                    "single-profile-handler"]
+                                    "single-profile-handler", "metrics-data-source",
+                                    "core-metrics-extractor"]
     assert config.scheduler.pre_request_plugins == (scorer,)
 
 
@@ -444,9 +445,18 @@ def test_invalid_reload_raises_and_leaves_the_old_config_usable() -> None:
     _learn(old)
 
 
+# Types that cannot work without some parameter, with the least they need.
+REQUIRED_PARAMETERS: dict[str, dict[str, object]] = {
+    "metric-scorer": {"metricName": "load"},
+    "prometheus-metric": {"selector": "load"},
+}
+
+
 def test_every_registered_type_builds_with_default_parameters() -> None:
     for type_name in registry.plugin_types():
-        plugin = registry.create(type_name, f"my-{type_name}")
+        plugin = registry.create(
+            type_name, f"my-{type_name}", REQUIRED_PARAMETERS.get(type_name)
+        )
         assert getattr(plugin, "type_name") == type_name  # noqa: B009
         assert getattr(plugin, "name") == f"my-{type_name}"  # noqa: B009
 

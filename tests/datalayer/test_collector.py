@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import aiohttp
 import pytest
 
 from epp.datalayer import collector as collecting
@@ -299,7 +298,11 @@ def test_sources_are_validated_when_the_collector_is_built() -> None:
 
         def add_extractor(self, extractor: interfaces.Extractor) -> None: ...
 
-        async def fetch(self, endpoint: Endpoint, session: aiohttp.ClientSession) -> Any: ...
+        async def fetch(self, endpoint: Endpoint) -> Any: ...
+
+        def forget(self, endpoint: Endpoint) -> None: ...
+
+        def close(self) -> None: ...
 
     with pytest.raises(ValueError, match=r"produces builtins\.bytes"):
         collecting.Collector(MetricsStore(), [Mislabelled()])

@@ -161,7 +161,7 @@ def test_the_engine_table_can_be_replaced() -> None:
         extractors.CoreMetricsExtractor(engines={"mine": custom})
 
 
-def test_factory_rejects_parameters() -> None:
+def test_factory_rejects_unknown_parameters() -> None:
     assert extractors.new_core_metrics_extractor("core", None).name == "core"
-    with pytest.raises(ValueError, match="takes no parameters"):
+    with pytest.raises(ValueError, match=r"engine: unknown parameter .did you mean 'engines'"):
         extractors.new_core_metrics_extractor("core", {"engine": "x"})

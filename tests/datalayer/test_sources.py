@@ -6,7 +6,6 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 
 from epp.datalayer import extractors, interfaces, sources
@@ -28,12 +27,6 @@ def _endpoint(address: str, port: int) -> Endpoint:
 
 
 @pytest.fixture
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as client:
-        yield client
-
-
-@pytest.fixture
 async def server() -> AsyncIterator[FakeModelServer]:
     model_server = FakeModelServer(pages.vllm_page(waiting=3))
     await model_server.start()
@@ -42,10 +35,10 @@ async def server() -> AsyncIterator[FakeModelServer]:
 
 
 async def test_fetches_the_page_with_the_text_format_accept_header(
-    server: FakeModelServer, session: aiohttp.ClientSession
+    server: FakeModelServer
 ) -> None:
     source = sources.MetricsDataSource()
-    page = await source.fetch(_endpoint("127.0.0.1", server.port), session)
+    page = await source.fetch(_endpoint("127.0.0.1", server.port))
     assert isinstance(page, MetricsPage)
     assert page.samples("vllm:num_requests_waiting")[0].value == 3.0
     assert server.paths == ["/metrics"]
@@ -53,58 +46,57 @@ async def test_fetches_the_page_with_the_text_format_accept_header(
 
 
 async def test_custom_path_and_chunked_body(
-    server: FakeModelServer, session: aiohttp.ClientSession
+    server: FakeModelServer
 ) -> None:
     server.chunked = True
     source = sources.new_metrics_data_source("scrape", {"path": "/custom/metrics?x=1"})
-    page = await source.fetch(_endpoint("127.0.0.1", server.port), session)
+    page = await source.fetch(_endpoint("127.0.0.1", server.port))
     assert page.text == server.page
     assert server.paths == ["/custom/metrics?x=1"]
 
 
 async def test_non_200_is_a_fetch_error(
-    server: FakeModelServer, session: aiohttp.ClientSession
+    server: FakeModelServer
 ) -> None:
     server.status = 503
     source = sources.MetricsDataSource()
     with pytest.raises(interfaces.FetchError, match="HTTP 503"):
-        await source.fetch(_endpoint("127.0.0.1", server.port), session)
+        await source.fetch(_endpoint("127.0.0.1", server.port))
 
 
-async def test_refused_connection_is_a_fetch_error(session: aiohttp.ClientSession) -> None:
+async def test_refused_connection_is_a_fetch_error() -> None:
     with socket.socket() as sock:  # a port nobody listens on once the socket closes
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     source = sources.MetricsDataSource()
     with pytest.raises(interfaces.FetchError, match=f"127.0.0.1:{port}/metrics"):
-        await source.fetch(_endpoint("127.0.0.1", port), session)
+        await source.fetch(_endpoint("127.0.0.1", port))
 
 
 @pytest.mark.parametrize("chunked", [False, True])
 async def test_oversized_body_is_a_fetch_error(
-    server: FakeModelServer, session: aiohttp.ClientSession, chunked: bool
+    server: FakeModelServer, chunked: bool
 ) -> None:
     server.chunked = chunked
     source = sources.MetricsDataSource(max_body_bytes=1000)
     with pytest.raises(interfaces.FetchError, match="1000-byte limit"):
-        await source.fetch(_endpoint("127.0.0.1", server.port), session)
+        await source.fetch(_endpoint("127.0.0.1", server.port))
 
 
-def test_urls_are_built_once_and_bracket_ipv6() -> None:
+def test_urls_bracket_ipv6() -> None:
     source = sources.MetricsDataSource(scheme="https", path="/m")
     v6 = _endpoint("fd00::1", 8000)
-    assert str(source.url_for(v6)) == "https://[fd00::1]:8000/m"
-    assert source.url_for(v6) is source.url_for(v6)
+    assert source.url_for(v6) == "https://[fd00::1]:8000/m"
 
 
 @pytest.mark.parametrize(
     ("parameters", "message"),
     [
-        ({"scheme": "ftp"}, "scheme must be 'http' or 'https'"),
-        ({"path": "metrics"}, "path must start with '/'"),
-        ({"pathh": "/m"}, "unknown parameter 'pathh'"),
-        ({"insecureSkipVerify": "yes"}, "must be bool"),
-        ({"maxBodyBytes": True}, "must be int"),
+        ({"scheme": "ftp"}, "scheme: must be 'http' or 'https'"),
+        ({"path": "metrics"}, "path: must start with '/'"),
+        ({"pathh": "/m"}, r"pathh: unknown parameter .did you mean 'path'"),
+        ({"insecureSkipVerify": "yes"}, "insecureSkipVerify: must be true or false"),
+        ({"maxBodyBytes": True}, "maxBodyBytes: must be an integer"),
     ],
 )
 def test_factory_rejects_bad_parameters(parameters: dict[str, Any], message: str) -> None:
@@ -126,8 +118,14 @@ class _JsonSource:
     def add_extractor(self, extractor: interfaces.Extractor) -> None:
         interfaces.check_wiring(self, extractor)
 
-    async def fetch(self, endpoint: Endpoint, session: aiohttp.ClientSession) -> Any:
+    async def fetch(self, endpoint: Endpoint) -> Any:
         return {}
+
+    def forget(self, endpoint: Endpoint) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _TextExtractor:

@@ -1,6 +1,7 @@
-"""Scorers over an endpoint's load metrics: `queue-scorer` and `kv-cache-utilization-scorer`.
+"""Scorers over an endpoint's load metrics: `queue-scorer`, `kv-cache-utilization-scorer`,
+`running-requests-size-scorer`.
 
-Both score stale candidates 0 (the worst case): an endpoint whose metrics are too old may
+All score stale candidates 0 (the worst case): an endpoint whose metrics are too old may
 be overloaded for all we know (DESIGN §6).
 """
 
@@ -10,6 +11,27 @@ from collections.abc import Mapping, Sequence
 
 from epp.scheduling.interfaces import Candidate, SchedulingRequest
 from epp.scheduling.plugins import parameters
+
+
+def _min_max_lower_is_better(values: list[int], candidates: Sequence[Candidate]) -> list[float]:
+    """(max - v) / (max - min) over fresh candidates; all equal -> 1.0; stale -> 0.0."""
+    if not values:
+        return []
+    if any(c.stale for c in candidates):
+        fresh = [v for v, c in zip(values, candidates, strict=True) if not c.stale]
+        if not fresh:
+            return [0.0] * len(values)
+        low, high = min(fresh), max(fresh)
+        span = high - low
+        return [
+            0.0 if c.stale else (1.0 if span == 0 else (high - v) / span)
+            for v, c in zip(values, candidates, strict=True)
+        ]
+    low, high = min(values), max(values)
+    if high == low:
+        return [1.0] * len(values)
+    span = high - low
+    return [(high - v) / span for v in values]
 
 
 class QueueScorer:
@@ -26,24 +48,9 @@ class QueueScorer:
         return cls(name)
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
-        queues = [c.metrics.waiting_queue_size for c in candidates]
-        if not queues:
-            return []
-        if any(c.stale for c in candidates):
-            fresh = [q for q, c in zip(queues, candidates, strict=True) if not c.stale]
-            if not fresh:
-                return [0.0] * len(queues)
-            low, high = min(fresh), max(fresh)
-            span = high - low
-            return [
-                0.0 if c.stale else (1.0 if span == 0 else (high - q) / span)
-                for q, c in zip(queues, candidates, strict=True)
-            ]
-        low, high = min(queues), max(queues)
-        if high == low:
-            return [1.0] * len(queues)
-        span = high - low
-        return [(high - q) / span for q in queues]
+        return _min_max_lower_is_better(
+            [c.metrics.waiting_queue_size for c in candidates], candidates
+        )
 
 
 class KvCacheUtilizationScorer:
@@ -63,3 +70,24 @@ class KvCacheUtilizationScorer:
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
         return [0.0 if c.stale else 1.0 - c.metrics.kv_cache_usage for c in candidates]
+
+
+class RunningRequestsSizeScorer:
+    """Min-max over running requests: (max - r) / (max - min); all equal -> 1.0."""
+
+    type_name = "running-requests-size-scorer"
+
+    def __init__(self, name: str = type_name) -> None:
+        self.name = name
+
+    @classmethod
+    def from_parameters(
+        cls, name: str, params: Mapping[str, object] | None
+    ) -> RunningRequestsSizeScorer:
+        parameters.ParameterReader(params).finish()
+        return cls(name)
+
+    def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
+        return _min_max_lower_is_better(
+            [c.metrics.running_requests for c in candidates], candidates
+        )

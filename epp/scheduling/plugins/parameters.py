@@ -111,6 +111,14 @@ class ParameterReader:
             raise ParameterError(key, "must not be empty")
         return value
 
+    def mapping(self, key: str) -> Mapping[str, object] | None:
+        value = self._get(key)
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise ParameterError(key, f"must be a mapping, got {_type_name(value)} {value!r}")
+        return value
+
     def finish(self) -> None:
         """Raise for the first key no reader method asked for."""
         for key in self._parameters:
