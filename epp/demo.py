@@ -22,6 +22,7 @@ from pathlib import Path
 
 import aiohttp
 
+from epp.datalayer import prometheus_text
 from epp.gateway import settings as gateway_settings
 from epp.gateway.envoy_process import EnvoyProcess
 from epp.runner import Picker, PickerOptions, configure_logging
@@ -73,6 +74,8 @@ async def simulators(options: DemoOptions) -> AsyncIterator[list[str]]:
         "--max-num-seqs", str(options.max_num_seqs),
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
+        # Its own session: Ctrl-C reaches only the demo, which then stops everything in order.
+        start_new_session=True,
     )  # fmt: skip
     addresses = [f"127.0.0.1:{base + i}" for i in range(options.replicas)]
     try:
@@ -121,8 +124,11 @@ async def _server_rows(session: aiohttp.ClientSession, addresses: list[str]) -> 
                 state = await r.json()
                 row.pod = str(state.get("pod", "?"))
                 row.served = int(state.get("requests_received", 0))
-                hits, queries = state.get("prefix_hit_tokens"), state.get("prefix_query_tokens")
-                if isinstance(hits, int) and isinstance(queries, int) and queries:
+            async with session.get(f"http://{address}/metrics") as r:
+                page = prometheus_text.MetricsPage(await r.text())
+                hits = sum(s.value for s in page.samples("vllm:prefix_cache_hits_total"))
+                queries = sum(s.value for s in page.samples("vllm:prefix_cache_queries_total"))
+                if queries:
                     row.prefix_hits = f"{hits / queries:.0%}"
         rows[address] = row
     return rows
