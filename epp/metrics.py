@@ -172,6 +172,20 @@ plugin_duration_seconds = Histogram(
     registry=REGISTRY,
 )
 
+config_reload_total = Counter(
+    "config_reload_total",
+    "EndpointPickerConfig reloads, by result (success: now in force; failure: rejected, "
+    "the previous config stays).",
+    ("result",),
+    registry=REGISTRY,
+)
+scrape_total = Counter(
+    "inference_extension_scrape_total",
+    "Data-layer ticks per endpoint, by result (success, failure).",
+    ("result",),
+    registry=REGISTRY,
+)
+
 
 def observe_plugin_duration(
     extension_point: str, plugin_type: str, plugin_name: str, seconds: float
