@@ -1,0 +1,93 @@
+"""Hands cluster objects from kopf's thread to the reconciler on the picker's loop.
+
+kopf runs on its own thread and loop; the reconciler and everything subscribed to it (the
+collector, the scheduler's state) belong to the picker's loop and must only be touched
+there. :class:`ClusterFeed` keeps the operator's view of the cluster behind a lock and asks
+the picker loop to catch up with it.
+
+Coalescing: the reconciler rebuilds the whole snapshot on every change, so a burst of pod
+events (a rollout, a node drain, a re-list after a reconnect) would cost one full rebuild
+per event on the request path's loop. Instead, any number of changes made before the
+picker loop gets to run become one ``Reconciler.replace`` call. ``coalesce=False`` applies
+each event on its own; it exists so the burst benchmark can show the difference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from epp.datastore import kube_objects
+from epp.datastore.reconciler import ObjectKey, Reconciler
+
+log = logging.getLogger(__name__)
+
+
+class ClusterFeed:
+    """The latest version of every watched object; the reconciler follows it."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, reconciler: Reconciler, *, coalesce: bool = True
+    ) -> None:
+        self._loop = loop
+        self._reconciler = reconciler
+        self._coalesce = coalesce
+        self._lock = threading.Lock()
+        self._objects: dict[ObjectKey, Mapping[str, Any]] = {}
+        self._flush_pending = False
+        self.flushes = 0  # snapshot rebuilds requested on the picker loop (for benchmarks)
+
+    def upsert(self, obj: Mapping[str, Any]) -> None:
+        """An object was added or changed (any thread)."""
+        kind = str(obj.get("kind"))
+        namespace, name = kube_objects.metadata(obj)
+        with self._lock:
+            self._objects[(kind, namespace, name)] = obj
+            self._schedule_locked(self._reconciler.apply, obj)
+
+    def remove(self, kind: str, namespace: str, name: str) -> None:
+        """An object was deleted (any thread)."""
+        with self._lock:
+            if self._objects.pop((kind, namespace, name), None) is None:
+                return
+            self._schedule_locked(self._reconciler.delete, kind, namespace, name)
+
+    def mark_synced(self) -> None:
+        """Every watch delivered its initial list; readiness may turn SERVING.
+
+        Scheduled after any pending flush, so the first SERVING snapshot already holds
+        everything the initial lists delivered.
+        """
+        self._loop.call_soon_threadsafe(self._reconciler.mark_synced)
+
+    def objects(self, kind: str) -> list[Mapping[str, Any]]:
+        with self._lock:
+            return [obj for (k, _, _), obj in self._objects.items() if k == kind]
+
+    def _schedule_locked(self, apply_one: Any, *args: Any) -> None:
+        if not self._coalesce:
+            self.flushes += 1
+            self._loop.call_soon_threadsafe(self._guarded, apply_one, *args)
+            return
+        if not self._flush_pending:
+            self._flush_pending = True
+            self._loop.call_soon_threadsafe(self._flush)
+
+    def _flush(self) -> None:
+        with self._lock:
+            self._flush_pending = False
+            objects = list(self._objects.values())
+            self.flushes += 1
+        self._guarded(self._reconciler.replace, objects)
+
+    @staticmethod
+    def _guarded(apply: Any, *args: Any) -> None:
+        # A malformed object must not take the picker loop's callback down with it; the
+        # reconciler already skips objects it cannot use, this catches the rest.
+        try:
+            apply(*args)
+        except (kube_objects.ObjectError, ValueError) as error:
+            log.error("cluster object rejected: %s", error)

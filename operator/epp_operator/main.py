@@ -1,0 +1,46 @@
+"""`sluice operator`: the in-cluster main process (kopf operator + embedded picker)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from types import FrameType
+
+from epp.config import loader
+from epp.datastore import sources
+from epp.runner import configure_logging
+from epp_operator import settings
+from epp_operator.runtime import OperatorRuntime
+
+
+def main(argv: list[str]) -> int:
+    parser = settings.build_argument_parser()
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose)
+    options = settings.options_from_args(parser, args)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    runtime = OperatorRuntime(options)
+    try:
+        runtime.start()
+    except (sources.SourceError, loader.ConfigError, ValueError, OSError) as error:
+        print(f"sluice operator: {error}", file=sys.stderr)
+        return 1
+    picker = runtime.picker
+    print(
+        f"sluice operator: pool {options.pool_namespace}/{options.pool_name}; ext_proc on "
+        f":{picker.grpc_port}, health on :{picker.health_port}, metrics on :{picker.metrics_port}",
+        file=sys.stderr,
+        flush=True,
+    )
+    runtime.kopf_done.add_done_callback(lambda _: stop.set())
+    stop.wait()
+    failed = runtime.kopf_done.done() and runtime.kopf_done.exception() is not None
+    runtime.stop()
+    return 1 if failed else 0

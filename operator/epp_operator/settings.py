@@ -1,0 +1,156 @@
+"""`sluice operator` settings: the picker's flags plus what a production operator needs."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+
+from epp import runner
+from epp.config import quantities
+from epp.runner import PickerOptions
+
+EVENT_LEVELS = {
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "none": None,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorOptions:
+    picker: PickerOptions
+    pool_name: str
+    pool_namespace: str
+    config_configmap: str | None = None
+    config_key: str = "config.yaml"
+    namespaces: tuple[str, ...] = ()  # empty: the pool's namespace only
+    clusterwide: bool = False
+    # Every replica embeds a picker that needs every change, so peering (which pauses all
+    # replicas but one) is off unless asked for.
+    standalone: bool = True
+    peering_name: str = "sluice"
+    liveness_host: str = "0.0.0.0"
+    liveness_port: int = 8080  # 0: no liveness endpoint
+    event_level: int | None = logging.INFO  # None: post no Kubernetes Events
+    watch_server_timeout_s: float | None = 300.0
+    watch_client_timeout_s: float | None = 330.0
+    watch_connect_timeout_s: float | None = 10.0
+    watch_inactivity_timeout_s: float = 70.0
+    reconnect_backoff_s: float = 1.0
+    request_timeout_s: float = 30.0
+    shutdown_grace_s: float = 10.0
+    api_server: str | None = None  # set: talk to this URL without credentials (dev, tests)
+
+    @property
+    def watched_namespaces(self) -> tuple[str, ...]:
+        return self.namespaces or (self.pool_namespace,)
+
+
+def _duration(text: str) -> float:
+    try:
+        return quantities.parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _event_level(text: str) -> int | None:
+    try:
+        return EVENT_LEVELS[text.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(EVENT_LEVELS)}, got {text!r}"
+        ) from None
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be between 0 and 65535, got {value}")
+    return value
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    p = runner.build_argument_parser(prog="sluice operator")
+    p.description = "In-cluster operator: watches the cluster and feeds the embedded picker."
+    p.set_defaults(pool_namespace=os.environ.get("POD_NAMESPACE", "default"))
+    g = p.add_argument_group("operator")
+    g.add_argument("--config-configmap", default=None, help="ConfigMap holding the config")
+    g.add_argument("--config-configmap-key", default="config.yaml", help="key in that ConfigMap")
+    g.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        dest="namespaces",
+        help="namespace to watch (repeatable; default: the pool's namespace)",
+    )
+    g.add_argument(
+        "--clusterwide", type=runner.parse_bool, nargs="?", const=True, default=False
+    )
+    g.add_argument(
+        "--standalone",
+        type=runner.parse_bool,
+        nargs="?",
+        const=True,
+        default=True,
+        help="no kopf peering (default true: every replica must see every change)",
+    )
+    g.add_argument("--peering-name", default="sluice")
+    g.add_argument("--liveness-port", type=_port, default=8080, help="0 disables it")
+    g.add_argument("--liveness-host", default="0.0.0.0")
+    g.add_argument(
+        "--event-level",
+        type=_event_level,
+        default=logging.INFO,
+        help="lowest severity posted as Kubernetes Events: info, warning, error, none",
+    )
+    g.add_argument("--watch-server-timeout", type=_duration, default=300.0)
+    g.add_argument("--watch-client-timeout", type=_duration, default=330.0)
+    g.add_argument("--watch-connect-timeout", type=_duration, default=10.0)
+    g.add_argument("--watch-inactivity-timeout", type=_duration, default=70.0)
+    g.add_argument("--reconnect-backoff", type=_duration, default=1.0)
+    g.add_argument("--request-timeout", type=_duration, default=30.0)
+    g.add_argument("--shutdown-grace-period", type=_duration, default=10.0)
+    g.add_argument("--api-server", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def options_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> OperatorOptions:
+    if args.manifests or args.endpoints:
+        parser.error(
+            "--manifests and --endpoints are for `sluice picker`; "
+            "the operator takes endpoints from the cluster"
+        )
+    if not args.pool_name:
+        parser.error("--pool-name is required (the InferencePool this picker serves)")
+    picker = dataclasses.replace(
+        runner.options_from_args(args), shutdown_grace_s=args.shutdown_grace_period
+    )
+    return OperatorOptions(
+        picker=picker,
+        pool_name=args.pool_name,
+        pool_namespace=args.pool_namespace,
+        config_configmap=args.config_configmap,
+        config_key=args.config_configmap_key,
+        namespaces=tuple(args.namespaces),
+        clusterwide=args.clusterwide,
+        standalone=args.standalone,
+        peering_name=args.peering_name,
+        liveness_host=args.liveness_host,
+        liveness_port=args.liveness_port,
+        event_level=args.event_level,
+        watch_server_timeout_s=args.watch_server_timeout,
+        watch_client_timeout_s=args.watch_client_timeout,
+        watch_connect_timeout_s=args.watch_connect_timeout,
+        watch_inactivity_timeout_s=args.watch_inactivity_timeout,
+        reconnect_backoff_s=args.reconnect_backoff,
+        request_timeout_s=args.request_timeout,
+        shutdown_grace_s=args.shutdown_grace_period,
+        api_server=args.api_server,
+    )
