@@ -17,6 +17,7 @@ from pathlib import Path
 
 from epp import metrics
 from epp.config import loader, quantities
+from epp.config import watch as config_watch
 from epp.datalayer import collector as collecting
 from epp.datalayer.endpoint_metrics import MetricsStore
 from epp.datastore import sources
@@ -48,6 +49,7 @@ class PickerOptions:
     cert_path: Path | None = None
     max_request_body_bytes: int = 16 * 1024 * 1024
     manifest_poll_interval_s: float = 0.5
+    config_poll_interval_s: float = 0.5
     pool_gauge_interval_s: float = 1.0
     shutdown_grace_s: float = 10.0
     extra: dict[str, str] = field(default_factory=dict)
@@ -71,10 +73,23 @@ class Picker:
             if options.manifests
             else None
         )
-        self.config = loader.load_config(_config_text(options))
+        config_text = _config_text(options)
+        self.config = loader.load_config(config_text)
         self.metrics_store = MetricsStore()
         self.collector = collecting.Collector(
-            self.metrics_store, interval_s=options.refresh_metrics_interval_s
+            self.metrics_store,
+            self.config.data_sources,
+            interval_s=options.refresh_metrics_interval_s,
+        )
+        self.config_watcher = (
+            config_watch.ConfigFileWatcher(
+                options.config_file,
+                self.reload_config,
+                poll_interval_s=options.config_poll_interval_s,
+                loaded_text=config_text,
+            )
+            if options.config_file is not None and options.config_text is None
+            else None
         )
         self.director = Director(
             snapshot=lambda: self.reconciler.current,
@@ -107,6 +122,10 @@ class Picker:
         await self.metrics_server.start()
         if self.manifests is not None:
             self._tasks.append(asyncio.create_task(self.manifests.run(), name="manifest-watch"))
+        if self.config_watcher is not None:
+            self._tasks.append(
+                asyncio.create_task(self.config_watcher.run(), name="config-file-watch")
+            )
         self._tasks.append(asyncio.create_task(self._pool_gauges(), name="pool-gauges"))
         if self.options.manifests or self.options.endpoints or self.options.pool_name is None:
             # Standalone sources are complete once loaded; the operator marks its own sync.
@@ -122,6 +141,33 @@ class Picker:
                 await task
         await self.collector.stop()
         await self.metrics_server.stop()
+
+    def reload_config(self, text: str | None, origin: str) -> None:
+        """Validate `text` (None/empty: the default config) and put it in force for new
+        requests; requests in flight keep the scheduler they were scheduled with. Plugins
+        with state keep it when unchanged (see `loader`). Raises ConfigError and keeps the
+        running config when `text` is invalid. Call on the picker's event loop."""
+        old = self.config
+        try:
+            new = loader.load_config(text, previous=old)
+            parser = PARSERS[new.parser_type]()
+        except loader.ConfigError as error:
+            metrics.config_reload_total.labels("failure").inc()
+            log.error("config from %s rejected, the previous one stays in force: %s", origin, error)
+            raise
+        self._parser = parser
+        self.config = new  # one reference swap: each request reads it once
+        if new.data_sources is not old.data_sources:
+            self.collector.replace_sources(new.data_sources)
+        new.retain_endpoints(e.key for e in self.reconciler.current.endpoints)
+        metrics.config_reload_total.labels("success").inc()
+        log.info(
+            "config from %s in force: %d profile(s), %d plugin(s)%s",
+            origin,
+            len(new.scheduler.profiles),
+            len(new.plugins),
+            ", data layer changed" if new.data_sources is not old.data_sources else "",
+        )
 
     @property
     def grpc_port(self) -> int:
@@ -215,6 +261,13 @@ def build_argument_parser(prog: str = "sluice picker") -> argparse.ArgumentParse
     p.add_argument("--pool-namespace", default="default")
     p.add_argument("--config-file", type=Path, default=None, help="EndpointPickerConfig YAML")
     p.add_argument("--config-text", default=None, help="EndpointPickerConfig YAML inline")
+    p.add_argument(
+        "--validate-config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="check an EndpointPickerConfig file, print one line and exit (0 valid, 1 not)",
+    )
     p.add_argument("--grpc-port", type=int, default=9002)
     p.add_argument("--grpc-health-port", type=int, default=9003)
     p.add_argument("--metrics-port", type=int, default=9090)
@@ -273,8 +326,26 @@ async def serve(picker: Picker) -> None:
     await picker.stop()
 
 
+def validate_config_file(path: Path) -> tuple[bool, str]:
+    """(valid, one line) for `--validate-config`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        return False, f"{path}: cannot read: {getattr(error, 'strerror', None) or error}"
+    try:
+        config = loader.load_config(text)
+    except loader.ConfigError as error:
+        return False, f"{path}: {error}"
+    profiles = ", ".join(config.scheduler.profiles)
+    return True, f"{path}: valid ({len(config.plugins)} plugins; profiles: {profiles})"
+
+
 def main(argv: list[str]) -> int:
     args = build_argument_parser().parse_args(argv)
+    if args.validate_config is not None:
+        valid, line = validate_config_file(args.validate_config)
+        print(f"sluice picker: {line}", file=sys.stdout if valid else sys.stderr)
+        return 0 if valid else 1
     configure_logging(args.verbose)
     try:
         picker = Picker(options_from_args(args))
