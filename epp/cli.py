@@ -11,6 +11,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "picker": ("epp.runner", "endpoint picker without Kubernetes (static endpoints, manifests)"),
     "simulate": ("epp.sim.cli", "simulated vLLM model servers"),
     "demo": ("epp.demo", "simulators + real Envoy + picker on 127.0.0.1, ready for curl"),
+    "bench": ("epp.loadgen.cli", "send a routing workload at a gateway and summarise it"),
     "operator": ("epp_operator.main", "in-cluster operator with the embedded picker"),
 }
 

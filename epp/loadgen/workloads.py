@@ -1,0 +1,143 @@
+"""Request generators: what a benchmark sends, independent of how fast it is sent."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import orjson
+
+_WORDS = tuple(
+    [
+        "inference",
+        "routing",
+        "cache",
+        "prefix",
+        "token",
+        "model",
+        "server",
+        "queue",
+        "latency",
+        "batch",
+        "decode",
+        "prefill",
+        "gateway",
+        "envoy",
+        "picker",
+        "scheduler",
+        "adapter",
+        "workload",
+        "priority",
+        "context",
+        "question",
+        "answer",
+        "system",
+        "user",
+        "assistant",
+        "policy",
+        "budget",
+        "window",
+        "memory",
+        "block",
+        "hash",
+        "score",
+        "weight",
+        "pool",
+    ]
+)
+
+
+def text_of_tokens(rng: random.Random, tokens: int) -> str:
+    """About `tokens` tokens of filler text (one word ≈ one token for our tokenisers)."""
+    return " ".join(rng.choice(_WORDS) for _ in range(tokens))
+
+
+@dataclass(frozen=True, slots=True)
+class RequestSpec:
+    path: str
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    group: str = ""  # the shared-prefix group or conversation this request belongs to
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSpec:
+    """What to send. `kind`: shared-prefix | multi-turn | random."""
+
+    kind: str = "shared-prefix"
+    model: str = "sim-model"
+    groups: int = 8  # prefix groups (shared-prefix) or concurrent conversations (multi-turn)
+    prefix_tokens: int = 1000  # shared system prompt length
+    question_tokens: int = 50  # per-request unique part
+    max_tokens: int = 32
+    turns: int = 5  # multi-turn: turns per conversation before it starts over
+    loras: tuple[str, ...] = ()  # adapters to spread requests over ('' = base model)
+    criticality_mix: tuple[tuple[int, float], ...] = ()  # (criticality, weight)
+    workload_ids: int = 4  # distinct workload ids when criticality_mix is set
+    slo_ttft_ms: float | None = None
+    slo_tpot_ms: float | None = None
+    stream: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("shared-prefix", "multi-turn", "random"):
+            raise ValueError(f"unknown workload kind {self.kind!r}")
+        if self.groups < 1 or self.max_tokens < 1:
+            raise ValueError("groups and max_tokens must be at least 1")
+
+
+def generate(spec: WorkloadSpec) -> Iterator[RequestSpec]:
+    """An endless, reproducible stream of requests for `spec`."""
+    rng = random.Random(spec.seed)
+    prefixes = [
+        f"[group {g}] " + text_of_tokens(rng, spec.prefix_tokens) for g in range(spec.groups)
+    ]
+    conversations: list[list[dict[str, str]]] = [[] for _ in range(spec.groups)]
+    while True:
+        group = rng.randrange(spec.groups)
+        question = text_of_tokens(rng, spec.question_tokens)
+        model = spec.model
+        if spec.loras:
+            model = rng.choice(spec.loras) or spec.model
+        headers = {"content-type": "application/json"}
+        if spec.criticality_mix:
+            levels, weights = zip(*spec.criticality_mix, strict=True)
+            criticality = rng.choices(levels, weights)[0]
+            workload = f"workload-{rng.randrange(spec.workload_ids)}"
+            headers["x-workload-context"] = orjson.dumps(
+                {"workload_id": workload, "criticality": criticality}
+            ).decode()
+        if spec.slo_ttft_ms is not None:
+            headers["x-slo-ttft-ms"] = f"{spec.slo_ttft_ms:g}"
+        if spec.slo_tpot_ms is not None:
+            headers["x-slo-tpot-ms"] = f"{spec.slo_tpot_ms:g}"
+        document: dict[str, object] = {"model": model, "max_tokens": spec.max_tokens}
+        if spec.stream:
+            document["stream"] = True
+            document["stream_options"] = {"include_usage": True}
+        if spec.kind == "multi-turn":
+            history = conversations[group]
+            if len(history) >= 2 * spec.turns:
+                history.clear()
+            if not history:
+                history.append({"role": "system", "content": prefixes[group]})
+            history.append({"role": "user", "content": question})
+            document["messages"] = list(history)
+            # The next turn sees a plausible answer in the history, as a real chat would.
+            history.append({"role": "assistant", "content": text_of_tokens(rng, spec.max_tokens)})
+            path = "/v1/chat/completions"
+        else:
+            prefix = prefixes[group] if spec.kind == "shared-prefix" else ""
+            document["prompt"] = f"{prefix}\n{question}"
+            path = "/v1/completions"
+        yield RequestSpec(
+            path=path,
+            body=orjson.dumps(document),
+            headers=headers,
+            group=f"g{group}",
+            slo_ttft_ms=spec.slo_ttft_ms,
+            slo_tpot_ms=spec.slo_tpot_ms,
+        )
