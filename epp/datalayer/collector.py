@@ -32,6 +32,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from epp import metrics
 from epp.datalayer import extractors, interfaces
 from epp.datalayer import sources as datasources
 from epp.datalayer.endpoint_metrics import MetricsStore
@@ -42,6 +43,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_INTERVAL_S = 0.05
 DEFAULT_TIMEOUT_S = 1.0
 DEFAULT_MAX_BACKOFF_S = 1.0
+
+# Resolved once: a labelled child lookup per tick would cost more than the increment.
+_SCRAPE_OK = metrics.scrape_total.labels("success")
+_SCRAPE_FAILED = metrics.scrape_total.labels("failure")
 
 
 @dataclass(slots=True)
@@ -230,6 +235,7 @@ class Collector:
                 error, failed_source = exc, source
         status.ticks += 1
         if error is None:
+            _SCRAPE_OK.inc()
             now = time.monotonic()
             store.put(key, dataclasses.replace(metrics, updated_at=now))
             if status.consecutive_failures:
@@ -260,6 +266,7 @@ class Collector:
             reason = str(error)
         else:
             reason = f"{type(error).__name__}: {error}"
+        _SCRAPE_FAILED.inc()
         status.failures += 1
         status.consecutive_failures += 1
         status.last_error = f"{source.name}: {reason}"
