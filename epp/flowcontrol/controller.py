@@ -1,0 +1,370 @@
+"""The flow controller: admission, priority bands, limits, TTLs and dispatch.
+
+`admit(request)` returns at once (a `Ticket`) when nothing of equal or higher priority is
+waiting and the pool is below the band's saturation ceiling; otherwise the request joins
+its band's queue and waits until the dispatcher lets it go, its TTL runs out (503), or the
+client goes away (the await is cancelled). Full queues answer 429 with retry-after. Every
+path that does not hand a ticket to the caller releases the workload's slot before
+returning or raising; the caller releases a handed-out ticket with `release` (exactly once;
+a second release is counted, never applied).
+
+One dispatcher task runs while requests wait. Bands go strictly from high to low priority;
+a band whose ceiling is reached stops dispatch for itself and every lower band. Saturation
+comes from scraped metrics, which lag: each request dispatched from a queue counts as
+`detector.request_load(n)` of extra saturation until the next scrape lands.
+
+Time for ordering and TTLs comes from `clock` (injectable, so tests need no sleeps); the
+detector's staleness check uses `time.monotonic`, the clock metrics are stamped with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from epp import metrics
+from epp.datalayer.endpoint_metrics import EndpointMetrics
+from epp.flowcontrol.interfaces import BandQueue, QueueItem
+from epp.flowcontrol.registry import Ticket, WorkloadRegistry
+from epp.flowcontrol.settings import BandSettings, FlowControlSettings
+from epp.flowcontrol.workload import WorkloadContext
+from epp.requests import errors
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True, slots=True)
+class FlowRequest:
+    request_id: str
+    workload: WorkloadContext
+    fairness_id: str
+    priority: int
+    size_bytes: int = 0
+    # The workload's WorkloadClass limit on queued + in-flight requests (None: no limit).
+    max_concurrent: int | None = None
+
+
+class _Band:
+    __slots__ = ("_bytes_gauge", "_size_gauge", "bytes", "priority", "queue", "settings")
+
+    def __init__(self, priority: int, settings: BandSettings, registry: WorkloadRegistry) -> None:
+        self.priority = priority
+        self.settings = settings
+        self.queue: BandQueue = settings.fairness.new_band(settings.ordering, registry)
+        self.bytes = 0
+        self._size_gauge = metrics.flow_control_queue_size.labels(str(priority))
+        self._bytes_gauge = metrics.flow_control_queue_bytes.labels(str(priority))
+
+    def publish(self) -> None:
+        self._size_gauge.set(len(self.queue))
+        self._bytes_gauge.set(self.bytes)
+
+
+class FlowController:
+    def __init__(
+        self,
+        settings: FlowControlSettings,
+        *,
+        pool: Callable[[], Sequence[EndpointMetrics]],
+        clock: Clock = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.clock = clock
+        self._pool = pool
+        w = settings.workload
+        self.registry = WorkloadRegistry(
+            window_s=w.sliding_window_s, idle_timeout_s=w.idle_timeout_s
+        )
+        self._bands: dict[int, _Band] = {}
+        self._order: list[_Band] = []  # highest priority first
+        self._queued = 0
+        self._queued_bytes = 0
+        self._seq = 0
+        self._deadlines: list[tuple[float, int, QueueItem]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._cleanup_task: asyncio.Task[None] | None = None
+        self._scrape_mark = -1.0
+        self._pending_load = 0.0  # saturation added by dispatches the metrics do not show yet
+        self.last_saturation = 0.0
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._dispatch_loop(), name="flow-dispatch")
+        self._cleanup_task = asyncio.create_task(self._cleanup_loop(), name="workload-cleanup")
+
+    async def stop(self) -> None:
+        for task in (self._task, self._cleanup_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._cleanup_task = None
+        for band in self._order:
+            for item in band.queue.drain():
+                self._finish(item, band, "rejected", errors.unavailable("the picker is stopping"))
+
+    def reconfigure(self, settings: FlowControlSettings) -> None:
+        """Take new policies and limits; queued requests move over in arrival order.
+
+        The registry (rates, totals) is kept; a changed sliding window applies to a new
+        controller only."""
+        items = [i for band in self._order for i in band.queue.drain()]
+        self.settings = settings
+        self._bands.clear()
+        self._order.clear()
+        now = self.clock()
+        for item in sorted(items, key=lambda i: i.seq):
+            self._band(item.priority).queue.push(item, now)
+        for band in self._order:
+            band.publish()
+        self._wake.set()
+
+    # ---- admission ------------------------------------------------------------------------
+
+    def queued(self) -> int:
+        return self._queued
+
+    def _band(self, priority: int) -> _Band:
+        band = self._bands.get(priority)
+        if band is None:
+            band = _Band(priority, self.settings.band(priority), self.registry)
+            self._bands[priority] = band
+            self._order.append(band)
+            self._order.sort(key=lambda b: -b.priority)
+        return band
+
+    def _saturation(self) -> tuple[float, int]:
+        endpoints = self._pool()
+        value = self.settings.detector.saturation(endpoints, time.monotonic())
+        newest = max((m.updated_at for m in endpoints), default=0.0)
+        if newest != self._scrape_mark:
+            self._scrape_mark = newest
+            self._pending_load = 0.0
+        self.last_saturation = value
+        metrics.flow_control_pool_saturation.set(value)
+        return value, len(endpoints)
+
+    def _waiting_at_or_above(self, priority: int) -> bool:
+        for band in self._order:
+            if band.priority < priority:
+                return False
+            if band.queue:
+                return True
+        return False
+
+    async def admit(self, request: FlowRequest) -> Ticket:
+        now = self.clock()
+        ticket = self.registry.arrive(request.workload.workload_id, now)
+        try:
+            return await self._admit(request, ticket, now)
+        except BaseException:
+            self.registry.release(ticket)
+            raise
+
+    async def _admit(self, request: FlowRequest, ticket: Ticket, now: float) -> Ticket:
+        label = str(request.priority)
+        limit = request.max_concurrent
+        if limit is not None and ticket.stats.active > limit:
+            metrics.flow_control_request_queue_duration_seconds.labels(label, "rejected").observe(0)
+            raise errors.exhausted(
+                f"workload {ticket.workload_id!r} has {limit} requests active, its "
+                "WorkloadClass limit",
+                self.settings.retry_after_s,
+            )
+        band_settings = self.settings.band(request.priority)
+        if not self._waiting_at_or_above(request.priority):
+            saturation, _ = self._saturation()
+            if saturation < band_settings.saturation_ceiling:
+                metrics.flow_control_request_queue_duration_seconds.labels(
+                    label, "dispatched"
+                ).observe(0)
+                self.registry.record_wait(ticket, 0.0)
+                return ticket
+        if request.priority < 0:  # sheddable: never queued
+            metrics.flow_control_request_queue_duration_seconds.labels(label, "rejected").observe(0)
+            raise errors.exhausted(
+                "the pool is saturated; sheddable request dropped", self.settings.retry_after_s
+            )
+        band = self._band(request.priority)
+        self._check_capacity(request, band)
+        ttl = self.settings.default_request_ttl_s
+        self._seq += 1
+        item = QueueItem(
+            request_id=request.request_id,
+            workload_id=ticket.workload_id,
+            criticality=request.workload.criticality,
+            fairness_id=request.fairness_id,
+            priority=request.priority,
+            size_bytes=request.size_bytes,
+            enqueued_at=now,
+            deadline=now + ttl if ttl > 0 else math.inf,
+            seq=self._seq,
+            ticket=ticket,
+        )
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        item.future = future
+        band.queue.push(item, now)
+        band.bytes += item.size_bytes
+        self._queued += 1
+        self._queued_bytes += item.size_bytes
+        band.publish()
+        if ttl > 0:
+            heapq.heappush(self._deadlines, (item.deadline, item.seq, item))
+        log.debug(
+            "flow enqueued",
+            extra={
+                "request_id": item.request_id,
+                "workload_id": item.workload_id,
+                "criticality": item.criticality,
+                "priority": item.priority,
+                "queued": self._queued,
+            },
+        )
+        self._wake.set()
+        try:
+            await future
+        except asyncio.CancelledError:
+            # The client went away while queued: take the item out; the caller's `except`
+            # releases the ticket.
+            if (not future.done() or future.cancelled()) and not item.removed:
+                band.queue.remove(item)
+                self._unqueue(item, band)
+                self._observe(item, "cancelled")
+            raise
+        return ticket
+
+    def _check_capacity(self, request: FlowRequest, band: _Band) -> None:
+        s, size = self.settings, request.size_bytes
+        problem = ""
+        if s.max_requests and self._queued + 1 > s.max_requests:
+            problem = f"flow control queue is full ({s.max_requests} requests)"
+        elif s.max_bytes and self._queued_bytes + size > s.max_bytes:
+            problem = f"flow control queue is full ({s.max_bytes} bytes)"
+        elif band.settings.max_requests and len(band.queue) + 1 > band.settings.max_requests:
+            problem = (
+                f"priority band {band.priority} is full ({band.settings.max_requests} requests)"
+            )
+        elif band.settings.max_bytes and band.bytes + size > band.settings.max_bytes:
+            problem = f"priority band {band.priority} is full ({band.settings.max_bytes} bytes)"
+        if problem:
+            metrics.flow_control_request_queue_duration_seconds.labels(
+                str(request.priority), "rejected"
+            ).observe(0)
+            raise errors.exhausted(problem, s.retry_after_s)
+
+    def release(self, ticket: Ticket) -> None:
+        """The request ended (any way) after admission handed out its ticket."""
+        if self.registry.release(ticket):
+            self._wake.set()
+
+    # ---- dispatch -------------------------------------------------------------------------
+
+    def _unqueue(self, item: QueueItem, band: _Band) -> None:
+        item.removed = True
+        band.bytes -= item.size_bytes
+        self._queued -= 1
+        self._queued_bytes -= item.size_bytes
+        band.publish()
+
+    def _observe(self, item: QueueItem, outcome: str) -> None:
+        metrics.flow_control_request_queue_duration_seconds.labels(
+            str(item.priority), outcome
+        ).observe(max(0.0, self.clock() - item.enqueued_at))
+
+    def _finish(
+        self, item: QueueItem, band: _Band, outcome: str, error: errors.InferenceError | None
+    ) -> None:
+        self._unqueue(item, band)
+        self._observe(item, outcome)
+        future = item.future
+        if future is not None and not future.done():
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+    def _expire(self, now: float) -> None:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            item = heapq.heappop(deadlines)[2]
+            if item.removed:
+                continue
+            band = self._bands.get(item.priority)
+            if band is None:
+                continue
+            band.queue.remove(item)
+            log.debug("flow TTL expired", extra={"request_id": item.request_id})
+            self._finish(
+                item,
+                band,
+                "evicted",
+                errors.unavailable(
+                    "request waited longer than its TTL of "
+                    f"{self.settings.default_request_ttl_s:g}s in the flow control queue"
+                ),
+            )
+
+    def dispatch_ready(self) -> int:
+        """One dispatch cycle; returns how many requests were let go."""
+        now = self.clock()
+        self.registry.advance(now)
+        self._expire(now)
+        if not self._queued:
+            return 0
+        saturation, endpoint_count = self._saturation()
+        load = self.settings.detector.request_load(endpoint_count)
+        dispatched = 0
+        for band in self._order:
+            ceiling = band.settings.saturation_ceiling
+            while band.queue:
+                if saturation + self._pending_load >= ceiling:
+                    return dispatched
+                item = band.queue.pop(now)
+                if item is None:
+                    break
+                self._pending_load += load
+                dispatched += 1
+                if item.ticket is not None:
+                    self.registry.record_wait(item.ticket, now - item.enqueued_at)
+                log.debug(
+                    "flow dispatch",
+                    extra={
+                        "request_id": item.request_id,
+                        "workload_id": item.workload_id,
+                        "criticality": item.criticality,
+                        "priority": item.priority,
+                        "waited_s": now - item.enqueued_at,
+                        "saturation": saturation + self._pending_load,
+                    },
+                )
+                self._finish(item, band, "dispatched", None)
+        return dispatched
+
+    async def _dispatch_loop(self) -> None:
+        poll = self.settings.dispatch_poll_interval_s
+        while True:
+            self._wake.clear()
+            try:
+                self.dispatch_ready()
+            except Exception:  # a policy bug must not stop every queued request forever
+                log.exception("flow dispatch cycle failed")
+            if self._queued:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), poll)
+            else:
+                await self._wake.wait()
+
+    async def _cleanup_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.workload.cleanup_interval_s)
+            self.registry.cleanup(self.clock())

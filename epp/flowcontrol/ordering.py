@@ -1,0 +1,115 @@
+"""`fcfs-ordering-policy` (oldest first) and `edf-ordering-policy` (earliest deadline first,
+deadline = enqueue time + TTL; items without a deadline go last, oldest first)."""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Mapping
+
+from epp.flowcontrol.interfaces import QueueItem
+from epp.flowcontrol.registry import WorkloadRegistry
+from epp.scheduling.plugins import parameters
+
+
+class FifoQueue:
+    __slots__ = ("_items", "_live")
+
+    def __init__(self) -> None:
+        self._items: deque[QueueItem] = deque()
+        self._live = 0
+
+    def __len__(self) -> int:
+        return self._live
+
+    def push(self, item: QueueItem, now: float) -> None:
+        self._items.append(item)
+        self._live += 1
+
+    def remove(self, item: QueueItem) -> None:
+        item.removed = True
+        self._live -= 1
+        items = self._items
+        while items and items[0].removed:
+            items.popleft()
+
+    def pop(self, now: float) -> QueueItem | None:
+        items = self._items
+        while items:
+            item = items.popleft()
+            if not item.removed:
+                self._live -= 1
+                return item
+        return None
+
+    def drain(self) -> list[QueueItem]:
+        live = [i for i in self._items if not i.removed]
+        self._items.clear()
+        self._live = 0
+        return live
+
+
+class DeadlineQueue:
+    __slots__ = ("_heap", "_live")
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, QueueItem]] = []
+        self._live = 0
+
+    def __len__(self) -> int:
+        return self._live
+
+    def push(self, item: QueueItem, now: float) -> None:
+        heapq.heappush(self._heap, (item.deadline, item.seq, item))
+        self._live += 1
+
+    def remove(self, item: QueueItem) -> None:
+        item.removed = True
+        self._live -= 1
+        if self._live == 0:
+            self._heap.clear()
+
+    def pop(self, now: float) -> QueueItem | None:
+        heap = self._heap
+        while heap:
+            item = heapq.heappop(heap)[2]
+            if not item.removed:
+                self._live -= 1
+                return item
+        return None
+
+    def drain(self) -> list[QueueItem]:
+        live = [entry[2] for entry in sorted(self._heap) if not entry[2].removed]
+        self._heap.clear()
+        self._live = 0
+        return live
+
+
+class FcfsOrderingPolicy:
+    type_name = "fcfs-ordering-policy"
+
+    def __init__(self, name: str = type_name) -> None:
+        self.name = name
+
+    @classmethod
+    def from_parameters(cls, name: str, params: Mapping[str, object] | None) -> FcfsOrderingPolicy:
+        parameters.ParameterReader(params).finish()
+        return cls(name)
+
+    def new_queue(self, registry: WorkloadRegistry) -> FifoQueue:
+        return FifoQueue()
+
+
+class EdfOrderingPolicy:
+    type_name = "edf-ordering-policy"
+
+    def __init__(self, name: str = type_name) -> None:
+        self.name = name
+
+    @classmethod
+    def from_parameters(cls, name: str, params: Mapping[str, object] | None) -> EdfOrderingPolicy:
+        parameters.ParameterReader(params).finish()
+        return cls(name)
+
+    def new_queue(self, registry: WorkloadRegistry) -> DeadlineQueue:
+        return DeadlineQueue()

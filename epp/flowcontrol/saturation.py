@@ -1,0 +1,98 @@
+"""`utilization-detector`: is the pool full? Also usable as a scheduling filter.
+
+Saturation = mean over endpoints of max(waiting / queueDepthThreshold,
+kvCacheUsage / kvCacheUtilThreshold); an endpoint whose metrics are older than
+`metricsStalenessThreshold` counts 1.0 (it may be full for all we know), and a pool with no
+endpoints counts as full, so requests wait for the first endpoint (scale from zero).
+
+As a filter it keeps the endpoints below both thresholds with fresh metrics; when none is,
+it keeps them all, because shedding load is flow control's decision, not the scheduler's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+
+from epp.config import quantities
+from epp.datalayer.endpoint_metrics import EndpointMetrics
+from epp.scheduling.interfaces import Candidate, SchedulingRequest
+from epp.scheduling.plugins import parameters
+
+
+class UtilizationDetector:
+    type_name = "utilization-detector"
+
+    def __init__(
+        self,
+        name: str = type_name,
+        *,
+        queue_depth_threshold: int = 5,
+        kv_cache_util_threshold: float = 0.8,
+        metrics_staleness_threshold_s: float = 0.2,
+    ) -> None:
+        self.name = name
+        self.queue_depth_threshold = queue_depth_threshold
+        self.kv_cache_util_threshold = kv_cache_util_threshold
+        self.metrics_staleness_threshold_s = metrics_staleness_threshold_s
+
+    @classmethod
+    def from_parameters(cls, name: str, params: Mapping[str, object] | None) -> UtilizationDetector:
+        reader = parameters.ParameterReader(params)
+        queue = reader.integer("queueDepthThreshold", 5, minimum=1)
+        kv = reader.number("kvCacheUtilThreshold", 0.8, minimum=0.0)
+        if not 0.0 < kv <= 1.0:
+            raise parameters.ParameterError("kvCacheUtilThreshold", f"must be in (0, 1], got {kv}")
+        raw = reader._get("metricsStalenessThreshold")
+        staleness = 0.2
+        if raw is not None:
+            try:
+                staleness = quantities.parse_duration(raw, "metricsStalenessThreshold")  # type: ignore[arg-type]
+            except (TypeError, ValueError) as error:
+                raise parameters.ParameterError(
+                    "metricsStalenessThreshold",
+                    str(error).removeprefix("metricsStalenessThreshold: "),
+                ) from None
+        reader.finish()
+        return cls(
+            name,
+            queue_depth_threshold=queue,
+            kv_cache_util_threshold=kv,
+            metrics_staleness_threshold_s=staleness,
+        )
+
+    def same_settings(self, other: object) -> bool:
+        return (
+            isinstance(other, UtilizationDetector)
+            and other.queue_depth_threshold == self.queue_depth_threshold
+            and other.kv_cache_util_threshold == self.kv_cache_util_threshold
+            and other.metrics_staleness_threshold_s == self.metrics_staleness_threshold_s
+        )
+
+    def endpoint_saturation(self, metrics: EndpointMetrics, now: float) -> float:
+        if metrics.is_stale(now, self.metrics_staleness_threshold_s):
+            return 1.0
+        return max(
+            metrics.waiting_queue_size / self.queue_depth_threshold,
+            metrics.kv_cache_usage / self.kv_cache_util_threshold,
+        )
+
+    def saturation(self, endpoints: Sequence[EndpointMetrics], now: float) -> float:
+        if not endpoints:
+            return math.inf
+        total = 0.0
+        for metrics in endpoints:
+            total += self.endpoint_saturation(metrics, now)
+        return total / len(endpoints)
+
+    def request_load(self, endpoint_count: int) -> float:
+        # Worst case: the request waits on one endpoint, one more in its waiting queue.
+        return 1.0 / (self.queue_depth_threshold * max(endpoint_count, 1))
+
+    def filter(
+        self, request: SchedulingRequest, candidates: Sequence[Candidate]
+    ) -> Sequence[Candidate]:
+        now = time.monotonic()
+        kept = [c for c in candidates if self.endpoint_saturation(c.metrics, now) < 1.0]
+        return kept or candidates
