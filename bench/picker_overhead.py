@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
 import string
@@ -27,38 +26,13 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.harness import PYTHON, child, cpu_seconds, simulators
+from bench.harness import picker as picker_process
 from epp.gateway import envoy_config
 from epp.gateway.envoy_process import EnvoyProcess
 from epp.gateway.ports import free_tcp_port
 
 HERE = Path(__file__).resolve().parent
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-async def start(*args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
-    )
-
-
-async def wait_http(url: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while True:
-            try:
-                async with session.get(url) as response:
-                    if response.status < 500:
-                        return
-            except aiohttp.ClientError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not come up")
-            await asyncio.sleep(0.1)
 
 
 def make_body(size: int, rng: random.Random) -> bytes:
@@ -104,63 +78,25 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    python = sys.executable
-    sim_port = free_tcp_port()
-    backends = [f"127.0.0.1:{sim_port + i}" for i in range(args.backends)]
-    picker_port, null_port = free_tcp_port(), free_tcp_port()
+    null_port = free_tcp_port()
     results: dict[str, object] = {"rate": args.rate, "duration_s": args.duration, "runs": []}
+    sim_args = [
+        "--time-to-first-token", "0", "--prefill-time-per-token", "0",
+        "--inter-token-latency", "0", "--kv-cache-size", "400000", "--max-num-seqs", "1024",
+    ]  # fmt: skip
     async with AsyncExitStack() as stack:
-        processes = []
-        sim = await start(
-            python,
-            "-m",
-            "epp.cli",
-            "simulate",
-            "--replicas",
-            str(args.backends),
-            "--port",
-            str(sim_port),
-            "--time-to-first-token",
-            "0",
-            "--prefill-time-per-token",
-            "0",
-            "--inter-token-latency",
-            "0",
-            "--kv-cache-size",
-            "400000",
-            "--max-num-seqs",
-            "1024",
+        backends = await stack.enter_async_context(simulators(args.backends, sim_args))
+        picker, picker_port = await stack.enter_async_context(picker_process(backends))
+        null = await stack.enter_async_context(
+            child(
+                PYTHON,
+                str(HERE / "null_extproc.py"),
+                "--port",
+                str(null_port),
+                "--endpoints",
+                ",".join(backends),
+            )
         )
-        processes.append(sim)
-        picker = await start(
-            python,
-            "-m",
-            "epp.cli",
-            "picker",
-            "--endpoints",
-            ",".join(backends),
-            "--host",
-            "127.0.0.1",
-            "--grpc-port",
-            str(picker_port),
-            "--grpc-health-port",
-            str(free_tcp_port()),
-            "--metrics-port",
-            str(free_tcp_port()),
-            "--secure-serving=false",
-        )
-        null = await start(
-            python,
-            str(HERE / "null_extproc.py"),
-            "--port",
-            str(null_port),
-            "--endpoints",
-            ",".join(backends),
-        )
-        processes += [picker, null]
-        stack.callback(lambda: [p.kill() for p in processes if p.returncode is None])
-        for backend in backends:
-            await wait_http(f"http://{backend}/health")
         gateways = {
             "direct": envoy_config.GatewayOptions(
                 mode=envoy_config.GatewayMode.DIRECT, backends=tuple(backends)

@@ -1,0 +1,97 @@
+"""What every benchmark here starts: simulated servers, pickers, Envoys, as child processes.
+
+Benchmarks run each part in its own process so that CPU can be attributed (`cpu_seconds`)
+and nothing competes for one interpreter's GIL, as in a real deployment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import aiohttp
+
+from epp.gateway.ports import free_tcp_port
+
+TICKS = os.sysconf("SC_CLK_TCK")
+PYTHON = sys.executable
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+async def wait_http(url: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while True:
+            with contextlib.suppress(aiohttp.ClientError):
+                async with session.get(url) as response:
+                    if response.status < 500:
+                        return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up")
+            await asyncio.sleep(0.1)
+
+
+@contextlib.asynccontextmanager
+async def child(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A child process for the block's lifetime; killed on exit."""
+    process = await asyncio.create_subprocess_exec(
+        *args, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+    )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 5)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+def consecutive_free_ports(count: int) -> int:
+    from epp.demo import _consecutive_free_ports
+
+    return _consecutive_free_ports(count)
+
+
+@contextlib.asynccontextmanager
+async def simulators(count: int, sim_args: Sequence[str] = ()) -> AsyncIterator[list[str]]:
+    """`count` simulated vLLM servers in one child process; yields their ip:port."""
+    base = consecutive_free_ports(count)
+    args = [PYTHON, "-m", "epp.cli", "simulate", "--replicas", str(count), "--port", str(base)]
+    async with child(*args, *sim_args):
+        addresses = [f"127.0.0.1:{base + i}" for i in range(count)]
+        for address in addresses:
+            await wait_http(f"http://{address}/health")
+        yield addresses
+
+
+@contextlib.asynccontextmanager
+async def picker(
+    endpoints: Sequence[str], extra: Sequence[str] = ()
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
+    """`sluice picker` on static endpoints; yields the process and its ext_proc port."""
+    port, health, metrics = free_tcp_port(), free_tcp_port(), free_tcp_port()
+    async with child(
+        PYTHON, "-m", "epp.cli", "picker",
+        "--endpoints", ",".join(endpoints),
+        "--host", "127.0.0.1",
+        "--grpc-port", str(port),
+        "--grpc-health-port", str(health),
+        "--metrics-port", str(metrics),
+        "--secure-serving=false",
+        *extra,
+    ) as process:  # fmt: skip
+        await wait_http(f"http://127.0.0.1:{metrics}/metrics")
+        yield process, port
