@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 
@@ -31,7 +32,11 @@ class OperatorRuntime:
         self.reconciler = Reconciler(
             pool_name=options.pool_name, pool_namespace=options.pool_namespace
         )
-        self._picker_thread = PickerThread(lambda: Picker(options.picker, self.reconciler))
+        # The pool name also tells the picker to wait for our mark_synced before turning ready.
+        picker_options = dataclasses.replace(
+            options.picker, pool_name=options.pool_name, pool_namespace=options.pool_namespace
+        )
+        self._picker_thread = PickerThread(lambda: Picker(picker_options, self.reconciler))
         self._coalesce = coalesce
         self._feed: ClusterFeed | None = None
         self._kopf_thread: threading.Thread | None = None
@@ -105,7 +110,7 @@ class OperatorRuntime:
                     registry=registry,
                     settings=handlers.kopf_settings(options),
                     standalone=options.standalone,
-                    peering_name=options.peering_name,
+                    peering_name=None if options.standalone else options.peering_name,
                     clusterwide=options.clusterwide,
                     namespaces=() if options.clusterwide else options.watched_namespaces,
                     liveness_endpoint=liveness,
