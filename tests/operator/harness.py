@@ -9,10 +9,10 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
-
-from epp.runner import PickerOptions
 from epp_operator.runtime import OperatorRuntime
 from epp_operator.settings import OperatorOptions
+
+from epp.runner import PickerOptions
 from tests.operator.cluster import Cluster
 from tests.support.extproc_client import (
     ExtProcClient,

@@ -215,13 +215,19 @@ async def test_operator_never_writes_pods_or_pools(cluster: Cluster) -> None:
     )
     async with running_operator(cluster) as runtime:
         await until(lambda: runtime.reconciler.current.synced, "initial sync")
-        await cluster.patch("Pod", NAMESPACE, "a", {"metadata": {"labels": {"app": "vllm", "x": "1"}}})
-        await cluster.patch("InferencePool", NAMESPACE, "llm", {"spec": {"targetPorts": [{"number": 8001}]}})
+        await cluster.patch(
+            "Pod", NAMESPACE, "a", {"metadata": {"labels": {"app": "vllm", "x": "1"}}}
+        )
+        await cluster.patch(
+            "InferencePool", NAMESPACE, "llm", {"spec": {"targetPorts": [{"number": 8001}]}}
+        )
         await until(
             lambda: {e.port for e in runtime.reconciler.current.endpoints} == {8001}, "new port"
         )
-        await until(lambda: _accepted(cluster.get("WorkloadClass", NAMESPACE, "w")) is not None,
-                    "status written")
+        await until(
+            lambda: _accepted(cluster.get("WorkloadClass", NAMESPACE, "w")) is not None,
+            "status written",
+        )
     writes = cluster.operator_writes()
     touched = {(str(r.resource.plural) if r.resource else "?", r.subresource) for r in writes}
     assert touched == {("workloadclasses", "status")}, touched
