@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from epp.flowcontrol.controller import Admission
+from epp.flowcontrol.workload import WorkloadContext
 from epp.requests.parsers import ParsedBody
 from epp.requests.rewrite import ModelNameRestorer
 from epp.requests.usage import Usage
@@ -28,6 +30,10 @@ class RequestContext:
     objective: str = ""
     priority: int = 0
     body_out: bytes = b""  # what goes upstream (the original bytes unless rewritten)
+    # Flow control (feature gate flowControl): who sent the request, and its hold on the
+    # flow controller once admitted (released in Director.complete).
+    workload: WorkloadContext | None = None
+    admission: Admission | None = None
 
     scheduling_request: SchedulingRequest | None = None
     scheduler: Any = None  # the scheduler this request was scheduled with (configs hot-swap)
