@@ -21,6 +21,8 @@ from typing import Protocol
 from epp import metrics
 from epp.datalayer.endpoint_metrics import MetricsStore
 from epp.datastore.snapshot import EndpointKey, Snapshot
+from epp.flowcontrol import controller as flow
+from epp.flowcontrol import workload
 from epp.requestcontrol.context import RequestContext
 from epp.requests import errors
 from epp.requests.parsers import BodyParser
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 
 MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
 OBJECTIVE_HEADER = "x-gateway-inference-objective"
+FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
+DEFAULT_FLOW = "default-flow"
 
 
 class Scheduling(Protocol):
@@ -84,6 +88,7 @@ class Director:
         parser: Callable[[], BodyParser],
         staleness_threshold_s: float = 2.0,
         rng: random.Random | None = None,
+        flow_control: Callable[[], flow.FlowController | None] | None = None,
     ) -> None:
         self._snapshot = snapshot
         self._metrics = metrics_store
@@ -91,6 +96,7 @@ class Director:
         self._parser = parser
         self._staleness_s = staleness_threshold_s
         self._rng = rng or random.Random()
+        self._flow_control = flow_control
         self.accounting = Accounting()
 
     # ---- request stages -------------------------------------------------------------
@@ -102,7 +108,7 @@ class Director:
         self.parse(ctx, body)
         self.rewrite(ctx, snapshot, body)
         metrics.request_total.labels(ctx.model, ctx.target_model, str(ctx.priority)).inc()
-        await self.admit(ctx)
+        await self.admit(ctx, snapshot)
         candidates = self.candidates(ctx, snapshot)
         self.schedule(ctx, candidates)
         self.pre_request(ctx)
@@ -142,8 +148,47 @@ class Director:
             ctx.restorer = ModelNameRestorer(parsed.model, target)
             log.debug("model rewritten", extra={"from": parsed.model, "to": target})
 
-    async def admit(self, ctx: RequestContext) -> None:
-        """Admission control hook; flow control (queueing, shedding) plugs in here."""
+    async def admit(self, ctx: RequestContext, snapshot: Snapshot) -> None:
+        """Flow control (feature gate flowControl): wait for dispatch, or 429/503."""
+        controller = self._flow_control() if self._flow_control is not None else None
+        if controller is None:
+            return
+        context = workload.extract(
+            ctx.headers.get(workload.HEADER),
+            snapshot.workload_classes,
+            controller.settings.workload.default_criticality,
+        )
+        ctx.workload = context
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "workload context: request %s workload %r criticality %d (header: %s)",
+                ctx.request_id,
+                context.workload_id,
+                context.criticality,
+                context.problem.value,
+                extra={
+                    "request_id": ctx.request_id,
+                    "workload_id": context.workload_id,
+                    "criticality": context.criticality,
+                    "header_problem": context.problem.value,
+                },
+            )
+        fairness_id = ctx.headers.get(FAIRNESS_HEADER) or (
+            context.workload_id if context.problem is workload.HeaderProblem.NONE else DEFAULT_FLOW
+        )
+        workload_class = snapshot.workload_classes.get(context.workload_id)
+        ctx.admission = await controller.admit(
+            flow.FlowRequest(
+                request_id=ctx.request_id,
+                workload=context,
+                fairness_id=fairness_id,
+                priority=ctx.priority,
+                size_bytes=ctx.body_size,
+                max_concurrent=(
+                    workload_class.limits.max_concurrent_requests if workload_class else None
+                ),
+            )
+        )
 
     def candidates(
         self, ctx: RequestContext, snapshot: Snapshot, no_endpoints_status: int = 503
@@ -212,6 +257,8 @@ class Director:
                 self.accounting.released_twice += 1
             return
         ctx.released = True
+        if ctx.admission is not None:
+            ctx.admission.release()
         if not ctx.holds_slot:
             return
         ctx.holds_slot = False
