@@ -179,7 +179,7 @@ def _config_handlers(
         else:
             error = await config.reload_config(text, f"{origin} key {key}")
         if error is not None:
-            log.error("picker config rejected, the previous one stays in force: %s", error)
+            # The picker logged the validation error already; this one is for kubectl.
             kopf.warn(
                 body,
                 reason="ConfigRejected",

@@ -231,3 +231,64 @@ async def test_operator_never_writes_pods_or_pools(cluster: Cluster) -> None:
     writes = cluster.operator_writes()
     touched = {(str(r.resource.plural) if r.resource else "?", r.subresource) for r in writes}
     assert touched == {("workloadclasses", "status")}, touched
+
+
+CONFIG_HEADER = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
+GOOD_CONFIG = CONFIG_HEADER + (
+    "plugins:\n- {type: queue-scorer}\n- {type: max-score-picker}\n"
+    "schedulingProfiles:\n- name: default\n  plugins:\n"
+    "  - {pluginRef: queue-scorer}\n  - {pluginRef: max-score-picker}\n"
+)
+OTHER_CONFIG = CONFIG_HEADER + (
+    "plugins:\n- {type: kv-cache-utilization-scorer}\n- {type: max-score-picker}\n"
+    "schedulingProfiles:\n- name: default\n  plugins:\n"
+    "  - {pluginRef: kv-cache-utilization-scorer}\n  - {pluginRef: max-score-picker}\n"
+)
+
+
+def _config_map(text: str) -> dict:
+    return {
+        "kind": "ConfigMap",
+        "metadata": {"name": "sluice-config", "namespace": NAMESPACE},
+        "data": {"config.yaml": text},
+    }
+
+
+def _events(cluster: Cluster, reason: str) -> list[dict]:
+    return [e for e in cluster.events() if e.get("reason") == reason]
+
+
+async def test_configmap_hot_reload_and_bad_config(cluster: Cluster) -> None:
+    await cluster.create(pool(8000))
+    await cluster.create(_config_map(GOOD_CONFIG))
+    async with running_operator(cluster, config_configmap="sluice-config") as runtime:
+        await until(lambda: runtime.reconciler.current.synced, "pool + config synced")
+        picker = runtime.picker
+        assert {"queue-scorer", "max-score-picker"} <= set(picker.config.plugins)
+        assert "kv-cache-utilization-scorer" not in picker.config.plugins
+
+        await cluster.patch("ConfigMap", NAMESPACE, "sluice-config", _config_map(OTHER_CONFIG))
+        await until(lambda: "kv-cache-utilization-scorer" in picker.config.plugins, "reload")
+        good = picker.config
+
+        bad = CONFIG_HEADER + "plugins:\n- {type: no-such-scorer}\n"
+        await cluster.patch("ConfigMap", NAMESPACE, "sluice-config", _config_map(bad))
+        await until(lambda: bool(_events(cluster, "ConfigRejected")), "a Warning Event")
+        event = _events(cluster, "ConfigRejected")[0]
+        assert event["type"] == "Warning"
+        assert event["involvedObject"]["name"] == "sluice-config"
+        assert event["involvedObject"]["kind"] == "ConfigMap"
+        assert "no-such-scorer" in event["message"]
+        assert "previous config stays in force" in event["message"]
+        assert picker.config is good
+        assert _events(cluster, "ConfigApplied")
+
+
+async def test_readiness_waits_for_a_valid_configmap(cluster: Cluster) -> None:
+    await cluster.create(pool(8000))
+    await cluster.create(_config_map(CONFIG_HEADER + "plugins: 7\n"))
+    async with running_operator(cluster, config_configmap="sluice-config") as runtime:
+        await until(lambda: bool(_events(cluster, "ConfigRejected")), "a Warning Event")
+        assert not runtime.reconciler.current.synced
+        await cluster.patch("ConfigMap", NAMESPACE, "sluice-config", _config_map(GOOD_CONFIG))
+        await until(lambda: runtime.reconciler.current.synced, "synced once the config is valid")
