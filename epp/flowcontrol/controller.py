@@ -52,6 +52,23 @@ class FlowRequest:
     max_concurrent: int | None = None
 
 
+class Admission:
+    """A dispatched request's hold on flow control; `release()` when the request ends."""
+
+    __slots__ = ("_controller", "ticket")
+
+    def __init__(self, controller: FlowController, ticket: Ticket) -> None:
+        self._controller = controller
+        self.ticket = ticket
+
+    @property
+    def released(self) -> bool:
+        return self.ticket.released
+
+    def release(self) -> None:
+        self._controller.release(self.ticket)
+
+
 class _Band:
     __slots__ = ("_bytes_gauge", "_size_gauge", "bytes", "priority", "queue", "settings")
 
@@ -162,16 +179,18 @@ class FlowController:
                 return True
         return False
 
-    async def admit(self, request: FlowRequest) -> Ticket:
+    async def admit(self, request: FlowRequest) -> Admission:
+        """Wait until the request may go; raises InferenceError (429, 503) otherwise."""
         now = self.clock()
         ticket = self.registry.arrive(request.workload.workload_id, now)
         try:
-            return await self._admit(request, ticket, now)
+            await self._admit(request, ticket, now)
         except BaseException:
             self.registry.release(ticket)
             raise
+        return Admission(self, ticket)
 
-    async def _admit(self, request: FlowRequest, ticket: Ticket, now: float) -> Ticket:
+    async def _admit(self, request: FlowRequest, ticket: Ticket, now: float) -> None:
         label = str(request.priority)
         limit = request.max_concurrent
         if limit is not None and ticket.stats.active > limit:
@@ -189,7 +208,7 @@ class FlowController:
                     label, "dispatched"
                 ).observe(0)
                 self.registry.record_wait(ticket, 0.0)
-                return ticket
+                return
         if request.priority < 0:  # sheddable: never queued
             metrics.flow_control_request_queue_duration_seconds.labels(label, "rejected").observe(0)
             raise errors.exhausted(
@@ -221,7 +240,12 @@ class FlowController:
         if ttl > 0:
             heapq.heappush(self._deadlines, (item.deadline, item.seq, item))
         log.debug(
-            "flow enqueued",
+            "flow enqueued: request %s workload %r criticality %d priority %d (%d queued)",
+            item.request_id,
+            item.workload_id,
+            item.criticality,
+            item.priority,
+            self._queued,
             extra={
                 "request_id": item.request_id,
                 "workload_id": item.workload_id,
@@ -241,7 +265,6 @@ class FlowController:
                 self._unqueue(item, band)
                 self._observe(item, "cancelled")
             raise
-        return ticket
 
     def _check_capacity(self, request: FlowRequest, band: _Band) -> None:
         s, size = self.settings, request.size_bytes
@@ -303,7 +326,7 @@ class FlowController:
             if band is None:
                 continue
             band.queue.remove(item)
-            log.debug("flow TTL expired", extra={"request_id": item.request_id})
+            log.debug("flow TTL expired: request %s", item.request_id)
             self._finish(
                 item,
                 band,
@@ -337,7 +360,12 @@ class FlowController:
                 if item.ticket is not None:
                     self.registry.record_wait(item.ticket, now - item.enqueued_at)
                 log.debug(
-                    "flow dispatch",
+                    "flow dispatch: request %s workload %r criticality %d priority %d after %.3fs",
+                    item.request_id,
+                    item.workload_id,
+                    item.criticality,
+                    item.priority,
+                    now - item.enqueued_at,
                     extra={
                         "request_id": item.request_id,
                         "workload_id": item.workload_id,

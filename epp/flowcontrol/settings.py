@@ -32,11 +32,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from epp.config import quantities
 from epp.flowcontrol import fairness, ordering, saturation, workload_aware
 from epp.flowcontrol.interfaces import FairnessPolicy, OrderingPolicy, SaturationDetector
 from epp.scheduling.plugins import parameters
+
+if TYPE_CHECKING:
+    from epp.config.loader import PickerConfig
+
+FEATURE_GATE = "flowControl"
 
 _ORDERING: dict[str, Callable[[str, Mapping[str, object] | None], OrderingPolicy]] = {
     "fcfs-ordering-policy": ordering.FcfsOrderingPolicy.from_parameters,
@@ -76,6 +82,13 @@ class FlowControlSettings:
 
     def band(self, priority: int) -> BandSettings:
         return self.bands.get(priority, self.default_band)
+
+
+def from_config(config: PickerConfig) -> FlowControlSettings | None:
+    """The settings of a loaded config; None when the flowControl gate is off."""
+    if not config.feature_enabled(FEATURE_GATE):
+        return None
+    return parse(config.flow_control, config.saturation_detector, config.plugins)
 
 
 def default_settings() -> FlowControlSettings:

@@ -277,7 +277,11 @@ class WorkloadAwareQueue:
         self._live -= 1
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
-                "workload-aware dispatch",
+                "workload-aware pick: request %s workload %r criticality %d score %.4f",
+                item.request_id,
+                item.workload_id,
+                item.criticality,
+                self.score_of(item, now),
                 extra={
                     "request_id": item.request_id,
                     "workload_id": item.workload_id,
