@@ -1,11 +1,16 @@
-"""HTTP server on the metrics port: Prometheus `/metrics` (and debugging endpoints later)."""
+"""HTTP server on the metrics port: Prometheus `/metrics`, and per-workload numbers as JSON
+at `/api/v1/workload/<workload_id>/metrics` for people debugging priorities."""
 
 from __future__ import annotations
+
+import dataclasses
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from epp import metrics
+from epp.flowcontrol.registry import WorkloadView
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -14,10 +19,39 @@ async def _metrics(request: web.Request) -> web.Response:
     )
 
 
+def _workload_handler(
+    workloads: Callable[[str], WorkloadView | None],
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    async def handle(request: web.Request) -> web.Response:
+        workload_id = request.match_info["workload_id"]
+        view = workloads(workload_id)
+        if view is None:
+            return web.json_response(
+                {
+                    "error": f"no active workload {workload_id!r} (unknown, idle, or flow "
+                    "control is off)"
+                },
+                status=404,
+            )
+        return web.json_response(dataclasses.asdict(view))
+
+    return handle
+
+
 class MetricsServer:
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        workloads: Callable[[str], WorkloadView | None] | None = None,
+    ) -> None:
         self.app = web.Application()
         self.app.router.add_get("/metrics", _metrics)
+        if workloads is not None:
+            self.app.router.add_get(
+                "/api/v1/workload/{workload_id}/metrics",
+                _workload_handler(workloads),
+            )
         self._host = host
         self._port = port
         self._runner: web.AppRunner | None = None
