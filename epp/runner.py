@@ -19,11 +19,14 @@ from epp import metrics
 from epp.config import loader, quantities
 from epp.config import watch as config_watch
 from epp.datalayer import collector as collecting
-from epp.datalayer.endpoint_metrics import MetricsStore
+from epp.datalayer.endpoint_metrics import EndpointMetrics, MetricsStore
 from epp.datastore import sources
 from epp.datastore.reconciler import Reconciler
 from epp.datastore.snapshot import Snapshot
 from epp.extproc.server import PickerServer, load_or_create_tls
+from epp.flowcontrol import controller as flow_controller
+from epp.flowcontrol import settings as flow_settings
+from epp.flowcontrol.registry import WorkloadView
 from epp.metrics_server import MetricsServer
 from epp.requestcontrol.director import Director
 from epp.requests.parsers import PARSERS, BodyParser
@@ -76,6 +79,10 @@ class Picker:
         config_text = _config_text(options)
         self.config = loader.load_config(config_text)
         self.metrics_store = MetricsStore()
+        flow = flow_settings.from_config(self.config)
+        self.flow_controller = (
+            flow_controller.FlowController(flow, pool=self._pool_metrics) if flow else None
+        )
         self.collector = collecting.Collector(
             self.metrics_store,
             self.config.data_sources,
@@ -97,6 +104,7 @@ class Picker:
             scheduler=lambda: self.config.scheduler,
             parser=lambda: self._parser,
             staleness_threshold_s=options.metrics_staleness_threshold_s,
+            flow_control=lambda: self.flow_controller,
         )
         self._parser: BodyParser = PARSERS[self.config.parser_type]()
         tls = load_or_create_tls(options.cert_path) if options.secure_serving else None
@@ -108,7 +116,9 @@ class Picker:
             tls=tls,
             max_body_bytes=options.max_request_body_bytes,
         )
-        self.metrics_server = MetricsServer(options.host, options.metrics_port)
+        self.metrics_server = MetricsServer(
+            options.host, options.metrics_port, workloads=self._workload_view
+        )
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
 
@@ -117,6 +127,8 @@ class Picker:
         if self.manifests is not None:
             self.manifests.load()
         await self.collector.start()
+        if self.flow_controller is not None:
+            await self.flow_controller.start()
         self.collector.update_endpoints(self.reconciler.current.endpoints)
         await self.server.start()
         await self.metrics_server.start()
@@ -134,6 +146,8 @@ class Picker:
 
     async def stop(self) -> None:
         await self.server.stop(self.options.shutdown_grace_s)
+        if self.flow_controller is not None:
+            await self.flow_controller.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -180,6 +194,15 @@ class Picker:
     @property
     def metrics_port(self) -> int:
         return self.metrics_server.port
+
+    def _pool_metrics(self) -> list[EndpointMetrics]:
+        get = self.metrics_store.get
+        return [get(e.key) for e in self.reconciler.current.endpoints]
+
+    def _workload_view(self, workload_id: str) -> WorkloadView | None:
+        if self.flow_controller is None:
+            return None
+        return self.flow_controller.registry.view(workload_id)
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         self.collector.update_endpoints(snapshot.endpoints)
