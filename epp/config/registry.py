@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from epp.datalayer import custom_metrics, extractors, sources
+from epp.flowcontrol import fairness, ordering, saturation, workload_aware
 from epp.requests import parsers
 from epp.scheduling.plugins import (
     header_filter,
@@ -79,6 +80,13 @@ _FACTORIES: dict[str, PluginFactory] = {
     **{type_name: _source_factory(type_name) for type_name in sources.TYPE_NAMES},
     "core-metrics-extractor": extractors.new_core_metrics_extractor,
     "prometheus-metric": custom_metrics.new_prometheus_metric_extractor,
+    # flow control: ordering and fairness policies, saturation detector (also a filter)
+    "fcfs-ordering-policy": ordering.FcfsOrderingPolicy.from_parameters,
+    "edf-ordering-policy": ordering.EdfOrderingPolicy.from_parameters,
+    "workload-aware-ordering-policy": workload_aware.WorkloadAwareOrderingPolicy.from_parameters,
+    "global-strict-fairness-policy": fairness.GlobalStrictFairnessPolicy.from_parameters,
+    "round-robin-fairness-policy": fairness.RoundRobinFairnessPolicy.from_parameters,
+    "utilization-detector": saturation.UtilizationDetector.from_parameters,
     # request body parsers
     **{type_name: _parser_factory(type_name) for type_name in parsers.PARSERS},
 }
