@@ -115,7 +115,8 @@ class FlowController:
 
     # ---- lifecycle ------------------------------------------------------------------------
 
-    async def start(self) -> None:
+    def start(self) -> None:
+        """Start the dispatcher and the registry cleanup (on the running loop)."""
         self._task = asyncio.create_task(self._dispatch_loop(), name="flow-dispatch")
         self._cleanup_task = asyncio.create_task(self._cleanup_loop(), name="workload-cleanup")
 
@@ -129,6 +130,15 @@ class FlowController:
         for band in self._order:
             for item in band.queue.drain():
                 self._finish(item, band, "rejected", errors.unavailable("the picker is stopping"))
+
+    def let_all_go(self) -> int:
+        """Dispatch everything queued at once (flow control is being switched off)."""
+        now, count = self.clock(), 0
+        for band in self._order:
+            while (item := band.queue.pop(now)) is not None:
+                self._finish(item, band, "dispatched", None)
+                count += 1
+        return count
 
     def reconfigure(self, settings: FlowControlSettings) -> None:
         """Take new policies and limits; queued requests move over in arrival order.
