@@ -128,7 +128,7 @@ class Picker:
             self.manifests.load()
         await self.collector.start()
         if self.flow_controller is not None:
-            await self.flow_controller.start()
+            self.flow_controller.start()
         self.collector.update_endpoints(self.reconciler.current.endpoints)
         await self.server.start()
         await self.metrics_server.start()
@@ -165,6 +165,10 @@ class Picker:
         try:
             new = loader.load_config(text, previous=old)
             parser = PARSERS[new.parser_type]()
+            try:
+                flow = flow_settings.from_config(new)
+            except ValueError as error:
+                raise loader.ConfigError(str(error)) from None
         except loader.ConfigError as error:
             metrics.config_reload_total.labels("failure").inc()
             log.error("config from %s rejected, the previous one stays in force: %s", origin, error)
@@ -174,6 +178,7 @@ class Picker:
         if new.data_sources is not old.data_sources:
             self.collector.replace_sources(new.data_sources)
         new.retain_endpoints(e.key for e in self.reconciler.current.endpoints)
+        self._apply_flow_control(flow)
         metrics.config_reload_total.labels("success").inc()
         log.info(
             "config from %s in force: %d profile(s), %d plugin(s)%s",
@@ -194,6 +199,21 @@ class Picker:
     @property
     def metrics_port(self) -> int:
         return self.metrics_server.port
+
+    def _apply_flow_control(self, flow: flow_settings.FlowControlSettings | None) -> None:
+        """Reload: queued requests stay queued under the new policies; switching the gate
+        off lets them all go; switching it on starts a controller."""
+        current = self.flow_controller
+        if flow is not None and current is not None:
+            current.reconfigure(flow)
+        elif flow is not None:
+            self.flow_controller = flow_controller.FlowController(flow, pool=self._pool_metrics)
+            self.flow_controller.start()
+        elif current is not None:
+            self.flow_controller = None
+            current.let_all_go()
+            # Admitted requests still release into `current`; only its tasks stop.
+            self._tasks.append(asyncio.create_task(current.stop(), name="flow-control-stop"))
 
     def _pool_metrics(self) -> list[EndpointMetrics]:
         get = self.metrics_store.get
