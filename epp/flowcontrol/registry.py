@@ -11,8 +11,8 @@ Time is always passed in (`now`, seconds on one monotonic clock), never read her
 flow controller owns the clock, and tests drive it without sleeping.
 
 Memory is bounded: a workload with nothing active is forgotten `idle_timeout_s` after its
-last request, and at most `max_workloads` are tracked (beyond that new ids are accounted
-under the `default` workload, after an early cleanup failed to make room).
+last request, and at most `max_workloads` are tracked, plus `default`: beyond that new
+ids are accounted under `default`, after an early cleanup failed to make room.
 """
 
 from __future__ import annotations
