@@ -365,6 +365,11 @@ class FlowController:
                 item = band.queue.pop(now)
                 if item is None:
                     break
+                if item.future is not None and item.future.done():
+                    # Its client left (the task's cancel cancelled the future) and the task
+                    # has not run its cleanup yet: not a dispatch.
+                    self._finish(item, band, "cancelled", None)
+                    continue
                 self._pending_load += load
                 dispatched += 1
                 if item.ticket is not None:

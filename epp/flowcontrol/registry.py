@@ -196,7 +196,7 @@ class WorkloadRegistry:
                 self._expiries.append((expire_at, [stats]))
         stats._ring[slot] += 1
         stats.window_count += 1
-        stats._total_counter.inc()
+        stats._total_counter.set(stats.total)
         stats._active_gauge.set(stats.active)
         stats._rate_gauge.set(stats.window_count / self.window_s)
         for listener in stats.listeners:

@@ -1,0 +1,139 @@
+"""A clock and a pool the flow-control tests drive by hand."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Mapping
+
+from epp.datalayer.endpoint_metrics import EndpointMetrics
+from epp.flowcontrol import settings as flow_settings
+from epp.flowcontrol.controller import Admission, FlowController, FlowRequest
+from epp.flowcontrol.workload import WorkloadContext, WorkloadId
+
+# Metrics in these tests never go stale on a slow machine.
+NEVER_STALE = {"metricsStalenessThreshold": "1h"}
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakePool:
+    """Endpoints' metrics; `scrape()` stamps a new scrape, as the collector would."""
+
+    _stamps = itertools.count(1)
+
+    def __init__(self, endpoints: int = 1, waiting: int = 0) -> None:
+        self.endpoints = endpoints
+        self.waiting = waiting
+        self.kv = 0.0
+        self.updated_at = 0.0
+        self.scrape()
+
+    def scrape(self) -> None:
+        self.updated_at = time.monotonic() + next(self._stamps) * 1e-6
+
+    def saturate(self) -> None:
+        self.waiting = 10
+        self.scrape()
+
+    def free(self) -> None:
+        self.waiting = 0
+        self.scrape()
+
+    def __call__(self) -> list[EndpointMetrics]:
+        m = EndpointMetrics(
+            waiting_queue_size=self.waiting, kv_cache_usage=self.kv, updated_at=self.updated_at
+        )
+        return [m] * self.endpoints
+
+
+def controller(
+    flow: Mapping[str, object] | None = None,
+    plugins: Mapping[str, object] | None = None,
+    *,
+    pool: FakePool | None = None,
+    clock: FakeClock | None = None,
+) -> tuple[FlowController, FakePool, FakeClock]:
+    pool = pool or FakePool()
+    clock = clock or FakeClock()
+    settings = flow_settings.parse(flow, NEVER_STALE, plugins or {})
+    return FlowController(settings, pool=pool, clock=clock), pool, clock
+
+
+def request(
+    name: str,
+    workload: str = "",
+    criticality: int = 3,
+    *,
+    priority: int = 0,
+    size_bytes: int = 0,
+    fairness_id: str = "",
+    max_concurrent: int | None = None,
+) -> FlowRequest:
+    workload_id = WorkloadId(workload or name)
+    return FlowRequest(
+        request_id=name,
+        workload=WorkloadContext(workload_id, criticality),
+        fairness_id=fairness_id or workload_id,
+        priority=priority,
+        size_bytes=size_bytes,
+        max_concurrent=max_concurrent,
+    )
+
+
+async def until(condition: object, what: str = "condition", turns: int = 1000) -> None:
+    """Yield to other tasks until `condition()` holds (no wall-clock waiting involved)."""
+    for _ in range(turns):
+        if condition():  # type: ignore[operator]
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"never reached: {what}")
+
+
+class Recorder:
+    """Admits requests as tasks and records the order they are let through."""
+
+    def __init__(self, flow: FlowController) -> None:
+        self.flow = flow
+        self.order: list[str] = []
+        self.admissions: dict[str, Admission] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+
+    def start(self, req: FlowRequest) -> asyncio.Task[None]:
+        async def run() -> None:
+            admission = await self.flow.admit(req)
+            self.order.append(req.request_id)
+            self.admissions[req.request_id] = admission
+
+        task = asyncio.create_task(run())
+        self.tasks[req.request_id] = task
+        return task
+
+    async def enqueue(self, req: FlowRequest) -> asyncio.Task[None]:
+        before = self.flow.queued()
+        task = self.start(req)
+        await until(lambda: self.flow.queued() > before or task.done(), "enqueued")
+        return task
+
+    async def settle(self) -> None:
+        await until(
+            lambda: all(t.done() for t in self.tasks.values() if t not in self._waiting()),
+            "admissions settled",
+        )
+
+    def _waiting(self) -> set[asyncio.Task[None]]:
+        return set()
+
+    def release_all(self) -> None:
+        for admission in self.admissions.values():
+            admission.release()
