@@ -1,0 +1,124 @@
+"""The load tool: workloads, the open/closed-loop runner against real simulators, summaries."""
+
+from __future__ import annotations
+
+import itertools
+
+import orjson
+import pytest
+
+from epp.loadgen import cli, runner, summary, workloads
+from epp.sim import config as sim_config
+from epp.sim.fleet import run_fleet
+
+
+def take(spec: workloads.WorkloadSpec, n: int) -> list[workloads.RequestSpec]:
+    return list(itertools.islice(workloads.generate(spec), n))
+
+
+def test_workloads_are_reproducible():
+    spec = workloads.WorkloadSpec(seed=3)
+    assert [r.body for r in take(spec, 20)] == [r.body for r in take(spec, 20)]
+    assert [r.body for r in take(spec, 5)] != [
+        r.body for r in take(workloads.WorkloadSpec(seed=4), 5)
+    ]
+
+
+def test_shared_prefix_groups_share_their_system_prompt():
+    spec = workloads.WorkloadSpec(groups=3, prefix_tokens=100, question_tokens=5)
+    by_group: dict[str, set[str]] = {}
+    for request in take(spec, 60):
+        prompt = orjson.loads(request.body)["prompt"]
+        by_group.setdefault(request.group, set()).add(prompt.split("\n")[0])
+    assert len(by_group) == 3
+    assert all(len(prefixes) == 1 for prefixes in by_group.values())
+
+
+def test_multi_turn_history_grows_and_restarts():
+    spec = workloads.WorkloadSpec(kind="multi-turn", groups=1, turns=3, prefix_tokens=10)
+    lengths = [len(orjson.loads(r.body)["messages"]) for r in take(spec, 5)]
+    assert lengths == [2, 4, 6, 2, 4]
+    assert all(r.path == "/v1/chat/completions" for r in take(spec, 2))
+
+
+def test_headers_for_criticality_slo_and_loras():
+    spec = workloads.WorkloadSpec(
+        criticality_mix=((1, 0.5), (5, 0.5)), slo_ttft_ms=300, slo_tpot_ms=50, loras=("a", "")
+    )
+    requests = take(spec, 50)
+    contexts = [orjson.loads(r.headers["x-workload-context"]) for r in requests]
+    assert {c["criticality"] for c in contexts} == {1, 5}
+    assert all(c["workload_id"].startswith("workload-") for c in contexts)
+    assert requests[0].headers["x-slo-ttft-ms"] == "300"
+    assert {orjson.loads(r.body)["model"] for r in requests} == {"a", "sim-model"}
+
+
+def test_bad_workload_kind():
+    with pytest.raises(ValueError, match="unknown workload kind"):
+        workloads.WorkloadSpec(kind="burst")
+
+
+def result(**overrides: object) -> runner.RequestResult:
+    values: dict[str, object] = {
+        "start_s": 0.0, "status": 200, "pod": "p", "group": "g", "ttft_s": 0.1, "tpot_s": 0.01,
+        "latency_s": 1.0, "prompt_tokens": 100, "completion_tokens": 10, "cached_tokens": 50,
+        "slo_ttft_ms": None, "slo_tpot_ms": None,
+    }  # fmt: skip
+    values.update(overrides)
+    return runner.RequestResult(**values)  # type: ignore[arg-type]
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(1, 101)]
+    assert summary.percentile(values, 0.5) == 50
+    assert summary.percentile(values, 0.9) == 90
+    assert summary.percentile(values, 1.0) == 100
+
+
+def test_goodput_counts_only_requests_meeting_their_slo():
+    results = [
+        result(start_s=0.0, slo_ttft_ms=200, ttft_s=0.1),
+        result(start_s=0.5, slo_ttft_ms=200, ttft_s=0.3),  # misses TTFT
+        result(start_s=0.5, slo_tpot_ms=5, tpot_s=0.01),  # misses TPOT
+        result(start_s=1.0, status=503),
+    ]
+    s = summary.summarise(results)
+    assert s.duration_s == pytest.approx(2.0)
+    assert s.succeeded == 3
+    assert s.goodput_rps == pytest.approx(0.5)
+    assert s.prefix_hit_rate == pytest.approx(0.5)
+    assert s.per_pod == {"p": 3}
+
+
+FAST = sim_config.SimConfig(time_scale=0.05)
+
+
+@pytest.mark.parametrize("rate", [None, 200.0])
+async def test_runner_against_simulators(rate):
+    async with run_fleet(2, config=FAST) as fleet:
+        url = fleet.urls[0]
+        plan = runner.LoadPlan(url=url, requests=30, rate=rate, concurrency=4)
+        spec = workloads.WorkloadSpec(groups=2, prefix_tokens=64, max_tokens=4)
+        results = await runner.run_load(plan, workloads.generate(spec))
+    assert len(results) == 30
+    assert all(r.status == 200 for r in results), results[0].error
+    assert all(r.ttft_s is not None and r.completion_tokens == 4 for r in results)
+    assert {r.pod for r in results} == {"sim-0"}
+    assert summary.summarise(results).prefix_hit_rate > 0  # the second request of a group hits
+
+
+async def test_runner_records_errors_without_raising():
+    plan = runner.LoadPlan(url="http://127.0.0.1:9", requests=3, concurrency=1, timeout_s=2)
+    results = await runner.run_load(plan, workloads.generate(workloads.WorkloadSpec()))
+    assert [r.status for r in results] == [0, 0, 0]
+    assert all("ClientConnectorError" in r.error for r in results)
+
+
+def test_cli_summarises_and_plots(tmp_path, capsys):
+    path = tmp_path / "run.jsonl"
+    runner.write_jsonl([result(pod="a"), result(pod="b", start_s=1.0)], path)
+    png = tmp_path / "run.png"
+    assert cli.main(["--summarise", str(path), "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "| run | ok/total |" in out and "| run | 2/2 |" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
