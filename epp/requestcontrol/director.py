@@ -109,6 +109,10 @@ class Director:
         self.rewrite(ctx, snapshot, body)
         metrics.request_total.labels(ctx.model, ctx.target_model, str(ctx.priority)).inc()
         await self.admit(ctx, snapshot)
+        if ctx.admission is not None:
+            # It may have waited in a queue (e.g. for the pool's first endpoint): route over
+            # the endpoints there are now.
+            snapshot = self._snapshot()
         candidates = self.candidates(ctx, snapshot)
         self.schedule(ctx, candidates)
         self.pre_request(ctx)
