@@ -16,7 +16,9 @@ What happens when a metric is not on the page:
   fails and the endpoint goes stale instead of looking idle.
 * LoRA info: no series means the server has no LoRA adapters: empty sets, max 0
   (vLLM publishes `vllm:lora_requests_info` only with LoRA enabled; SGLang has none).
-* cache info: the previous value stays (it is static configuration; 0 = unknown).
+  An absent series is looked for again every ABSENT_RECHECK_TICKS ticks, not every tick.
+* cache info: the previous value stays (it is static configuration; 0 = unknown); once
+  read it is refreshed every STATIC_REFRESH_TICKS ticks.
 
 A missing metric is counted in `missing` (by `<engine>/<field>`) and logged at debug once
 per endpoint and field, never once per tick. Several series of one metric (a server
@@ -45,6 +47,13 @@ logger = logging.getLogger(__name__)
 
 CORE_METRICS_EXTRACTOR: Final = "core-metrics-extractor"
 _LOGGED_LIMIT: Final = 10_000
+# Pages are read every 50 ms, and a metric that is not on the page costs a scan of the
+# whole page (~6 µs for vLLM's 32 KB), as does the cache-info line at its end. Static or
+# absent series need not be looked up on every tick: cache geometry, once read, is read
+# again every STATIC_REFRESH_TICKS ticks; a LoRA series that is absent (server without
+# LoRA) is looked for again every ABSENT_RECHECK_TICKS ticks (1 s at 50 ms).
+STATIC_REFRESH_TICKS: Final = 100
+ABSENT_RECHECK_TICKS: Final = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +147,8 @@ class CoreMetricsExtractor:
         self.missing: collections.Counter[str] = collections.Counter()
         """Ticks on which a metric was absent, by `<engine>/<field>`."""
         self._logged: set[tuple[EndpointKey, str]] = set()
+        # Ticks left before a (endpoint, topic) lookup is due again; absent = due now.
+        self._skip: dict[tuple[EndpointKey, str], int] = {}
 
     @property
     def name(self) -> str:
@@ -186,10 +197,13 @@ class CoreMetricsExtractor:
             self._note_missing(endpoint, engine, "kv_usage", names.kv_usage)
         else:
             changes["kv_cache_usage"] = min(1.0, max(0.0, sum(kv_usage) / len(kv_usage)))
-        if names.lora_info is not None:
-            self._read_lora(page, names.lora_info, changes)
-        if names.cache_info is not None:
-            self._read_cache_info(page, endpoint, engine, names, changes)
+        key = endpoint.key
+        if names.lora_info is not None and self._due(key, "lora"):
+            if not self._read_lora(page, names.lora_info, changes):
+                self._skip[(key, "lora")] = ABSENT_RECHECK_TICKS
+        if names.cache_info is not None and self._due(key, "cache"):
+            if self._read_cache_info(page, endpoint, engine, names, changes):
+                self._skip[(key, "cache")] = STATIC_REFRESH_TICKS
         if page.errors:
             self._once(
                 endpoint,
@@ -201,9 +215,19 @@ class CoreMetricsExtractor:
             )
         return dataclasses.replace(current, **changes)
 
+    def _due(self, key: EndpointKey, topic: str) -> bool:
+        skip = self._skip.get((key, topic))
+        if not skip:
+            return True
+        if len(self._skip) >= _LOGGED_LIMIT:
+            self._skip.clear()  # endpoints churned; at worst a lookup happens early
+        self._skip[(key, topic)] = skip - 1
+        return False
+
     def _read_lora(
         self, page: prometheus_text.MetricsPage, metric: str, changes: dict[str, Any]
-    ) -> None:
+    ) -> bool:
+        """Fill the LoRA fields; False when the page has no such series."""
         latest: prometheus_text.Sample | None = None
         for sample in page.samples(metric):
             # The value is the time the series was last updated; the newest one is current.
@@ -213,11 +237,12 @@ class CoreMetricsExtractor:
             changes["running_adapters"] = _NO_ADAPTERS
             changes["waiting_adapters"] = _NO_ADAPTERS
             changes["max_adapters"] = 0
-            return
+            return False
         labels = latest.labels
         changes["running_adapters"] = _adapter_set(labels.get("running_lora_adapters", ""))
         changes["waiting_adapters"] = _adapter_set(labels.get("waiting_lora_adapters", ""))
         changes["max_adapters"] = _int_label(labels, "max_lora") or 0
+        return True
 
     def _read_cache_info(
         self,
@@ -226,7 +251,7 @@ class CoreMetricsExtractor:
         engine: str,
         names: EngineMetricNames,
         changes: dict[str, Any],
-    ) -> None:
+    ) -> bool:
         assert names.cache_info is not None
         for sample in page.samples(names.cache_info):
             block_size = _int_label(sample.labels, names.cache_block_size_label)
@@ -234,8 +259,9 @@ class CoreMetricsExtractor:
             if block_size is not None and num_blocks is not None:
                 changes["cache_block_size"] = block_size
                 changes["cache_num_blocks"] = num_blocks
-                return
+                return True
         self._note_missing(endpoint, engine, "cache_info", (names.cache_info,))
+        return False
 
     def _note_missing(
         self, endpoint: Endpoint, engine: str, field: str, metrics: tuple[str, ...]

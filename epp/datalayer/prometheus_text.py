@@ -8,6 +8,10 @@ caching the result so that several extractors sharing one fetch pay once. Parsed
 are also remembered across pages (servers repeat most lines from tick to tick), so an
 unchanged line costs a dict lookup instead of a parse. The metric name
 must be followed by `{`, a space or a tab, so `vllm:foo` does not pick up `vllm:foo_bucket`.
+The format requires all lines of a metric family to form one group, so a scan ends at the
+first `#` line after a matching sample (the next family's HELP/TYPE) instead of reading
+on to the end of the page; samples of a histogram's `_bucket`/`_sum`/`_count`, which
+interleave, are still all found, because no `#` line separates them.
 
 :func:`parse` is the full, validating parser (every line, HELP and TYPE included) for
 tests, tools and extractors that want the whole page.
@@ -237,6 +241,11 @@ class MetricsPage:
                         _PARSED_LINES[line] = sample
                 if sample is not None:
                     found.append(sample)
+                if text.startswith("\n#", end):
+                    # The next family's HELP/TYPE: the format keeps a metric's lines in one
+                    # group, so the rest of the page cannot hold more of `name`. Stopping
+                    # here spares a scan to the end of the page for every metric read.
+                    return found
                 at = text.find(needle, end)
             else:
                 at = text.find(needle, after)
