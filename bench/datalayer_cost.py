@@ -164,9 +164,10 @@ async def run(count: int, seconds: float, interval_s: float, rounds: int) -> dic
     )
     child.start()
     try:
+        port_numbers = [ports.get(timeout=10) for _ in range(count)]
         endpoints = [
-            Endpoint(EndpointKey(f"ns/p{i}-rank-0"), f"p{i}", "ns", "127.0.0.1", ports.get(10))
-            for i in range(count)
+            Endpoint(EndpointKey(f"ns/p{i}-rank-0"), f"p{i}", "ns", "127.0.0.1", port)
+            for i, port in enumerate(port_numbers)
         ]
         # Interleaved rounds, median per client: other work on the machine shifts single
         # runs by a few percent.

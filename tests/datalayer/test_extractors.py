@@ -165,3 +165,36 @@ def test_factory_rejects_unknown_parameters() -> None:
     assert extractors.new_core_metrics_extractor("core", None).name == "core"
     with pytest.raises(ValueError, match=r"engine: unknown parameter .did you mean 'engines'"):
         extractors.new_core_metrics_extractor("core", {"engine": "x"})
+
+
+def test_absent_lora_series_is_looked_for_again_within_a_second() -> None:
+    extractor = extractors.CoreMetricsExtractor()
+    endpoint = _endpoint()
+    metrics = extractor.extract(MetricsPage(pages.vllm_page()), endpoint, NEVER_SCRAPED)
+    assert metrics.max_adapters == 0
+    with_lora = MetricsPage(pages.vllm_page(lora_series=[("sql", "", 2, 1e9)]))
+    ticks = 0
+    while metrics.max_adapters == 0:
+        metrics = extractor.extract(with_lora, endpoint, metrics)
+        ticks += 1
+        assert ticks <= extractors.ABSENT_RECHECK_TICKS + 1
+    assert metrics.running_adapters == frozenset({"sql"})
+    # Present: read on every tick, so a change shows at once.
+    changed = MetricsPage(pages.vllm_page(lora_series=[("sql,chat", "", 2, 2e9)]))
+    assert extractor.extract(changed, endpoint, metrics).running_adapters == {"sql", "chat"}
+
+
+def test_cache_geometry_is_refreshed_periodically() -> None:
+    extractor = extractors.CoreMetricsExtractor()
+    endpoint = _endpoint()
+    metrics = extractor.extract(MetricsPage(pages.vllm_page()), endpoint, NEVER_SCRAPED)
+    assert metrics.cache_num_blocks == 27919
+    resized = MetricsPage(pages.vllm_page(num_gpu_blocks="500"))
+    for _ in range(extractors.STATIC_REFRESH_TICKS):
+        metrics = extractor.extract(resized, endpoint, metrics)
+        assert metrics.cache_num_blocks == 27919  # static: not re-read every tick
+    metrics = extractor.extract(resized, endpoint, metrics)
+    assert metrics.cache_num_blocks == 500
+    # Another endpoint is read on its own schedule.
+    other = extractor.extract(resized, _endpoint(name="pod-b"), NEVER_SCRAPED)
+    assert other.cache_num_blocks == 500

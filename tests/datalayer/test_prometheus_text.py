@@ -210,3 +210,17 @@ def test_lazy_samples_are_shared_across_pages_and_read_only() -> None:
         first.labels["a"] = "x"  # type: ignore[index]
     changed = MetricsPage(text.replace(" 5", " 6")).samples("cached_metric")[0]
     assert changed.value == 6.0 and changed.labels == {"a": "1", "b": "2"}
+
+
+def test_lazy_scan_stops_at_the_next_family_but_reads_interleaved_histograms() -> None:
+    page = MetricsPage(
+        "# TYPE h histogram\n"
+        'h_bucket{le="1",a="x"} 1\nh_sum{a="x"} 2\nh_count{a="x"} 3\n'
+        'h_bucket{le="1",a="y"} 4\nh_sum{a="y"} 5\nh_count{a="y"} 6\n'
+        "# TYPE g gauge\ng 7\n"
+        "# TYPE other gauge\nother 1\n"
+        "g 99\n"  # breaks the one-group rule; the scan has stopped before it
+    )
+    assert [s.value for s in page.samples("h_bucket")] == [1.0, 4.0]
+    assert [s.value for s in page.samples("h_count")] == [3.0, 6.0]
+    assert [s.value for s in page.samples("g")] == [7.0]
