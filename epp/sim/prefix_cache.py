@@ -83,6 +83,8 @@ class KVBlockPool:
 
     def grow(self, lease: BlockLease, blocks: int) -> bool:
         """Add `blocks` anonymous blocks to a lease; False (nothing changes) if full."""
+        if lease.released:
+            raise ValueError("cannot grow a released lease")
         if blocks > self._never_used() + len(self._evictable):
             return False
         self._take(blocks)
