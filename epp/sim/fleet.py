@@ -8,13 +8,17 @@ costs next to no CPU while nobody is sending traffic.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
-from collections.abc import AsyncIterator, Iterator, Sequence
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from epp.sim import config as sim_config
 from epp.sim import server as sim_server
 
+T = TypeVar("T")
 
 @dataclass(frozen=True, slots=True)
 class Fleet:
@@ -92,3 +96,89 @@ async def run_fleet(
         yield Fleet(tuple(started))
     finally:
         await asyncio.gather(*(s.stop() for s in started))
+
+
+class BackgroundFleet:
+    """A fleet on its own thread and event loop, for synchronous callers and for keeping
+    simulators off another component's loop (e.g. a picker measured in the same process;
+    they still share the GIL, so a separate `sluice simulate` process isolates better).
+
+        with BackgroundFleet(4, config=cfg) as bg:
+            requests.post(f"http://{bg.addresses[0]}/v1/completions", ...)
+            bg.call(bg.fleet[0].set_silent, True)
+
+    Server objects belong to the background loop: touch them only through `call`.
+    """
+
+    def __init__(self, servers: int | Sequence[sim_config.SimConfig] = 1, **kwargs: Any):
+        self._args = (servers, kwargs)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stop: asyncio.Event | None = None
+        self._fleet: Fleet | None = None
+
+    @property
+    def fleet(self) -> Fleet:
+        if self._fleet is None:
+            raise RuntimeError("BackgroundFleet is not running")
+        return self._fleet
+
+    @property
+    def addresses(self) -> list[str]:
+        return self.fleet.addresses
+
+    @property
+    def urls(self) -> list[str]:
+        return self.fleet.urls
+
+    def call(self, fn: Callable[..., T], *args: Any, timeout_s: float = 10.0) -> T:
+        """Run `fn(*args)` on the fleet's loop and return its result."""
+        if self._loop is None:
+            raise RuntimeError("BackgroundFleet is not running")
+
+        async def run() -> T:
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop).result(timeout_s)
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        started: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        async def serve() -> None:
+            self._stop = asyncio.Event()
+            servers, kwargs = self._args
+            try:
+                async with run_fleet(servers, **kwargs) as running:
+                    self._fleet = running
+                    self._loop = asyncio.get_running_loop()
+                    started.set_result(None)
+                    await self._stop.wait()
+            except BaseException as e:
+                if not started.done():
+                    started.set_exception(e)
+                raise
+            finally:
+                self._fleet = None
+
+        def main() -> None:
+            with contextlib.suppress(Exception):
+                asyncio.run(serve())
+
+        self._thread = threading.Thread(target=main, name="sim-fleet", daemon=True)
+        self._thread.start()
+        started.result(timeout_s)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        loop, stop, thread = self._loop, self._stop, self._thread
+        if loop is not None and stop is not None:
+            loop.call_soon_threadsafe(stop.set)
+        if thread is not None:
+            thread.join(timeout_s)
+        self._loop = self._thread = None
+
+    def __enter__(self) -> BackgroundFleet:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -150,3 +150,25 @@ async def test_cli_replicas_serve_idle_cheaply_and_stop_on_sigterm(
         proc.send_signal(signal.SIGTERM)
         _, err = await asyncio.wait_for(proc.communicate(), timeout=10)
     assert proc.returncode == 0, err
+
+
+def test_background_fleet_serves_synchronous_callers() -> None:
+    import urllib.request
+
+    with fleet.BackgroundFleet(2, config=config.SimConfig(time_scale=0.01)) as bg:
+        request = urllib.request.Request(
+            f"{bg.urls[1]}/v1/completions", method="POST",
+            data=b'{"model": "sim-model", "prompt": "hi", "max_tokens": 3}',
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            assert resp.headers["x-inference-pod"] == "sim-1"
+            assert b'"completion_tokens":3' in resp.read()
+        bg.call(bg.fleet[0].set_silent, True)
+        assert bg.call(lambda: bg.fleet[0].silent) is True
+    with pytest.raises(RuntimeError):
+        _ = bg.addresses
+    with pytest.raises(OSError), socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        fleet.BackgroundFleet(1, base_port=busy.getsockname()[1]).start()
