@@ -162,3 +162,26 @@ def test_lora_waits_for_a_free_slot() -> None:
     assert b.phase is engine.Phase.FINISHED
     assert core.loaded_loras == ["chat"]
 
+
+
+def test_batched_token_budget_spreads_prefills_over_steps() -> None:
+    core = make_core(max_num_batched_tokens=150)
+    reqs = [engine.SimRequest(str(i), prompt(f"{i}" * 4 * 100), max_tokens=1) for i in range(3)]
+    for r in reqs:
+        core.add(r, 0.0)
+    first = core.begin_step(0.0)
+    assert first is not None and [r.request_id for r in first.prefills] == ["0"]
+    core.end_step(first, first.duration_s)
+    run_until_idle(core, first.duration_s)
+    assert reqs[0].first_token_s is not None and reqs[1].first_token_s is not None
+    assert reqs[0].first_token_s < reqs[1].first_token_s
+
+
+def test_prefix_caching_can_be_switched_off() -> None:
+    core = make_core(enable_prefix_caching=False)
+    for name in ("a", "b"):
+        req = engine.SimRequest(name, prompt("abcd" * 100), max_tokens=1)
+        core.add(req, 0.0)
+        run_until_idle(core)
+        assert req.cached_tokens == 0
+    assert core.stats.prefix_cache_queries == 0 and core.pool.cached_blocks == 0

@@ -291,3 +291,28 @@ async def test_picker_parser_reads_the_metrics_page_strictly(
                  "vllm:cache_config_info"):
         assert len(page.samples(name)) == 1, name
     assert not page.errors
+
+
+async def test_runtime_lora_loading_and_request_id_echo(session: aiohttp.ClientSession) -> None:
+    async with fleet.run_fleet(1, config=sim()) as servers:
+        url = servers[0].url
+        async with session.post(f"{url}/v1/load_lora_adapter",
+                                json={"lora_name": "fresh", "lora_path": "/adapters/fresh"}) as r:
+            assert r.status == 200
+        async with session.post(f"{url}/v1/load_lora_adapter",
+                                json={"lora_name": "fresh", "lora_path": "/x"}) as r:
+            assert r.status == 400
+        async with session.get(f"{url}/v1/models") as r:
+            cards = {m["id"]: m for m in (await r.json())["data"]}
+        assert cards["fresh"]["root"] == "/adapters/fresh"
+        async with session.post(f"{url}/v1/completions", headers={"x-request-id": "abc-1"},
+                                json={"model": "fresh", "prompt": "hi", "max_tokens": 1}) as r:
+            assert r.status == 200 and r.headers["x-request-id"] == "abc-1"
+        samples = await support.scrape(session, url)
+        assert support.labels_of(samples, "vllm:lora_requests_info")["max_lora"] == "1"
+        async with session.post(f"{url}/v1/unload_lora_adapter",
+                                json={"lora_name": "fresh"}) as r:
+            assert r.status == 200
+        status, body, _ = await support.complete(
+            session, url, {"model": "fresh", "prompt": "hi", "max_tokens": 1})
+    assert status == 404 and body["type"] == "NotFoundError"
