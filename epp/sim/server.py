@@ -312,7 +312,7 @@ class SimulatedServer:
         base = self.config.names[0]
         data: list[dict[str, Any]] = [
             openai_api.model_card(name, created, root=self.config.model, parent=None,
-                        max_model_len=self.config.context_tokens)
+                                  max_model_len=self.config.context_tokens)
             for name in self.config.names
         ]
         data += [

@@ -265,8 +265,14 @@ async def test_client_disconnect_aborts_the_request(session: aiohttp.ClientSessi
         assert server.engine.core.num_running == 1
         resp.close()
         await support.until(lambda: server.engine.core.num_running == 0)
+        with pytest.raises(asyncio.TimeoutError):  # non-streaming: the client gives up
+            await session.post(f"{server.url}/v1/completions", json={
+                "model": "sim-model", "prompt": "long", "max_tokens": 5000},
+                timeout=aiohttp.ClientTimeout(total=0.1))
+        await support.until(lambda: server.engine.core.stats.request_success["abort"] == 2)
+        assert server.engine.core.num_running == 0
         samples = await support.scrape(session, server.url)
-    assert support.value(samples, "vllm:request_success_total", finished_reason="abort") == 1
+    assert support.value(samples, "vllm:request_success_total", finished_reason="abort") == 2
     assert support.value(samples, "vllm:kv_cache_usage_perc") == 0.0
 
 
