@@ -80,7 +80,8 @@ class WorkloadSpec:
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
     stream: bool = True
-    seed: int = 0
+    seed: int = 0  # request order, questions, headers
+    prefix_seed: int = 0  # the shared prefixes: keep it fixed so runs share warm caches
 
     def __post_init__(self) -> None:
         if self.kind not in ("shared-prefix", "multi-turn", "random"):
@@ -91,10 +92,12 @@ class WorkloadSpec:
 
 def generate(spec: WorkloadSpec) -> Iterator[RequestSpec]:
     """An endless, reproducible stream of requests for `spec`."""
-    rng = random.Random(spec.seed)
+    prefix_rng = random.Random(spec.prefix_seed)
     prefixes = [
-        f"[group {g}] " + text_of_tokens(rng, spec.prefix_tokens) for g in range(spec.groups)
+        f"[group {g}] " + text_of_tokens(prefix_rng, spec.prefix_tokens)
+        for g in range(spec.groups)
     ]
+    rng = random.Random(spec.seed)
     conversations: list[list[dict[str, str]]] = [[] for _ in range(spec.groups)]
     while True:
         group = rng.randrange(spec.groups)

@@ -122,3 +122,11 @@ def test_cli_summarises_and_plots(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| run | ok/total |" in out and "| run | 2/2 |" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prefixes_stay_the_same_across_request_seeds():
+    def prefixes(seed: int) -> set[str]:
+        spec = workloads.WorkloadSpec(groups=2, prefix_tokens=20, seed=seed)
+        return {orjson.loads(r.body)["prompt"].split("\n")[0] for r in take(spec, 40)}
+
+    assert prefixes(1) == prefixes(2)
