@@ -18,9 +18,14 @@ finds the true maximum anyway, in O(log n) amortised per operation:
   capped heads sit in a second max-heap. A third heap, by enqueue time, moves heads from
   growing to capped as they reach the cap (each head moves once).
 * A workload's rate changes only on an arrival or when a window bucket expires; the
-  registry tells this queue (`rate_changed`), which pushes fresh entries for that
-  workload's heads (at most five). Superseded entries are recognised by a stale epoch or
-  head and dropped when they reach the top; the heaps are rebuilt when mostly stale.
+  registry tells this queue (`rate_changed`). A rate that *fell* raises the workload's
+  scores, so fresh entries for its heads (at most five) are pushed at once. A rate that
+  *rose* (every arrival) only lowers scores: the old entries become upper bounds, and an
+  upper bound that reaches the top of a heap is re-keyed there and pushed back. The top
+  is taken only when its entry is exact, and every other entry is exact or an upper
+  bound, so it is the true maximum; an arrival costs O(1) instead of five pushes.
+  Superseded entries are recognised by head and epoch and dropped when they reach the
+  top; the heaps are rebuilt when mostly stale.
 
 Dispatch compares the two heap tops at `now`. Property tests check every dispatch against
 a brute force that recomputes every queued item's score.
@@ -67,7 +72,7 @@ def score(settings: WorkloadAwareSettings, wait_s: float, criticality: int, rate
 
 
 class _Lane:
-    __slots__ = ("capped", "crit_term", "criticality", "items", "workload")
+    __slots__ = ("capped", "crit_term", "criticality", "items", "pushed_epoch", "workload")
 
     def __init__(self, workload: _Workload, criticality: int, crit_term: float) -> None:
         self.workload = workload
@@ -75,6 +80,7 @@ class _Lane:
         self.crit_term = crit_term
         self.items: deque[QueueItem] = deque()
         self.capped = False
+        self.pushed_epoch = -1  # the workload epoch of the head's newest heap entry
 
 
 class _Workload:
@@ -123,8 +129,11 @@ class WorkloadAwareQueue:
         penalty = self._penalty(stats)
         if penalty == workload.penalty:
             return
+        rose = penalty > workload.penalty
         workload.penalty = penalty
         workload.epoch += 1
+        if rose:
+            return  # existing entries now overestimate: re-keyed lazily at the top
         for lane in workload.lanes.values():
             self._push_head(lane)
 
@@ -134,6 +143,7 @@ class WorkloadAwareQueue:
         """Push the current head's entry (after a head or rate change)."""
         head = lane.items[0]
         workload = lane.workload
+        lane.pushed_epoch = workload.epoch
         if lane.capped:
             heapq.heappush(
                 self._capped,
@@ -163,7 +173,7 @@ class WorkloadAwareQueue:
             lane.capped is capped
             and bool(lane.items)
             and lane.items[0].seq == entry[1]
-            and lane.workload.epoch == entry[2]
+            and lane.pushed_epoch == entry[2]
         )
 
     def _compact(self) -> None:
@@ -239,11 +249,18 @@ class WorkloadAwareQueue:
             del self._workloads[workload.stats.workload_id]
 
     def _top(self, heap: list[_Entry], capped: bool) -> _Entry | None:
+        """The heap's exact best entry: superseded entries are dropped, upper bounds (the
+        rate rose since they were pushed) re-keyed."""
         while heap:
             entry = heap[0]
-            if self._valid(entry, capped):
+            if not self._valid(entry, capped):
+                heapq.heappop(heap)
+                continue
+            lane = entry[3]
+            if entry[2] == lane.workload.epoch:
                 return entry
             heapq.heappop(heap)
+            self._push_head(lane)
         return None
 
     def peek(self, now: float) -> QueueItem | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -38,7 +39,7 @@ def reference_rate(arrivals: list[float], now: float) -> float:
     return sum(1 for a in arrivals if math.floor(a / width) > current - BUCKETS) / WINDOW_S
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=int(os.environ.get("FLOW_PROPERTY_EXAMPLES", "300")), deadline=None)
 @given(ops)
 def test_every_dispatch_is_the_true_maximum(steps: list[tuple[str, int, int, int, int]]) -> None:
     registry = WorkloadRegistry(window_s=WINDOW_S, buckets=BUCKETS)
