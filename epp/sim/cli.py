@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
       help="time in ms to load an adapter")
     a("--default-max-tokens", type=int, default=d.default_max_tokens,
       help="output tokens when a request sets no max_tokens")
-    a("--failure-rate", type=float, default=d.failure_rate,
+    a("--failure-rate", "--failure-injection-rate", type=float, default=d.failure_rate,
       help="fraction of inference requests answered with --failure-status")
     a("--failure-status", type=int, default=d.failure_status, help="HTTP status of failures")
     a("--slow-start", type=_duration("s"), default=d.slow_start_s,
