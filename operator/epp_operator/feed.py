@@ -37,6 +37,8 @@ class ClusterFeed:
         self._coalesce = coalesce
         self._lock = threading.Lock()
         self._objects: dict[ObjectKey, Mapping[str, Any]] = {}
+        self._stamps: dict[ObjectKey, int] = {}  # when each object was last upserted
+        self._clock = 0
         self._flush_pending = False
         self.flushes = 0  # snapshot rebuilds requested on the picker loop (for benchmarks)
 
@@ -45,15 +47,41 @@ class ClusterFeed:
         kind = str(obj.get("kind"))
         namespace, name = kube_objects.metadata(obj)
         with self._lock:
+            self._clock += 1
             self._objects[(kind, namespace, name)] = obj
+            self._stamps[(kind, namespace, name)] = self._clock
             self._schedule_locked(self._reconciler.apply, obj)
 
     def remove(self, kind: str, namespace: str, name: str) -> None:
         """An object was deleted (any thread)."""
         with self._lock:
+            self._stamps.pop((kind, namespace, name), None)
             if self._objects.pop((kind, namespace, name), None) is None:
                 return
             self._schedule_locked(self._reconciler.delete, kind, namespace, name)
+
+    def stamp(self) -> int:
+        """A point in time for :meth:`retain`: take it before listing."""
+        with self._lock:
+            return self._clock
+
+    def retain(self, kind: str, present: set[tuple[str, str]], since: int) -> int:
+        """Drop objects of `kind` a fresh list no longer has (deleted while no watch was
+        open), except those upserted after `since`, which are newer than that list.
+        Returns how many were dropped."""
+        with self._lock:
+            gone = [
+                key
+                for key in self._objects
+                if key[0] == kind
+                and (key[1], key[2]) not in present
+                and self._stamps.get(key, 0) <= since
+            ]
+            for key in gone:
+                del self._objects[key]
+                self._stamps.pop(key, None)
+                self._schedule_locked(self._reconciler.delete, *key)
+        return len(gone)
 
     def mark_synced(self) -> None:
         """Every watch delivered its initial list; readiness may turn SERVING.

@@ -6,6 +6,9 @@ any other handler run, which is what tells us the initial state is complete. An 
 handler sees deletions (index handlers never do) and, for the pool, marks the moment the
 picker may turn ready: by the time it runs, every pod of the initial list is in the feed.
 
+Handlers are coroutines so they run on kopf's loop: kopf runs plain functions in a thread
+pool, which would cost a thread hop per event during a burst.
+
 Nothing here writes to Pods or InferencePools: event handlers store no progress, add no
 finalizers and leave no annotations. The only writes are ``WorkloadClass.status`` (a kind
 we own) and Events on the config ConfigMap.
@@ -21,6 +24,7 @@ import kopf
 from epp_operator import resources, status
 from epp_operator.feed import ClusterFeed
 from epp_operator.resources import Resource
+from epp_operator.resync import Resync
 from epp_operator.settings import OperatorOptions
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,10 @@ class ReadinessGate:
         self._pool_seen = False
         self._config_applied = not needs_config
         self._done = False
+
+    @property
+    def done(self) -> bool:
+        return self._done
 
     def pool_seen(self) -> None:
         self._pool_seen = True
@@ -79,12 +87,23 @@ def kopf_settings(options: OperatorOptions) -> kopf.OperatorSettings:
 
 
 def build_registry(
-    options: OperatorOptions, feed: ClusterFeed, config: ConfigSink
+    options: OperatorOptions, feed: ClusterFeed, config: ConfigSink, resync: Resync
 ) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
     gate = ReadinessGate(feed, needs_config=options.config_configmap is not None)
     for resource in resources.FED:
-        _feed_handlers(registry, options, feed, gate, resource)
+        _feed_handlers(registry, options, feed, gate, resync, resource)
+
+    @kopf.on.startup(registry=registry)
+    async def start_resync(**_: Any) -> None:
+        if options.resync_period_s:
+            resync.start_timer(options.resync_period_s)
+
+    @kopf.on.cleanup(registry=registry)
+    async def stop_resync(**_: Any) -> None:
+        await resync.close()
+
+    del start_resync, stop_resync
     _workload_class_status(registry, options)
     if options.config_configmap:
         _config_handlers(registry, options, config, gate)
@@ -97,6 +116,7 @@ def _feed_handlers(
     options: OperatorOptions,
     feed: ClusterFeed,
     gate: ReadinessGate,
+    resync: Resync,
     resource: Resource,
 ) -> None:
     group, version, plural = resource.group, resource.version, resource.plural
@@ -108,15 +128,20 @@ def _feed_handlers(
     when = in_pool_namespace if resource is resources.POD else None
 
     @kopf.index(group, version, plural, id=f"feed-{plural}", when=when, registry=registry)
-    def index(body: Any, **_: Any) -> None:
+    async def index(body: Any, **_: Any) -> None:
         feed.upsert(resources.to_object(resource, body))
 
     @kopf.on.event(group, version, plural, id=f"watch-{plural}", when=when, registry=registry)
-    def event(type: str | None, name: str, namespace: str | None, **_: Any) -> None:
+    async def event(type: str | None, name: str, namespace: str | None, **_: Any) -> None:
         if type == "DELETED":
             feed.remove(resource.kind, namespace or "default", name)
-        elif (
-            resource.kind == "InferencePool"
+        elif type is None and gate.done:
+            # A listing after the initial one: kopf reconnected and re-listed. What was
+            # deleted meanwhile produced no event; let a fresh list find it.
+            resync.request()
+        if (
+            type != "DELETED"
+            and resource.kind == "InferencePool"
             and name == options.pool_name
             and namespace == options.pool_namespace
         ):
@@ -131,7 +156,7 @@ def _workload_class_status(registry: kopf.OperatorRegistry, options: OperatorOpt
     @kopf.on.event(
         group=wc.group, version=wc.version, plural=wc.plural, id="status", registry=registry
     )
-    def workload_class_status(type: str | None, body: Any, patch: Any, **_: Any) -> None:
+    async def workload_class_status(type: str | None, body: Any, patch: Any, **_: Any) -> None:
         if type == "DELETED":
             return
         obj = resources.plain(body)
@@ -156,7 +181,7 @@ def _config_handlers(
         return name == options.config_configmap and namespace == options.pool_namespace
 
     @kopf.index(cm.version, cm.plural, id="config-listed", when=ours, registry=registry)
-    def listed(**_: Any) -> None:
+    async def listed(**_: Any) -> None:
         return None  # only here so the initial list gates readiness like the others
 
     @kopf.on.event(cm.version, cm.plural, id="config", when=ours, registry=registry)

@@ -21,6 +21,7 @@ from epp.runner import Picker
 from epp_operator import handlers
 from epp_operator.embedding import PickerThread
 from epp_operator.feed import ClusterFeed
+from epp_operator.resync import Resync
 from epp_operator.settings import OperatorOptions
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,9 @@ class OperatorRuntime:
 
     def start(self, timeout_s: float = 30.0) -> None:
         self._picker_thread.start(timeout_s)
-        self._feed = ClusterFeed(
-            self._picker_thread.loop, self.reconciler, coalesce=self._coalesce
-        )
-        registry = handlers.build_registry(self.options, self._feed, self)
+        self._feed = ClusterFeed(self._picker_thread.loop, self.reconciler, coalesce=self._coalesce)
+        self.resync = Resync(self.options, self._feed)
+        registry = handlers.build_registry(self.options, self._feed, self, self.resync)
         self._kopf_thread = threading.Thread(
             target=self._run_kopf, args=(registry,), name="sluice-kopf", daemon=True
         )

@@ -42,6 +42,7 @@ class OperatorOptions:
     watch_inactivity_timeout_s: float = 70.0
     reconnect_backoff_s: float = 1.0
     request_timeout_s: float = 30.0
+    resync_period_s: float = 300.0  # 0: only after reconnects
     shutdown_grace_s: float = 10.0
     api_server: str | None = None  # set: talk to this URL without credentials (dev, tests)
 
@@ -90,9 +91,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
         dest="namespaces",
         help="namespace to watch (repeatable; default: the pool's namespace)",
     )
-    g.add_argument(
-        "--clusterwide", type=runner.parse_bool, nargs="?", const=True, default=False
-    )
+    g.add_argument("--clusterwide", type=runner.parse_bool, nargs="?", const=True, default=False)
     g.add_argument(
         "--standalone",
         type=runner.parse_bool,
@@ -116,6 +115,12 @@ def build_argument_parser() -> argparse.ArgumentParser:
     g.add_argument("--watch-inactivity-timeout", type=_duration, default=70.0)
     g.add_argument("--reconnect-backoff", type=_duration, default=1.0)
     g.add_argument("--request-timeout", type=_duration, default=30.0)
+    g.add_argument(
+        "--resync-period",
+        type=_duration,
+        default=300.0,
+        help="list everything again this often, for missed deletions (0: after reconnects only)",
+    )
     g.add_argument("--shutdown-grace-period", type=_duration, default=10.0)
     g.add_argument("--api-server", default=None, help=argparse.SUPPRESS)
     return p
@@ -151,6 +156,7 @@ def options_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         watch_inactivity_timeout_s=args.watch_inactivity_timeout,
         reconnect_backoff_s=args.reconnect_backoff,
         request_timeout_s=args.request_timeout,
+        resync_period_s=args.resync_period,
         shutdown_grace_s=args.shutdown_grace_period,
         api_server=args.api_server,
     )

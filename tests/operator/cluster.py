@@ -7,6 +7,11 @@ every write. A :class:`ConnectionGate` sits between the operator and the emulato
 test can make the API server vanish and come back on the same address.
 Objects are always written with ``metadata.namespace`` (kmock routes namespace-less
 objects to no namespaced watch), and nothing relies on label selectors (kmock ignores them).
+
+kmock keeps no event history, so it cannot resume a watch from a ``resourceVersion``; a real
+API server answers such a watch with "410 Gone" once its history no longer reaches back
+that far. The emulator does the same whenever the resource changed since that version, so
+the client takes the same path as after a long outage: list again, then watch.
 """
 
 from __future__ import annotations
@@ -14,14 +19,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
-import itertools
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import kmock
-
-_versions = itertools.count(1)
 
 RESOURCES = {
     "v1/pods": ("Pod", set()),
@@ -43,27 +45,60 @@ PLURALS = {kind: key for key, (kind, _) in RESOURCES.items()}
 
 
 class ClusterEmulator(kmock.KubernetesEmulator):
+    # kmock's class uses slots; this subclass keeps its own state in an instance dict.
+    def _state(self) -> dict[str, Any]:
+        return self.__dict__.setdefault("_sluice", {"version": 0, "last_write": {}})  # type: ignore[no-any-return]
+
+    async def _serve_list(self, request: kmock.Request) -> Any:
+        listed = await super()._serve_list(request)
+        last = self._state()["last_write"].get(request.resource, 0)
+        listed["metadata"]["resourceVersion"] = str(last)
+        return listed
+
+    async def _serve_watch(self, request: kmock.Request) -> Any:
+        since = request.params.get("resourceVersion", "")
+        if since.isdigit() and int(since) < self._state()["last_write"].get(request.resource, 0):
+            yield b""
+            yield {
+                "type": "ERROR",
+                "object": {
+                    "kind": "Status",
+                    "code": 410,
+                    "reason": "Expired",
+                    "message": f"too old resource version: {since}",
+                },
+            }
+            return
+        async for event in super()._serve_watch(request):
+            yield event
+
     async def _handle(self, request: kmock.Request) -> Any:
-        data = request.data
-        if request.resource is not None and isinstance(data, dict):
-            meta = data.setdefault("metadata", {})
-            if request.action == kmock.action.CREATE:
-                if not meta.get("name") and meta.get("generateName"):
-                    meta["name"] = f"{meta['generateName']}{uuid.uuid4().hex[:8]}"
-                meta.setdefault("uid", str(uuid.uuid4()))
-                meta.setdefault("generation", 1)
-                meta.setdefault(
-                    "creationTimestamp",
-                    datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-                )
-            elif request.action == kmock.action.UPDATE and request.name is not None:
-                key = (request.resource, request.namespace, request.name)
-                if "spec" in data and not request.subresource and key in self.objects:
-                    current = self.objects[key].get("metadata", {}).get("generation", 1)
-                    meta["generation"] = int(current) + 1
-            if request.action in (kmock.action.CREATE, kmock.action.UPDATE):
-                meta["resourceVersion"] = str(next(_versions))
+        writes = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
+        if request.resource is not None and request.action in writes:
+            state = self._state()
+            state["version"] += 1
+            state["last_write"][request.resource] = state["version"]
+            if isinstance(request.data, dict) and request.action != kmock.action.DELETE:
+                self._fill_metadata(request, request.data, state["version"])
         return await super()._handle(request)
+
+    def _fill_metadata(self, request: kmock.Request, data: dict[str, Any], version: int) -> None:
+        meta = data.setdefault("metadata", {})
+        meta["resourceVersion"] = str(version)
+        if request.action == kmock.action.CREATE:
+            if not meta.get("name") and meta.get("generateName"):
+                meta["name"] = f"{meta['generateName']}{uuid.uuid4().hex[:8]}"
+            meta.setdefault("uid", str(uuid.uuid4()))
+            meta.setdefault("generation", 1)
+            meta.setdefault(
+                "creationTimestamp",
+                datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            )
+        elif request.name is not None and "spec" in data and not request.subresource:
+            key = (request.resource, request.namespace, request.name)
+            if key in self.objects:
+                current = self.objects[key].get("metadata", {}).get("generation", 1)
+                meta["generation"] = int(current) + 1
 
 
 class ConnectionGate:
@@ -162,8 +197,8 @@ class Cluster:
         return [
             r
             for r in self.emulator
-            if r.method in (kmock.method.POST, kmock.method.PUT, kmock.method.PATCH,
-                            kmock.method.DELETE)
+            if r.method
+            in (kmock.method.POST, kmock.method.PUT, kmock.method.PATCH, kmock.method.DELETE)
             and not r.headers.get("User-Agent", "").startswith("kmock/")
         ]
 

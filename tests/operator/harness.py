@@ -79,9 +79,7 @@ def operator_options(cluster: Cluster, **overrides: Any) -> OperatorOptions:
 
 
 @contextlib.asynccontextmanager
-async def running_operator(
-    cluster: Cluster, **overrides: Any
-) -> AsyncIterator[OperatorRuntime]:
+async def running_operator(cluster: Cluster, **overrides: Any) -> AsyncIterator[OperatorRuntime]:
     runtime = OperatorRuntime(operator_options(cluster, **overrides))
     await asyncio.to_thread(runtime.start)
     try:

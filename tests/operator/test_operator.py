@@ -180,12 +180,13 @@ async def test_workload_class_status(cluster: Cluster) -> None:
 
 
 async def test_api_server_outage(cluster: Cluster) -> None:
-    async with model_servers(["127.0.0.2", "127.0.0.3"]) as servers:
+    async with model_servers(["127.0.0.2", "127.0.0.3", "127.0.0.4"]) as servers:
         port = servers[0].port
         await cluster.create(pool(port))
         await cluster.create(pod("a", "127.0.0.2"))
-        async with running_operator(cluster) as runtime:
-            await until(lambda: endpoint_addresses(runtime) == {"127.0.0.2"}, "initial sync")
+        await cluster.create(pod("c", "127.0.0.4"))
+        async with running_operator(cluster, resync_period_s=0) as runtime:
+            await until(lambda: len(endpoint_addresses(runtime)) == 2, "initial sync")
             await cluster.gate.close()
             client = ExtProcClient(runtime.picker.grpc_port)
             try:
@@ -194,12 +195,14 @@ async def test_api_server_outage(cluster: Cluster) -> None:
                 await cluster.patch(
                     "Pod", NAMESPACE, "a", {"status": {"conditions": [ready_condition(False)]}}
                 )
+                await cluster.delete("Pod", NAMESPACE, "c")
+                before = {f"127.0.0.2:{port}", f"127.0.0.4:{port}"}
                 for _ in range(5):
-                    assert (await route(client))[DESTINATION] == f"127.0.0.2:{port}"
+                    assert (await route(client))[DESTINATION] in before
                 await cluster.gate.open()
                 await until(
                     lambda: endpoint_addresses(runtime) == {"127.0.0.3"},
-                    "changes made during the outage",
+                    "changes made during the outage, the deletion included",
                     timeout_s=30.0,
                 )
                 assert (await route(client))[DESTINATION] == f"127.0.0.3:{port}"

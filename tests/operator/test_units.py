@@ -185,3 +185,18 @@ def test_bad_flags_exit_with_one_line(argv, message, capsys) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+async def test_feed_retain_drops_only_what_a_fresh_list_lacks() -> None:
+    loop = asyncio.get_running_loop()
+    reconciler = Reconciler(pool_name="llm", pool_namespace=NAMESPACE)
+    feed = ClusterFeed(loop, reconciler)
+    feed.upsert(resources.to_object(resources.POOL, pool(8000)))
+    for name, ip in (("a", "10.0.0.1"), ("b", "10.0.0.2")):
+        feed.upsert(resources.to_object(resources.POD, pod(name, ip)))
+    since = feed.stamp()
+    feed.upsert(resources.to_object(resources.POD, pod("c", "10.0.0.3")))  # after the list
+    dropped = feed.retain("Pod", {(NAMESPACE, "a")}, since)
+    await _drain(loop)
+    assert dropped == 1  # b; c is newer than the list
+    assert {e.pod_name for e in reconciler.current.endpoints} == {"a", "c"}
