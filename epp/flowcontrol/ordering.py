@@ -66,8 +66,9 @@ class DeadlineQueue:
     def remove(self, item: QueueItem) -> None:
         item.removed = True
         self._live -= 1
-        if self._live == 0:
-            self._heap.clear()
+        if len(self._heap) > 2 * self._live + 64:  # mostly removed items: rebuild
+            self._heap = [entry for entry in self._heap if not entry[2].removed]
+            heapq.heapify(self._heap)
 
     def pop(self, now: float) -> QueueItem | None:
         heap = self._heap
