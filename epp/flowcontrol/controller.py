@@ -297,8 +297,9 @@ class FlowController:
 
     def release(self, ticket: Ticket) -> None:
         """The request ended (any way) after admission handed out its ticket."""
-        if self.registry.release(ticket):
-            self._wake.set()
+        # A finished request may have made room, but the next scrape is what shows it; the
+        # dispatcher polls while anything waits, so no wake-up is needed here.
+        self.registry.release(ticket)
 
     # ---- dispatch -------------------------------------------------------------------------
 
