@@ -5,7 +5,9 @@ gate on: `workload-aware-ordering-policy`, default detector), one Envoy each. Re
 carry `X-Workload-Context` from 20 workloads with mixed criticality. Two measurements,
 alternating off/on `--rounds` times so drift hits both alike:
 
-  throughput   closed loop, `--concurrency` clients, `--duration` s: completed req/s
+  throughput   closed loop, `--concurrency` clients, `--duration` s: completed req/s, and
+               the picker's CPU per request (its idle scraping CPU subtracted), which
+               contention from other processes on the machine disturbs far less
   latency      open loop at `--rate` req/s for `--duration` s: p50 / p99
 
     /tmp/venv/bin/python -m bench.flowcontrol_overhead
@@ -24,8 +26,8 @@ from pathlib import Path
 
 import aiohttp
 
+from bench.harness import cpu_seconds, simulators
 from bench.harness import picker as picker_process
-from bench.harness import simulators
 from bench.picker_overhead import percentile
 from epp.gateway import envoy_config
 from epp.gateway.envoy_process import EnvoyProcess
@@ -75,7 +77,7 @@ async def open_loop(url: str, rate: float, count: int) -> list[float]:
     return latencies
 
 
-async def closed_loop(url: str, concurrency: int, duration_s: float) -> float:
+async def closed_loop(url: str, concurrency: int, duration_s: float) -> tuple[int, float]:
     done = 0
     deadline = time.perf_counter() + duration_s
     rng = random.Random(2)
@@ -96,7 +98,7 @@ async def closed_loop(url: str, concurrency: int, duration_s: float) -> float:
 
         start = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(concurrency)))
-        return done / (time.perf_counter() - start)
+        return done, time.perf_counter() - start
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
@@ -108,23 +110,34 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     async with AsyncExitStack() as stack:
         backends = await stack.enter_async_context(simulators(args.backends, sim_args))
         envoys = {}
+        pids = {}
         for name, extra in (("off", []), ("on", ["--config-text", FLOW_ON])):
-            _, port = await stack.enter_async_context(picker_process(backends, extra))
+            process, port = await stack.enter_async_context(picker_process(backends, extra))
+            pids[name] = process.pid
             envoys[name] = await stack.enter_async_context(
                 EnvoyProcess(envoy_config.GatewayOptions(picker_port=port), concurrency=1)
             )
         count = int(args.rate * args.duration)
         for envoy in envoys.values():  # warm up
             await open_loop(envoy.url + "/v1/completions", args.rate, count // 5)
+        idle = {}
+        for name, pid in pids.items():  # both scrape the same backends in the background
+            before, t0 = cpu_seconds(pid), time.monotonic()
+            await asyncio.sleep(3)
+            idle[name] = (cpu_seconds(pid) - before) / (time.monotonic() - t0)
         for round_ in range(args.rounds):
             for name, envoy in envoys.items():
                 url = envoy.url + "/v1/completions"
-                rps = await closed_loop(url, args.concurrency, args.duration)
+                cpu_before = cpu_seconds(pids[name])
+                done, elapsed = await closed_loop(url, args.concurrency, args.duration)
+                cpu = cpu_seconds(pids[name]) - cpu_before - idle[name] * elapsed
+                rps = done / elapsed
                 latencies = await open_loop(url, args.rate, count)
                 run = {
                     "round": round_,
                     "flow_control": name,
                     "throughput_rps": rps,
+                    "picker_cpu_us_per_request": cpu / max(1, done) * 1e6,
                     "p50_ms": percentile(latencies, 0.5) * 1000,
                     "p99_ms": percentile(latencies, 0.99) * 1000,
                     "requests": len(latencies),
@@ -145,17 +158,20 @@ def summary(results: dict[str, object]) -> str:
         return statistics.fmean(float(r[key]) for r in by[name])
 
     lines = [
-        "| flow control | throughput req/s | p50 ms | p99 ms |",
-        "|---|---|---|---|",
+        "| flow control | throughput req/s | picker CPU µs/req | p50 ms | p99 ms |",
+        "|---|---|---|---|---|",
     ]
     for name in ("off", "on"):
         lines.append(
-            f"| {name} | {mean(name, 'throughput_rps'):.0f} | {mean(name, 'p50_ms'):.2f} | "
+            f"| {name} | {mean(name, 'throughput_rps'):.0f} | "
+            f"{mean(name, 'picker_cpu_us_per_request'):.0f} | {mean(name, 'p50_ms'):.2f} | "
             f"{mean(name, 'p99_ms'):.2f} |"
         )
+    throughput = mean("on", "throughput_rps") / mean("off", "throughput_rps")
+    cpu = mean("on", "picker_cpu_us_per_request") / mean("off", "picker_cpu_us_per_request")
     lines.append(
-        f"| on / off | {mean('on', 'throughput_rps') / mean('off', 'throughput_rps') * 100:.0f}%"
-        f" | {mean('on', 'p50_ms') - mean('off', 'p50_ms'):+.2f} | "
+        f"| on / off | {throughput * 100:.0f}% | {cpu:.2f}x | "
+        f"{mean('on', 'p50_ms') - mean('off', 'p50_ms'):+.2f} | "
         f"{mean('on', 'p99_ms') - mean('off', 'p99_ms'):+.2f} |"
     )
     return "\n".join(lines)
