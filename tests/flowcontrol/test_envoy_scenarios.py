@@ -38,6 +38,11 @@ flowControl:
 """
 
 
+FCFS_CONFIG = CONFIG.replace(
+    "- type: workload-aware-ordering-policy\n  parameters: {slidingWindowDuration: 1s}\n", ""
+)
+
+
 @contextlib.asynccontextmanager
 async def gateway(
     servers: list[Backend], config: str = CONFIG, **picker_options: object
@@ -305,3 +310,35 @@ async def test_requests_wait_for_the_first_endpoint_of_a_pool_scaled_to_zero() -
         assert status == 200, body
         assert received(servers[0]) == ["waits"]
         await idle(picker)
+
+
+async def test_reload_keeps_queued_requests_and_gate_off_lets_them_go() -> None:
+    async with (
+        backends(["127.0.0.2"]) as servers,
+        gateway(servers, FCFS_CONFIG) as (envoy, picker),
+        aiohttp.ClientSession() as session,
+    ):
+        clock = fake_clock(picker)
+        await saturate(picker, servers[0], 5)
+        traffic = Traffic(session, envoy, picker)
+        for name, criticality in (("A", 1), ("B", 5), ("C", 3)):
+            await traffic.enqueue(name, ctx(name.lower(), criticality))
+            clock.advance(0.1)
+        flow = picker.flow_controller
+        picker.reload_config(CONFIG, "test")  # fcfs -> workload-aware, same controller
+        assert picker.flow_controller is flow and flow is not None and flow.queued() == 3
+        with pytest.raises(ValueError, match="maxRequest"):
+            picker.reload_config(CONFIG + "  maxRequest: 3\n", "test")
+        assert flow.queued() == 3
+        servers[0].state.waiting = 0
+        await traffic.results()
+        assert received(servers[0]) == ["B", "C", "A"]
+
+        await saturate(picker, servers[0], 5)
+        traffic = Traffic(session, envoy, picker)
+        await traffic.enqueue("queued", ctx("a", 3))
+        picker.reload_config(None, "test")  # flowControl gate off
+        assert picker.flow_controller is None
+        assert [s for s, _, _ in await traffic.results()] == [200]
+        await wait_for(picker.director.accounting.is_idle, what="release")
+        assert flow.registry.total_active() == 0 and flow.registry.released_twice == 0

@@ -193,3 +193,22 @@ def test_edf_orders_by_deadline_and_puts_no_deadline_last() -> None:
     queue.remove(items[3])
     assert [queue.pop(0.0) for _ in range(3)] == [items[2], items[1], items[0]]
     assert queue.pop(0.0) is None and len(queue) == 0
+
+
+def test_utilization_detector_in_a_scheduling_profile() -> None:
+    config = loader.load_config(
+        HEAD
+        + """
+plugins:
+- type: utilization-detector
+  parameters: {queueDepthThreshold: 3}
+- type: queue-scorer
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: utilization-detector
+  - pluginRef: queue-scorer
+"""
+    )
+    profile = config.scheduler.profiles["default"]
+    assert [f.name for f in profile.filters] == ["utilization-detector"]
