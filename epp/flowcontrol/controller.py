@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from epp import metrics
 from epp.datalayer.endpoint_metrics import EndpointMetrics
 from epp.flowcontrol.interfaces import BandQueue, QueueItem
-from epp.flowcontrol.registry import Ticket, WorkloadRegistry
+from epp.flowcontrol.registry import Ticket, WorkloadRegistry, WorkloadView
 from epp.flowcontrol.settings import BandSettings, FlowControlSettings
 from epp.flowcontrol.workload import WorkloadContext
 from epp.requests import errors
@@ -160,6 +160,12 @@ class FlowController:
 
     def queued(self) -> int:
         return self._queued
+
+    def workload_view(self, workload_id: str) -> WorkloadView | None:
+        """One workload's numbers now (for the metrics port's JSON endpoint)."""
+        now = self.clock()
+        self.registry.advance(now)
+        return self.registry.view(workload_id, now)
 
     def _band(self, priority: int) -> _Band:
         band = self._bands.get(priority)

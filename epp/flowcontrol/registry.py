@@ -97,7 +97,7 @@ class WorkloadView:
     active_requests: int
     request_rate: float
     average_wait_s: float
-    last_request_at: float
+    seconds_since_last_request: float
 
 
 class Ticket:
@@ -156,7 +156,7 @@ class WorkloadRegistry:
         stats = self._workloads.get(WorkloadId(workload_id))
         return 0.0 if stats is None else stats.window_count / self.window_s
 
-    def view(self, workload_id: str) -> WorkloadView | None:
+    def view(self, workload_id: str, now: float) -> WorkloadView | None:
         stats = self._workloads.get(WorkloadId(workload_id))
         if stats is None:
             return None
@@ -166,7 +166,7 @@ class WorkloadRegistry:
             active_requests=stats.active,
             request_rate=self.rate(stats),
             average_wait_s=stats.wait_total_s / stats.dispatched if stats.dispatched else 0.0,
-            last_request_at=stats.last_request_at,
+            seconds_since_last_request=max(0.0, now - stats.last_request_at),
         )
 
     def total_active(self) -> int:

@@ -182,6 +182,9 @@ async def test_requests_wait_for_the_first_endpoint() -> None:
     rec = Recorder(flow)
     await rec.enqueue(request("first"))
     assert flow.dispatch_ready() == 0 and flow.queued() == 1
+    assert metrics.REGISTRY.get_sample_value(
+        "inference_extension_flow_control_pool_saturation"
+    ) == float("inf")
     pool.endpoints = 1
     pool.scrape()
     assert flow.dispatch_ready() == 1

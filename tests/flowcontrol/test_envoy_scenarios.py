@@ -210,6 +210,7 @@ async def test_bad_headers_run_as_the_default_workload() -> None:
             assert response.status == 200
             view = await response.json()
         assert view["workload_id"] == "default" and view["total_requests"] == 5
+        assert view["active_requests"] == 0 and view["seconds_since_last_request"] >= 0
         assert "x" not in picker.flow_controller.registry  # type: ignore[union-attr]
         async with session.get(
             f"http://127.0.0.1:{picker.metrics_port}/api/v1/workload/x/metrics"
