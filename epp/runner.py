@@ -222,7 +222,7 @@ class Picker:
     def _workload_view(self, workload_id: str) -> WorkloadView | None:
         if self.flow_controller is None:
             return None
-        return self.flow_controller.registry.view(workload_id)
+        return self.flow_controller.workload_view(workload_id)
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
         self.collector.update_endpoints(snapshot.endpoints)
