@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import heapq
+import itertools
 import json
 import random
 import time
@@ -77,6 +78,11 @@ class Clock:
         return self.now
 
 
+def _longest_gap(times: list[float], end: float) -> float:
+    points = [0.0, *sorted(times), end]
+    return max(b - a for a, b in itertools.pairwise(points))
+
+
 def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -96,6 +102,7 @@ async def run_policy(policy: str, args: argparse.Namespace) -> dict[str, object]
     waits: dict[int, list[float]] = {c: [] for c, *_ in CLASSES}
     arrived: dict[int, int] = {c: 0 for c, *_ in CLASSES}
     served_during_overload: dict[int, int] = {c: 0 for c, *_ in CLASSES}
+    dispatched_at: dict[int, list[float]] = {c: [] for c, *_ in CLASSES}
     tasks: list[asyncio.Task[None]] = []
 
     async def request(n: int, criticality: int, workload: str, service_s: float) -> None:
@@ -109,6 +116,7 @@ async def run_policy(policy: str, args: argparse.Namespace) -> dict[str, object]
             )
         )
         waits[criticality].append(clock.now - arrived_at)
+        dispatched_at[criticality].append(clock.now)
         if clock.now <= args.duration_s:
             served_during_overload[criticality] += 1
         pool.start(clock.now, service_s)
@@ -158,6 +166,11 @@ async def run_policy(policy: str, args: argparse.Namespace) -> dict[str, object]
             "p50_wait_s": percentile(w, 0.5),
             "p95_wait_s": percentile(w, 0.95),
             "max_wait_s": max(w, default=0.0),
+            # Starvation shows as a long stretch of overload with no dispatch of the class.
+            "longest_gap_in_overload_s": _longest_gap(
+                [t for t in dispatched_at[criticality] if t <= args.duration_s],
+                args.duration_s,
+            ),
         }
     return {
         "policy": policy,
@@ -197,15 +210,16 @@ def main() -> None:
     )
     print(
         "| policy | criticality | arrived | served in overload | p50 wait s | p95 wait s | "
-        "max wait s |"
+        "max wait s | longest gap s |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for result in results:
         for criticality, c in result["classes"].items():  # type: ignore[attr-defined]
             print(
                 f"| {result['policy']} | {criticality} | {c['arrived']} | "
                 f"{c['served_during_overload_share'] * 100:.0f}% | {c['p50_wait_s']:.1f} | "
-                f"{c['p95_wait_s']:.1f} | {c['max_wait_s']:.1f} |"
+                f"{c['p95_wait_s']:.1f} | {c['max_wait_s']:.1f} | "
+                f"{c['longest_gap_in_overload_s']:.1f} |"
             )
 
 
