@@ -85,16 +85,16 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         capacity = calibration.throughput_rps
         out["capacity_rps"] = capacity
         print(f"pool capacity (closed loop, least-request): {capacity:.1f} req/s", flush=True)
-        # Production pools run warm: give every gateway the same pass over all prefix groups
-        # before measuring, so the figures are steady state rather than first-touch misses.
-        for url in urls.values():
-            await measure(url, workload(0).groups * 3, None, seed=7, concurrency=4)
         series: dict[str, list[tuple[float, summary.Summary]]] = {name: [] for name in gateways}
         rows = []
-        for load in loads:
-            rate = capacity * load
-            requests = max(50, int(rate * args.seconds))
-            for name, url in urls.items():
+        # Gateway by gateway: the simulators' caches carry over between runs, so each
+        # gateway first gets the same warm-up pass over every prefix group (production pools
+        # run warm), then its load levels in increasing order.
+        for name, url in urls.items():
+            await measure(url, workload(0).groups * 3, None, seed=7, concurrency=4)
+            for load in loads:
+                rate = capacity * load
+                requests = max(50, int(rate * args.seconds))
                 results = await measure(url, requests, rate, seed=int(load * 100))
                 runner.write_jsonl(results, RESULTS / f"routing_{name}_{int(load * 100)}.jsonl")
                 s = summary.summarise(results)
