@@ -7,6 +7,8 @@ metrics, so names and label sets stay in one file.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -187,10 +189,51 @@ scrape_total = Counter(
 )
 
 
+# `labels()` costs microseconds per call; the hot path looks children up here instead.
+_plugin_children: dict[tuple[str, str, str], Histogram] = {}
+
+
 def observe_plugin_duration(
     extension_point: str, plugin_type: str, plugin_name: str, seconds: float
 ) -> None:
-    plugin_duration_seconds.labels(extension_point, plugin_type, plugin_name).observe(seconds)
+    key = (extension_point, plugin_type, plugin_name)
+    child = _plugin_children.get(key)
+    if child is None:
+        child = _plugin_children[key] = plugin_duration_seconds.labels(*key)
+    child.observe(seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectiveSeries:
+    """The per-(model, target model, priority) children a request records into."""
+
+    requests: Counter
+    duration: Histogram
+    input_tokens: Histogram
+    output_tokens: Histogram
+    ttft: Histogram
+    tpot: Histogram
+
+
+_objective_children: dict[tuple[str, str, str], ObjectiveSeries] = {}
+_MAX_CACHED_OBJECTIVE_SERIES = 4096  # model names come from clients: bound the cache
+
+
+def objective_series(model: str, target_model: str, priority: str) -> ObjectiveSeries:
+    key = (model, target_model, priority)
+    series = _objective_children.get(key)
+    if series is None:
+        if len(_objective_children) >= _MAX_CACHED_OBJECTIVE_SERIES:
+            _objective_children.clear()
+        series = _objective_children[key] = ObjectiveSeries(
+            requests=request_total.labels(*key),
+            duration=request_duration_seconds.labels(*key),
+            input_tokens=input_tokens.labels(*key),
+            output_tokens=output_tokens.labels(*key),
+            ttft=request_ttft_seconds.labels(*key),
+            tpot=request_tpot_seconds.labels(*key),
+        )
+    return series
 
 
 def observe_scheduler_duration(seconds: float) -> None:

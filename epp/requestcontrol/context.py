@@ -8,6 +8,7 @@ from typing import Any
 
 from epp.flowcontrol.controller import Admission
 from epp.flowcontrol.workload import WorkloadContext
+from epp.metrics import ObjectiveSeries
 from epp.requests.parsers import ParsedBody
 from epp.requests.rewrite import ModelNameRestorer
 from epp.requests.usage import Usage
@@ -37,6 +38,7 @@ class RequestContext:
 
     scheduling_request: SchedulingRequest | None = None
     scheduler: Any = None  # the scheduler this request was scheduled with (configs hot-swap)
+    series: ObjectiveSeries | None = None  # its metric children, looked up once
     result: SchedulingResult | None = None
     targets: tuple[Candidate, ...] = ()
     restorer: ModelNameRestorer | None = None

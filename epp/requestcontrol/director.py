@@ -107,7 +107,8 @@ class Director:
         body = ctx.body()
         self.parse(ctx, body)
         self.rewrite(ctx, snapshot, body)
-        metrics.request_total.labels(ctx.model, ctx.target_model, str(ctx.priority)).inc()
+        ctx.series = metrics.objective_series(ctx.model, ctx.target_model, str(ctx.priority))
+        ctx.series.requests.inc()
         await self.admit(ctx, snapshot)
         if ctx.admission is not None:
             # It may have waited in a queue (e.g. for the pool's first endpoint): route over
@@ -269,6 +270,7 @@ class Director:
         target = ctx.targets[0]
         self.accounting.give_back(target.endpoint.key)
         labels = (ctx.model, ctx.target_model, str(ctx.priority))
+        series = ctx.series or metrics.objective_series(*labels)
         metrics.running_requests.labels(ctx.model).dec()
         now = time.monotonic()
         usage = ctx.usage
@@ -279,14 +281,14 @@ class Director:
                 tpot = (ctx.last_chunk_at - ctx.first_chunk_at) / (usage.output_tokens - 1)
         success = completed and 200 <= ctx.response_status < 300
         if success:
-            metrics.request_duration_seconds.labels(*labels).observe(now - ctx.started_at)
+            series.duration.observe(now - ctx.started_at)
             if usage is not None:
-                metrics.input_tokens.labels(*labels).observe(usage.input_tokens)
-                metrics.output_tokens.labels(*labels).observe(usage.output_tokens)
+                series.input_tokens.observe(usage.input_tokens)
+                series.output_tokens.observe(usage.output_tokens)
             if ctx.response_streaming and ttft is not None:
-                metrics.request_ttft_seconds.labels(*labels).observe(ttft)
+                series.ttft.observe(ttft)
                 if tpot is not None:
-                    metrics.request_tpot_seconds.labels(*labels).observe(tpot)
+                    series.tpot.observe(tpot)
         elif ctx.response_status >= 400:
             metrics.request_error_total.labels(*labels, f"upstream_{ctx.response_status}").inc()
         if ctx.scheduling_request is not None and ctx.scheduler is not None:
