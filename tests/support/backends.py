@@ -91,8 +91,14 @@ def _app(state: BackendState, name: str) -> web.Application:
 
 
 @contextlib.asynccontextmanager
-async def backends(addresses: list[str]) -> AsyncIterator[list[Backend]]:
-    """One controllable backend per address (e.g. 127.0.0.2, 127.0.0.3), free ports."""
+async def backends(
+    addresses: list[str], *, same_port: bool = False
+) -> AsyncIterator[list[Backend]]:
+    """One controllable backend per address (e.g. 127.0.0.2, 127.0.0.3), free ports.
+
+    `same_port`: every backend listens on the port the first one got, as the pods of an
+    InferencePool do on its target port.
+    """
     runners: list[web.AppRunner] = []
     result: list[Backend] = []
     try:
@@ -100,7 +106,8 @@ async def backends(addresses: list[str]) -> AsyncIterator[list[Backend]]:
             state = BackendState()
             runner = web.AppRunner(_app(state, address), access_log=None)
             await runner.setup()
-            site = web.TCPSite(runner, address, 0)
+            port = result[0].port if same_port and result else 0
+            site = web.TCPSite(runner, address, port)
             await site.start()
             runners.append(runner)
             port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
