@@ -94,5 +94,5 @@ def test_cert_path_supplies_the_serving_certificate(tmp_path):
 
 
 def test_missing_cert_path_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="--cert-path .*No such file"):
+    with pytest.raises(ValueError, match=r"--cert-path .*No such file"):
         load_or_create_tls(tmp_path / "nope")
