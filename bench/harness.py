@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 
 from epp.gateway.ports import free_tcp_port
+from epp.sim import child_process
 
 TICKS = os.sysconf("SC_CLK_TCK")
 PYTHON = sys.executable
@@ -59,21 +60,10 @@ async def child(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
                 await process.wait()
 
 
-def consecutive_free_ports(count: int) -> int:
-    from epp.demo import _consecutive_free_ports
-
-    return _consecutive_free_ports(count)
-
-
 @contextlib.asynccontextmanager
 async def simulators(count: int, sim_args: Sequence[str] = ()) -> AsyncIterator[list[str]]:
     """`count` simulated vLLM servers in one child process; yields their ip:port."""
-    base = consecutive_free_ports(count)
-    args = [PYTHON, "-m", "epp.cli", "simulate", "--replicas", str(count), "--port", str(base)]
-    async with child(*args, *sim_args):
-        addresses = [f"127.0.0.1:{base + i}" for i in range(count)]
-        for address in addresses:
-            await wait_http(f"http://{address}/health")
+    async with child_process.simulator_process(count, sim_args) as addresses:
         yield addresses
 
 

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import signal
-import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ from epp.datalayer import prometheus_text
 from epp.gateway import settings as gateway_settings
 from epp.gateway.envoy_process import EnvoyProcess
 from epp.runner import Picker, PickerOptions, configure_logging
+from epp.sim import child_process
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,73 +39,15 @@ class DemoOptions:
     config_file: str | None = None
 
 
-def _consecutive_free_ports(count: int, host: str = "127.0.0.1") -> int:
-    """A first port such that `count` consecutive ports are free right now."""
-    for _ in range(50):
-        with socket.socket() as probe:
-            probe.bind((host, 0))
-            base = int(probe.getsockname()[1])
-        if base + count > 65535:
-            continue
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind((host, port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError(f"could not find {count} consecutive free ports")
-
-
 @contextlib.asynccontextmanager
 async def simulators(options: DemoOptions) -> AsyncIterator[list[str]]:
-    base = _consecutive_free_ports(options.replicas)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "epp.cli", "simulate",
-        "--replicas", str(options.replicas),
-        "--port", str(base),
+    args = [
         "--model", options.model,
         "--time-scale", str(options.time_scale),
         "--max-num-seqs", str(options.max_num_seqs),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        # Its own session: Ctrl-C reaches only the demo, which then stops everything in order.
-        start_new_session=True,
-    )  # fmt: skip
-    addresses = [f"127.0.0.1:{base + i}" for i in range(options.replicas)]
-    try:
-        await _wait_healthy(addresses, process)
+    ]  # fmt: skip
+    async with child_process.simulator_process(options.replicas, args) as addresses:
         yield addresses
-    finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 5)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-
-
-async def _wait_healthy(addresses: list[str], process: asyncio.subprocess.Process) -> None:
-    deadline = time.monotonic() + 30
-    async with aiohttp.ClientSession() as session:
-        for address in addresses:
-            while True:
-                if process.returncode is not None:
-                    err = await process.stderr.read() if process.stderr else b""
-                    raise RuntimeError(f"simulator exited: {err.decode().strip()[-500:]}")
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"http://{address}/health") as r:
-                        if r.status == 200:
-                            break
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"simulator at {address} did not become healthy")
-                await asyncio.sleep(0.05)
 
 
 @dataclass
