@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from prometheus_client import Histogram
+
 from epp import metrics
 from epp.datalayer.endpoint_metrics import EndpointMetrics
 from epp.flowcontrol.interfaces import BandQueue, QueueItem
@@ -112,6 +114,7 @@ class FlowController:
         self._scrape_mark = -1.0
         self._pending_load = 0.0  # saturation added by dispatches the metrics do not show yet
         self.last_saturation = 0.0
+        self._immediate: dict[int, Histogram] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -220,9 +223,13 @@ class FlowController:
         if not self._waiting_at_or_above(request.priority):
             saturation, _ = self._saturation()
             if saturation < band_settings.saturation_ceiling:
-                metrics.flow_control_request_queue_duration_seconds.labels(
-                    label, "dispatched"
-                ).observe(0)
+                immediate = self._immediate.get(request.priority)
+                if immediate is None:  # labels() costs more than the observation itself
+                    immediate = metrics.flow_control_request_queue_duration_seconds.labels(
+                        label, "dispatched"
+                    )
+                    self._immediate[request.priority] = immediate
+                immediate.observe(0)
                 self.registry.record_wait(ticket, 0.0)
                 return
         if request.priority < 0:  # sheddable: never queued
