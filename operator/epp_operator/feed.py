@@ -7,9 +7,12 @@ the picker loop to catch up with it.
 
 Coalescing: the reconciler rebuilds the whole snapshot on every change, so a burst of pod
 events (a rollout, a node drain, a re-list after a reconnect) would cost one full rebuild
-per event on the request path's loop. Instead, any number of changes made before the
-picker loop gets to run become one ``Reconciler.replace`` call. ``coalesce=False`` applies
-each event on its own; it exists so the burst benchmark can show the difference.
+per event on the request path's loop (about 2 ms each with 1,000 pods). Instead, every
+change made before the picker loop gets to it becomes one ``Reconciler.replace`` call, and
+rebuilds are at least ``min_interval_s`` apart: the first change after a quiet spell is
+applied at once, changes during a burst wait at most that long, and rebuild work stays a
+bounded share of the loop however fast events come. ``coalesce=False`` applies each event
+on its own; it exists so the burst benchmark can show the difference.
 """
 
 from __future__ import annotations
@@ -30,11 +33,19 @@ class ClusterFeed:
     """The latest version of every watched object; the reconciler follows it."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, reconciler: Reconciler, *, coalesce: bool = True
+        self,
+        loop: asyncio.AbstractEventLoop,
+        reconciler: Reconciler,
+        *,
+        coalesce: bool = True,
+        min_interval_s: float = 0.05,
     ) -> None:
         self._loop = loop
         self._reconciler = reconciler
         self._coalesce = coalesce
+        self._min_interval_s = min_interval_s
+        self._last_flush = -min_interval_s
+        self._sync_requested = False
         self._lock = threading.Lock()
         self._objects: dict[ObjectKey, Mapping[str, Any]] = {}
         self._stamps: dict[ObjectKey, int] = {}  # when each object was last upserted
@@ -86,10 +97,15 @@ class ClusterFeed:
     def mark_synced(self) -> None:
         """Every watch delivered its initial list; readiness may turn SERVING.
 
-        Scheduled after any pending flush, so the first SERVING snapshot already holds
+        Applied with (after) the next flush, so the first SERVING snapshot already holds
         everything the initial lists delivered.
         """
-        self._loop.call_soon_threadsafe(self._reconciler.mark_synced)
+        if not self._coalesce:
+            self._loop.call_soon_threadsafe(self._reconciler.mark_synced)
+            return
+        with self._lock:
+            self._sync_requested = True
+            self._schedule_locked(None)
 
     def objects(self, kind: str) -> list[Mapping[str, Any]]:
         with self._lock:
@@ -102,14 +118,25 @@ class ClusterFeed:
             return
         if not self._flush_pending:
             self._flush_pending = True
-            self._loop.call_soon_threadsafe(self._flush)
+            self._loop.call_soon_threadsafe(self._flush_when_due)
+
+    def _flush_when_due(self) -> None:
+        wait_s = self._last_flush + self._min_interval_s - self._loop.time()
+        if wait_s > 0:
+            self._loop.call_later(wait_s, self._flush)
+        else:
+            self._flush()
 
     def _flush(self) -> None:
         with self._lock:
             self._flush_pending = False
             objects = list(self._objects.values())
+            synced, self._sync_requested = self._sync_requested, False
             self.flushes += 1
+        self._last_flush = self._loop.time()
         self._guarded(self._reconciler.replace, objects)
+        if synced:
+            self._reconciler.mark_synced()
 
     @staticmethod
     def _guarded(apply: Any, *args: Any) -> None:

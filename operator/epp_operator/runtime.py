@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 
 class OperatorRuntime:
-    def __init__(self, options: OperatorOptions, *, coalesce: bool = True) -> None:
+    def __init__(self, options: OperatorOptions) -> None:
         self.options = options
         self.reconciler = Reconciler(
             pool_name=options.pool_name, pool_namespace=options.pool_namespace
@@ -38,7 +38,6 @@ class OperatorRuntime:
             options.picker, pool_name=options.pool_name, pool_namespace=options.pool_namespace
         )
         self._picker_thread = PickerThread(lambda: Picker(picker_options, self.reconciler))
-        self._coalesce = coalesce
         self._feed: ClusterFeed | None = None
         self._kopf_thread: threading.Thread | None = None
         self._kopf_stop = threading.Event()
@@ -62,7 +61,9 @@ class OperatorRuntime:
 
     def start(self, timeout_s: float = 30.0) -> None:
         self._picker_thread.start(timeout_s)
-        self._feed = ClusterFeed(self._picker_thread.loop, self.reconciler, coalesce=self._coalesce)
+        self._feed = ClusterFeed(
+            self._picker_thread.loop, self.reconciler, coalesce=self.options.coalesce_snapshots
+        )
         self.resync = Resync(self.options, self._feed)
         registry = handlers.build_registry(self.options, self._feed, self, self.resync)
         self._kopf_thread = threading.Thread(

@@ -45,6 +45,7 @@ class OperatorOptions:
     resync_period_s: float = 300.0  # 0: only after reconnects
     shutdown_grace_s: float = 10.0
     api_server: str | None = None  # set: talk to this URL without credentials (dev, tests)
+    coalesce_snapshots: bool = True  # False only to measure what coalescing saves (bench/)
 
     @property
     def watched_namespaces(self) -> tuple[str, ...]:
@@ -123,6 +124,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--shutdown-grace-period", type=_duration, default=10.0)
     g.add_argument("--api-server", default=None, help=argparse.SUPPRESS)
+    g.add_argument(
+        "--snapshot-coalescing", type=runner.parse_bool, default=True, help=argparse.SUPPRESS
+    )
     return p
 
 
@@ -159,4 +163,5 @@ def options_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         resync_period_s=args.resync_period,
         shutdown_grace_s=args.shutdown_grace_period,
         api_server=args.api_server,
+        coalesce_snapshots=args.snapshot_coalescing,
     )

@@ -72,7 +72,15 @@ class ClusterEmulator(kmock.KubernetesEmulator):
         async for event in super()._serve_watch(request):
             yield event
 
+    def limit_request_log(self, keep: int) -> None:
+        """Keep only the last `keep` requests: kmock matches each request against its whole
+        log, which makes long runs (benchmarks) quadratic."""
+        self._state()["keep"] = keep
+
     async def _handle(self, request: kmock.Request) -> Any:
+        keep = self._state().get("keep")
+        if keep:
+            del self._requests[:-keep]
         writes = (kmock.action.CREATE, kmock.action.UPDATE, kmock.action.DELETE)
         if request.resource is not None and request.action in writes:
             state = self._state()
@@ -204,8 +212,10 @@ class Cluster:
 
 
 @contextlib.asynccontextmanager
-async def emulated_cluster() -> AsyncIterator[Cluster]:
+async def emulated_cluster(request_log_limit: int = 0) -> AsyncIterator[Cluster]:
     async with ClusterEmulator() as emulator, kmock.Server(emulator) as server:
+        if request_log_limit:
+            emulator.limit_request_log(request_log_limit)
         # kopf waits for these two to be discoverable before it starts any watch.
         for key, kind in CLUSTER_SCOPED.items():
             emulator.resources[key] = kmock.ResourceInfo(

@@ -12,7 +12,7 @@ from epp_operator import resources, settings, status
 from epp_operator.feed import ClusterFeed
 
 from epp.datastore.reconciler import Reconciler
-from tests.operator.harness import NAMESPACE, pod, pool
+from tests.operator.harness import NAMESPACE, pod, pool, until
 
 
 async def _drain(loop: asyncio.AbstractEventLoop) -> None:
@@ -27,7 +27,7 @@ async def test_feed_coalesces_a_burst_into_one_snapshot() -> None:
     reconciler = Reconciler(pool_name="llm", pool_namespace=NAMESPACE)
     snapshots = []
     reconciler.subscribe(snapshots.append)
-    feed = ClusterFeed(loop, reconciler)
+    feed = ClusterFeed(loop, reconciler, min_interval_s=0.2)
 
     def burst() -> None:  # kopf's thread
         feed.upsert(resources.to_object(resources.POOL, pool(8000)))
@@ -41,11 +41,16 @@ async def test_feed_coalesces_a_burst_into_one_snapshot() -> None:
     assert len(snapshots) == 1 and feed.flushes == 1
     assert len(reconciler.current.endpoints) == 200
 
+    # A change right after a rebuild waits out the minimum interval, then applies.
+    first_at = loop.time()
     feed.remove("Pod", NAMESPACE, "p0")
-    feed.remove("Pod", NAMESPACE, "never-existed")  # nothing to do, no rebuild
+    feed.remove("Pod", NAMESPACE, "never-existed")  # nothing to do
     await _drain(loop)
-    assert len(snapshots) == 2
+    assert len(snapshots) == 1
+    await until(lambda: len(snapshots) == 2, "the delayed rebuild")
+    assert loop.time() - first_at >= 0.15
     assert len(reconciler.current.endpoints) == 199
+    assert feed.flushes == 2
 
 
 async def test_feed_without_coalescing_applies_each_event() -> None:
@@ -65,7 +70,7 @@ async def test_feed_without_coalescing_applies_each_event() -> None:
 async def test_feed_marks_synced_after_pending_objects() -> None:
     loop = asyncio.get_running_loop()
     reconciler = Reconciler(pool_name="llm", pool_namespace=NAMESPACE)
-    feed = ClusterFeed(loop, reconciler)
+    feed = ClusterFeed(loop, reconciler, min_interval_s=0)
     feed.upsert(resources.to_object(resources.POOL, pool(8000)))
     feed.upsert(resources.to_object(resources.POD, pod("a", "10.0.0.1")))
     feed.mark_synced()
@@ -190,7 +195,7 @@ def test_bad_flags_exit_with_one_line(argv, message, capsys) -> None:
 async def test_feed_retain_drops_only_what_a_fresh_list_lacks() -> None:
     loop = asyncio.get_running_loop()
     reconciler = Reconciler(pool_name="llm", pool_namespace=NAMESPACE)
-    feed = ClusterFeed(loop, reconciler)
+    feed = ClusterFeed(loop, reconciler, min_interval_s=0)
     feed.upsert(resources.to_object(resources.POOL, pool(8000)))
     for name, ip in (("a", "10.0.0.1"), ("b", "10.0.0.2")):
         feed.upsert(resources.to_object(resources.POD, pod(name, ip)))
