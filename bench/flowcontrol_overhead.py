@@ -154,8 +154,8 @@ def summary(results: dict[str, object]) -> str:
         for name in ("off", "on")
     }
 
-    def mean(name: str, key: str) -> float:
-        return statistics.fmean(float(r[key]) for r in by[name])
+    def mean(name: str, key: str) -> float:  # the median over rounds: robust to a noisy one
+        return statistics.median(float(r[key]) for r in by[name])
 
     lines = [
         "| flow control | throughput req/s | picker CPU µs/req | p50 ms | p99 ms |",
