@@ -28,9 +28,10 @@ from pathlib import Path
 
 from epp.flowcontrol.interfaces import QueueItem
 from epp.flowcontrol.ordering import FifoQueue
+from epp.flowcontrol.plan import WorkloadAwareSettings, score
 from epp.flowcontrol.registry import WorkloadRegistry
 from epp.flowcontrol.workload import WorkloadId
-from epp.flowcontrol.workload_aware import WorkloadAwareQueue, WorkloadAwareSettings, score
+from epp.flowcontrol.workload_aware import WorkloadAwareQueue
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = WorkloadAwareSettings()

@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from epp.config import quantities
-from epp.flowcontrol import fairness, ordering, saturation, workload_aware
+from epp.flowcontrol import fairness, ordering, plan, saturation, workload_aware
 from epp.flowcontrol.interfaces import FairnessPolicy, OrderingPolicy, SaturationDetector
 from epp.scheduling.plugins import parameters
 
@@ -76,9 +76,7 @@ class FlowControlSettings:
     default_request_ttl_s: float = 0.0  # 0: no TTL
     retry_after_s: int = 1
     dispatch_poll_interval_s: float = 0.01
-    workload: workload_aware.WorkloadAwareSettings = field(
-        default_factory=workload_aware.WorkloadAwareSettings
-    )
+    workload: plan.WorkloadAwareSettings = field(default_factory=plan.WorkloadAwareSettings)
 
     def band(self, priority: int) -> BandSettings:
         return self.bands.get(priority, self.default_band)
@@ -283,11 +281,11 @@ def parse(
 
 def _workload_settings(
     bands: list[BandSettings], plugins: Mapping[str, object]
-) -> workload_aware.WorkloadAwareSettings:
+) -> plan.WorkloadAwareSettings:
     """The workload plan's settings (registry window, idle timeout, default criticality)
     come from the workload-aware policy in use, else from the one declared."""
     candidates = [b.ordering for b in bands] + list(plugins.values())
     for policy in candidates:
         if isinstance(policy, workload_aware.WorkloadAwareOrderingPolicy):
             return policy.settings
-    return workload_aware.WorkloadAwareSettings()
+    return plan.WorkloadAwareSettings()

@@ -35,40 +35,16 @@ from __future__ import annotations
 
 import heapq
 import logging
-import math
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-from epp.config import quantities
+from epp.flowcontrol import plan
 from epp.flowcontrol.interfaces import QueueItem
+from epp.flowcontrol.plan import WorkloadAwareSettings, score
 from epp.flowcontrol.registry import WorkloadRegistry, WorkloadStats
-from epp.flowcontrol.workload import DEFAULT_CRITICALITY, MAX_CRITICALITY, WorkloadId
-from epp.scheduling.plugins import parameters
+from epp.flowcontrol.workload import MAX_CRITICALITY, WorkloadId
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class WorkloadAwareSettings:
-    wait_weight: float = 0.4
-    criticality_weight: float = 0.4
-    rate_weight: float = 0.2
-    wait_time_cap_s: float = 60.0
-    request_rate_cap: float = 100.0
-    sliding_window_s: float = 60.0
-    cleanup_interval_s: float = 300.0
-    idle_timeout_s: float = 300.0
-    default_criticality: int = DEFAULT_CRITICALITY
-
-
-def score(settings: WorkloadAwareSettings, wait_s: float, criticality: int, rate: float) -> float:
-    """The formula itself, for one item (the queue never calls this per item)."""
-    return (
-        settings.wait_weight * min(wait_s / settings.wait_time_cap_s, 1.0)
-        + settings.criticality_weight * criticality / MAX_CRITICALITY
-        - settings.rate_weight * min(rate / settings.request_rate_cap, 1.0)
-    )
 
 
 class _Lane:
@@ -331,60 +307,6 @@ class WorkloadAwareQueue:
         return live
 
 
-def _settings(params: Mapping[str, object] | None) -> WorkloadAwareSettings:
-    reader = parameters.ParameterReader(params)
-    defaults = WorkloadAwareSettings()
-    weights_raw = reader._get("weights")
-    weights = parameters.ParameterReader(_mapping(weights_raw, "weights"))
-    try:
-        wait_w = weights.number("waitTime", defaults.wait_weight, minimum=0.0)
-        crit_w = weights.number("criticality", defaults.criticality_weight, minimum=0.0)
-        rate_w = weights.number("requestRate", defaults.rate_weight, minimum=0.0)
-        weights.finish()
-    except parameters.ParameterError as error:
-        raise parameters.ParameterError(f"weights.{error.key}", error.problem) from None
-    settings = WorkloadAwareSettings(
-        wait_weight=wait_w,
-        criticality_weight=crit_w,
-        rate_weight=rate_w,
-        wait_time_cap_s=_positive_duration(reader, "waitTimeCap", defaults.wait_time_cap_s),
-        request_rate_cap=reader.number("requestRateCap", defaults.request_rate_cap, minimum=0.0),
-        sliding_window_s=_positive_duration(
-            reader, "slidingWindowDuration", defaults.sliding_window_s
-        ),
-        cleanup_interval_s=_positive_duration(
-            reader, "cleanupInterval", defaults.cleanup_interval_s
-        ),
-        idle_timeout_s=_positive_duration(reader, "idleTimeout", defaults.idle_timeout_s),
-        default_criticality=reader.integer(
-            "defaultCriticality", defaults.default_criticality, minimum=1, maximum=MAX_CRITICALITY
-        ),
-    )
-    reader.finish()
-    if settings.request_rate_cap <= 0:
-        raise parameters.ParameterError("requestRateCap", "must be greater than 0")
-    return settings
-
-
-def _mapping(value: object, key: str) -> Mapping[str, object] | None:
-    if value is None or isinstance(value, Mapping):
-        return value
-    raise parameters.ParameterError(key, f"must be a mapping, got {value!r}")
-
-
-def _positive_duration(reader: parameters.ParameterReader, key: str, default: float) -> float:
-    value = reader._get(key)
-    if value is None:
-        return default
-    try:
-        seconds = quantities.parse_duration(value, key)  # type: ignore[arg-type]
-    except (ValueError, TypeError) as error:
-        raise parameters.ParameterError(key, str(error).removeprefix(f"{key}: ")) from None
-    if seconds <= 0 or not math.isfinite(seconds):
-        raise parameters.ParameterError(key, f"must be a positive duration, got {value!r}")
-    return seconds
-
-
 class WorkloadAwareOrderingPolicy:
     type_name = "workload-aware-ordering-policy"
 
@@ -398,7 +320,7 @@ class WorkloadAwareOrderingPolicy:
     def from_parameters(
         cls, name: str, params: Mapping[str, object] | None
     ) -> WorkloadAwareOrderingPolicy:
-        return cls(name, _settings(params))
+        return cls(name, plan.parse(params))
 
     def new_queue(self, registry: WorkloadRegistry) -> WorkloadAwareQueue:
         return WorkloadAwareQueue(self.settings, registry)

@@ -9,9 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from epp.flowcontrol.interfaces import QueueItem
+from epp.flowcontrol.plan import WorkloadAwareSettings, score
 from epp.flowcontrol.registry import WorkloadRegistry
 from epp.flowcontrol.workload import WorkloadId
-from epp.flowcontrol.workload_aware import WorkloadAwareQueue, WorkloadAwareSettings, score
+from epp.flowcontrol.workload_aware import WorkloadAwareQueue
 
 WINDOW_S = 8.0
 BUCKETS = 8
