@@ -269,13 +269,6 @@ class FlowController:
             item.criticality,
             item.priority,
             self._queued,
-            extra={
-                "request_id": item.request_id,
-                "workload_id": item.workload_id,
-                "criticality": item.criticality,
-                "priority": item.priority,
-                "queued": self._queued,
-            },
         )
         self._wake.set()
         try:
@@ -395,14 +388,6 @@ class FlowController:
                     item.criticality,
                     item.priority,
                     now - item.enqueued_at,
-                    extra={
-                        "request_id": item.request_id,
-                        "workload_id": item.workload_id,
-                        "criticality": item.criticality,
-                        "priority": item.priority,
-                        "waited_s": now - item.enqueued_at,
-                        "saturation": saturation + self._pending_load,
-                    },
                 )
                 self._finish(item, band, "dispatched", None)
         return dispatched

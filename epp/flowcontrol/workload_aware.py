@@ -275,12 +275,6 @@ class WorkloadAwareQueue:
                 item.workload_id,
                 item.criticality,
                 self.score_of(item, now),
-                extra={
-                    "request_id": item.request_id,
-                    "workload_id": item.workload_id,
-                    "criticality": item.criticality,
-                    "score": self.score_of(item, now),
-                },
             )
         self._advance(lane, now)
         return item
