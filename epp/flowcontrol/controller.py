@@ -277,8 +277,10 @@ class FlowController:
             # The client went away while queued: take the item out; the caller's `except`
             # releases the ticket.
             if (not future.done() or future.cancelled()) and not item.removed:
-                band.queue.remove(item)
-                self._unqueue(item, band)
+                # By priority, not `band`: a reload may have moved the item to a new band.
+                current = self._bands[item.priority]
+                current.queue.remove(item)
+                self._unqueue(item, current)
                 self._observe(item, "cancelled")
             raise
 

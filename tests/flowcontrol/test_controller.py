@@ -259,8 +259,12 @@ async def test_reconfigure_keeps_queued_requests_under_the_new_policy() -> None:
     for name, criticality in (("A", 1), ("B", 5), ("C", 3)):
         await rec.enqueue(request(name, criticality=criticality))
         clock.advance(0.1)
+    leaver = await rec.enqueue(request("leaver", criticality=5))
     new, _, _ = controller(WORKLOAD_AWARE)
     flow.reconfigure(new.settings)
+    assert flow.queued() == 4
+    leaver.cancel()  # its item now lives in the new band's queue
+    await asyncio.gather(leaver, return_exceptions=True)
     assert flow.queued() == 3
     pool.free()
     flow.dispatch_ready()
