@@ -259,17 +259,30 @@ async def test_reconfigure_keeps_queued_requests_under_the_new_policy() -> None:
     for name, criticality in (("A", 1), ("B", 5), ("C", 3)):
         await rec.enqueue(request(name, criticality=criticality))
         clock.advance(0.1)
-    leaver = await rec.enqueue(request("leaver", criticality=5))
     new, _, _ = controller(WORKLOAD_AWARE)
     flow.reconfigure(new.settings)
-    assert flow.queued() == 4
-    leaver.cancel()  # its item now lives in the new band's queue
-    await asyncio.gather(leaver, return_exceptions=True)
     assert flow.queued() == 3
     pool.free()
     flow.dispatch_ready()
     await until(lambda: len(rec.order) == 3)
     assert rec.order == ["B", "C", "A"]
+
+
+async def test_a_client_leaving_after_a_reload_is_taken_out_of_the_new_queue() -> None:
+    flow, pool, _ = controller(WORKLOAD_AWARE)
+    pool.saturate()
+    rec = Recorder(flow)
+    leaver = await rec.enqueue(request("leaver", criticality=5))
+    await rec.enqueue(request("stays", criticality=1))
+    new, _, _ = controller()  # fcfs
+    flow.reconfigure(new.settings)
+    leaver.cancel()
+    [outcome] = await asyncio.gather(leaver, return_exceptions=True)
+    assert isinstance(outcome, asyncio.CancelledError)
+    assert flow.queued() == 1 and flow.registry.total_active() == 1
+    pool.free()
+    assert flow.dispatch_ready() == 1
+    await until(lambda: rec.order == ["stays"])
 
 
 async def test_the_dispatcher_task_lets_requests_go_when_the_pool_frees() -> None:
