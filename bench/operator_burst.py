@@ -4,8 +4,11 @@ A closed-loop client (4 streams in flight) asks the embedded picker for decision
 with a quiet cluster (the baseline), then while a separate process creates 1,000 pods that
 match the pool's selector (not Ready, so they change the operator's view but never receive
 traffic). The latency of one decision is request headers + body -> the picker's answer.
-Run twice, each with a fresh API server and operator: snapshots coalesced (default) and
-rebuilt once per event (`--snapshot-coalescing=false`), to show what coalescing buys.
+Three runs, each with a fresh API server and operator:
+  coalesced   the default: snapshot rebuilds coalesced, at most one per 50 ms
+  per-event   `--snapshot-coalescing=false`: one rebuild per event
+  unwatched   the same burst in a namespace the operator does not watch: the same load on
+              the machine (API server, writer) without the operator's work, as a control
 
     .venv/bin/python -m bench.operator_burst --pods 1000
 """
@@ -21,7 +24,7 @@ from pathlib import Path
 import aiohttp
 
 from bench.harness import PYTHON, cpu_seconds, simulators
-from bench.operator_cluster import ApiWriter, api_server, pod, pool
+from bench.operator_cluster import NAMESPACE, ApiWriter, api_server, pod, pool
 from bench.operator_process import operator, percentile, probe
 from tests.support.extproc_client import ExtProcClient
 
@@ -52,7 +55,9 @@ def _summary(latencies: list[float], cpu_s: float, wall_s: float) -> dict[str, f
     }
 
 
-async def _one_mode(pods: int, quiet_s: float, coalesce: bool) -> dict[str, object]:
+async def _one_mode(pods: int, quiet_s: float, mode: str) -> dict[str, object]:
+    coalesce = mode != "per-event"
+    namespace = "elsewhere" if mode == "unwatched" else NAMESPACE
     async with simulators(4) as addresses, api_server() as url:
         ports = [int(a.split(":")[1]) for a in addresses]
         async with aiohttp.ClientSession() as session:
@@ -76,7 +81,7 @@ async def _one_mode(pods: int, quiet_s: float, coalesce: bool) -> dict[str, obje
                 cpu0, t0 = cpu_seconds(process.pid), time.perf_counter()
                 load = asyncio.create_task(_load(client, stop))
                 writer = await asyncio.create_subprocess_exec(
-                    PYTHON, "-m", "bench.operator_cluster", "burst", url, str(pods)
+                    PYTHON, "-m", "bench.operator_cluster", "burst", url, str(pods), namespace
                 )
                 await writer.wait()
                 written_s = time.perf_counter() - t0
@@ -90,7 +95,7 @@ async def _one_mode(pods: int, quiet_s: float, coalesce: bool) -> dict[str, obje
             finally:
                 await client.close()
     return {
-        "coalesce": coalesce,
+        "mode": mode,
         "quiet": quiet_summary,
         "burst": burst_summary,
         "burst_write_s": written_s,
@@ -109,7 +114,9 @@ async def run(pods: int, quiet_s: float) -> dict[str, object]:
     return {
         "pods": pods,
         "streams": STREAMS,
-        "modes": [await _one_mode(pods, quiet_s, coalesce) for coalesce in (True, False)],
+        "modes": [
+            await _one_mode(pods, quiet_s, mode) for mode in ("coalesced", "per-event", "unwatched")
+        ],
     }
 
 

@@ -1,7 +1,7 @@
 """Pieces the operator benchmarks run as child processes, so each has its own interpreter.
 
     python -m bench.operator_cluster serve           # emulated API server; prints its URL
-    python -m bench.operator_cluster burst URL N     # N pod writes as fast as it can
+    python -m bench.operator_cluster burst URL N NS  # N pod writes in namespace NS, fast
 
 The emulated API server is the one the operator tests use (kmock plus the fixes in
 tests/operator/cluster.py). Burst pods match the pool's selector but are not Ready, so every
@@ -70,14 +70,16 @@ async def _serve() -> None:
         await stop.wait()
 
 
-async def _burst(url: str, count: int) -> None:
+async def _burst(url: str, count: int, namespace: str) -> None:
     connector = aiohttp.TCPConnector(limit=8)
     async with aiohttp.ClientSession(connector=connector) as session:
         writer = ApiWriter(session, url)
 
         async def one(i: int) -> None:
             # 10.255.x.y never receives traffic: the pod is not Ready.
-            await writer.create(pod(f"burst-{i}", f"10.255.{i // 250}.{i % 250 + 1}", ready=False))
+            obj = pod(f"burst-{i}", f"10.255.{i // 250}.{i % 250 + 1}", ready=False)
+            obj["metadata"]["namespace"] = namespace
+            await writer.create(obj)
 
         await asyncio.gather(*(one(i) for i in range(count)))
 
@@ -86,9 +88,9 @@ def main() -> None:
     if sys.argv[1:2] == ["serve"]:
         asyncio.run(_serve())
     elif sys.argv[1:2] == ["burst"]:
-        asyncio.run(_burst(sys.argv[2], int(sys.argv[3])))
+        asyncio.run(_burst(sys.argv[2], int(sys.argv[3]), sys.argv[4]))
     else:
-        raise SystemExit("usage: python -m bench.operator_cluster serve | burst URL N")
+        raise SystemExit("usage: python -m bench.operator_cluster serve | burst URL N NS")
 
 
 if __name__ == "__main__":
