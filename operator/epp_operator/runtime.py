@@ -27,6 +27,16 @@ from epp_operator.settings import OperatorOptions
 log = logging.getLogger(__name__)
 
 
+class _SignalsHandledElsewhere(logging.Filter):
+    """kopf warns that it ignores OS signals off the main thread; ours handles them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("OS signals are ignored")
+
+
+logging.getLogger("kopf._core.reactor.running").addFilter(_SignalsHandledElsewhere())
+
+
 class OperatorRuntime:
     def __init__(self, options: OperatorOptions) -> None:
         self.options = options

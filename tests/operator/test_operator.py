@@ -295,3 +295,24 @@ async def test_readiness_waits_for_a_valid_configmap(cluster: Cluster) -> None:
         assert not runtime.reconciler.current.synced
         await cluster.patch("ConfigMap", NAMESPACE, "sluice-config", _config_map(GOOD_CONFIG))
         await until(lambda: runtime.reconciler.current.synced, "synced once the config is valid")
+
+
+async def test_clusterwide_watches_every_namespace_but_pods_of_the_pool_only(
+    cluster: Cluster,
+) -> None:
+    await cluster.create(pool(8000))
+    await cluster.create(pod("a", "127.0.0.2"))
+    stray = pod("stray", "127.0.0.3")
+    stray["metadata"]["namespace"] = "other"
+    await cluster.create(stray)
+    await cluster.create(
+        {
+            "kind": "WorkloadClass",
+            "metadata": {"name": "tenant", "namespace": "other"},
+            "spec": {"criticality": 2, "poolRef": {"name": "llm"}},
+        }
+    )
+    async with running_operator(cluster, clusterwide=True) as runtime:
+        await until(lambda: "tenant" in runtime.reconciler.current.workload_classes, "class")
+        assert endpoint_addresses(runtime) == {"127.0.0.2"}
+        assert [o["metadata"]["name"] for o in runtime.feed.objects("Pod")] == ["a"]
