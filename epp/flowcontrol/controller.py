@@ -10,8 +10,12 @@ a second release is counted, never applied).
 
 One dispatcher task runs while requests wait. Bands go strictly from high to low priority;
 a band whose ceiling is reached stops dispatch for itself and every lower band. Saturation
-comes from scraped metrics, which lag: each request dispatched from a queue counts as
-`detector.request_load(n)` of extra saturation until the next scrape lands.
+comes from scraped metrics, which lag: near the ceiling (measured saturation at least
+half of it) each request dispatched from a queue counts as `detector.request_load(n)` of
+extra saturation until the next scrape lands, so a dip below the ceiling lets a measured
+batch through in priority order instead of the whole queue. Well below the ceiling the
+pool has clear room and the queue (e.g. built while a scrape was late) drains at once;
+metering there would cap throughput at a few requests per scrape.
 
 Time for ordering and TTLs comes from `clock` (injectable, so tests need no sleeps); the
 detector's staleness check uses `time.monotonic`, the clock metrics are stamped with.
@@ -368,8 +372,9 @@ class FlowController:
         dispatched = 0
         for band in self._order:
             ceiling = band.settings.saturation_ceiling
+            metered = saturation >= ceiling / 2
             while band.queue:
-                if saturation + self._pending_load >= ceiling:
+                if saturation + (self._pending_load if metered else 0.0) >= ceiling:
                     return dispatched
                 item = band.queue.pop(now)
                 if item is None:

@@ -224,17 +224,20 @@ async def test_workload_class_concurrency_limit() -> None:
     assert flow.registry.total_active() == 0
 
 
-async def test_dispatch_is_metered_until_the_next_scrape() -> None:
+async def test_dispatch_near_the_ceiling_is_metered_until_the_next_scrape() -> None:
     flow, pool, _ = controller()  # one endpoint, queueDepthThreshold 5
     pool.saturate()
     rec = Recorder(flow)
     for i in range(8):
         await rec.enqueue(request(f"r{i}"))
-    pool.free()
-    assert flow.dispatch_ready() == 5  # each counts 1/5 of saturation until a scrape
+    pool.waiting = 3  # saturation 0.6: room for two more at 1/5 each
+    pool.scrape()
+    assert flow.dispatch_ready() == 2
     assert flow.dispatch_ready() == 0
     pool.scrape()
-    assert flow.dispatch_ready() == 3
+    assert flow.dispatch_ready() == 2
+    pool.free()  # saturation 0: clear room, the rest go at once
+    assert flow.dispatch_ready() == 4
 
 
 async def test_round_robin_fairness_takes_turns_between_flows() -> None:
@@ -322,12 +325,13 @@ async def test_accounting_with_100_concurrent_requests_on_every_path() -> None:
     assert sum(t.done() for t in rec.tasks.values()) == 40  # rejected with 429
     for i in range(0, 100, 7):
         rec.tasks[f"r{i}"].cancel()  # clients leave
-    pool.free()
-    flow.dispatch_ready()  # 5 go
+    pool.waiting = 3  # near the ceiling: two go before the next scrape
+    pool.scrape()
+    flow.dispatch_ready()
     clock.advance(6)
     flow.dispatch_ready()  # the rest expire
     await asyncio.gather(*rec.tasks.values(), return_exceptions=True)
     assert flow.queued() == 0
     rec.release_all()
-    assert len(rec.admissions) == 5
+    assert len(rec.admissions) == 2
     assert flow.registry.total_active() == 0 and flow.registry.released_twice == 0

@@ -1,8 +1,9 @@
 """Flow control end to end: client -> real Envoy -> picker (flowControl gate) -> backends.
 
-The backends' scraped metrics say when the pool is saturated. `queueDepthThreshold: 1`
-makes each dispatched request count as a full endpoint until the next scrape, so queued
-requests leave one per scrape and reach the backend in dispatch order. Ordering scenarios
+The backends' scraped metrics say when the pool is saturated. With `queueDepthThreshold:
+2`, a backend reporting 1 waiting request is at saturation 0.5, where dispatch is metered:
+each dispatched request counts as another 0.5 until the next scrape, so queued requests
+leave one per scrape and reach the backend in dispatch order. Ordering scenarios
 swap the flow controller's clock for a fake one, so "30 s later" takes no time.
 """
 
@@ -32,12 +33,13 @@ featureGates: [flowControl]
 plugins:
 - type: workload-aware-ordering-policy
   parameters: {slidingWindowDuration: 1s}
-saturationDetector: {queueDepthThreshold: 1, metricsStalenessThreshold: 5s}
+saturationDetector: {queueDepthThreshold: 2, metricsStalenessThreshold: 5s}
 flowControl:
   dispatchPollInterval: 5ms
 """
 
 
+ONE_AT_A_TIME = 1  # waiting requests a backend reports so that dispatch goes one per scrape
 FCFS_CONFIG = CONFIG.replace(
     "- type: workload-aware-ordering-policy\n  parameters: {slidingWindowDuration: 1s}\n", ""
 )
@@ -142,7 +144,7 @@ async def test_criticality_1_5_3_dispatch_as_5_3_1() -> None:
         for name, criticality in (("A", 1), ("B", 5), ("C", 3)):
             await traffic.enqueue(name, ctx(name.lower(), criticality))
             clock.advance(0.1)
-        servers[0].state.waiting = 0
+        servers[0].state.waiting = ONE_AT_A_TIME
         results = await traffic.results()
         assert [status for status, _, _ in results] == [200, 200, 200]
         assert received(servers[0]) == ["B", "C", "A"]
@@ -161,7 +163,7 @@ async def test_an_old_criticality_2_request_overtakes_a_new_criticality_3_one() 
         await traffic.enqueue("old", ctx("reports", 2))
         clock.advance(30)
         await traffic.enqueue("new", ctx("chat", 3))
-        servers[0].state.waiting = 0
+        servers[0].state.waiting = ONE_AT_A_TIME
         await traffic.results()
         assert received(servers[0]) == ["old", "new"]
         await idle(picker)
@@ -186,7 +188,7 @@ async def test_a_flooding_workload_ranks_below_a_single_request() -> None:
         await traffic.enqueue("flood-next", flood)
         clock.advance(0.005)
         await traffic.enqueue("single", ctx("single", 3))
-        servers[0].state.waiting = 0
+        servers[0].state.waiting = ONE_AT_A_TIME
         await traffic.results()
         assert received(servers[0])[-2:] == ["single", "flood-next"]
         await idle(picker)
@@ -331,7 +333,7 @@ async def test_reload_keeps_queued_requests_and_gate_off_lets_them_go() -> None:
         with pytest.raises(ValueError, match="maxRequest"):
             picker.reload_config(CONFIG + "  maxRequest: 3\n", "test")
         assert flow.queued() == 3
-        servers[0].state.waiting = 0
+        servers[0].state.waiting = ONE_AT_A_TIME
         await traffic.results()
         assert received(servers[0]) == ["B", "C", "A"]
 
