@@ -11,7 +11,6 @@ import contextlib
 import json
 import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -153,10 +152,12 @@ def test_scaled_up_pods_receive_traffic_and_deleted_ones_do_not(cluster: KindClu
         eventually(all_pods_served, "every simulator pod to be served")
         victim = sorted(_sim_pods(cluster))[0]
         cluster.kubectl("delete", "pod", victim, "-n", NAMESPACE, "--wait=true")
-        time.sleep(2)  # the endpoint disappears with the DELETED watch event; give it a moment
-        for _ in range(20):
-            status, pod = _complete(base)
-            assert status == 200 and pod != victim
+
+        def victim_gone() -> bool:
+            answers = [_complete(base) for _ in range(20)]
+            return all(status == 200 and pod != victim for status, pod in answers)
+
+        eventually(victim_gone, f"{victim} to stop receiving requests", timeout_s=30)
 
 
 def test_bad_config_keeps_serving_and_posts_an_event(cluster: KindCluster) -> None:

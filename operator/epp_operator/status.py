@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any
 
 from epp.datastore import kube_objects
-from epp.datastore.snapshot import PoolSpec
 
 
 def _for_pool(obj: Mapping[str, Any], pool_name: str) -> bool:
@@ -29,10 +28,9 @@ def workload_class_status(
         return None
     meta = obj.get("metadata") or {}
     generation = meta.get("generation") if isinstance(meta.get("generation"), int) else 0
-    # The pool spec only decides pool membership, which _for_pool settled already.
-    placeholder = PoolSpec(name=pool_name, namespace="", selector={}, target_ports=(1,))
     try:
-        kube_objects.workload_class_from_object(obj, placeholder)
+        # No pool: membership was settled above, only the spec's validity is asked here.
+        kube_objects.workload_class_from_object(obj, None)
     except kube_objects.ObjectError as error:
         accepted, reason, message = "False", "InvalidSpec", str(error)
     else:
