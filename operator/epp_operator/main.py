@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     runtime = OperatorRuntime(options)
     try:
         runtime.start()
-    except (sources.SourceError, loader.ConfigError, ValueError, OSError) as error:
+    except (sources.SourceError, loader.ConfigError, ValueError, OSError, TimeoutError) as error:
         print(f"sluice operator: {error}", file=sys.stderr)
         return 1
     picker = runtime.picker

@@ -9,6 +9,7 @@ import sys
 import aiohttp
 import grpc
 import orjson
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epp.gateway.ports import free_tcp_port
@@ -37,12 +38,24 @@ async def _operator(*args: str) -> asyncio.subprocess.Process:
     )
 
 
-async def test_bad_flags_exit_non_zero_with_one_line() -> None:
-    process = await _operator("--pool-namespace", "x")
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (("--pool-namespace", "x"), 2, "--pool-name is required"),
+        (("--pool-name", "p", "--config-file", "/nonexistent.yaml"), 1, "/nonexistent.yaml"),
+        (
+            ("--pool-name", "p", "--grpc-port", "0", "--config-text", "plugins: 7"),
+            1,
+            "apiVersion missing",
+        ),
+    ],
+)
+async def test_bad_flags_exit_non_zero_with_one_line(args, code, message) -> None:
+    process = await _operator(*args, "--liveness-port", "0", "--api-server", "http://127.0.0.1:9")
     _, stderr = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 2
+    assert process.returncode == code
     lines = stderr.decode().strip().splitlines()
-    assert len(lines) == 1 and "--pool-name is required" in lines[0], lines
+    assert len(lines) == 1 and message in lines[0], lines
 
 
 async def _serving(health_port: int) -> bool:
