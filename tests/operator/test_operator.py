@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from tests.operator.cluster import Cluster, emulated_cluster
@@ -316,3 +318,23 @@ async def test_clusterwide_watches_every_namespace_but_pods_of_the_pool_only(
         await until(lambda: "tenant" in runtime.reconciler.current.workload_classes, "class")
         assert endpoint_addresses(runtime) == {"127.0.0.2"}
         assert [o["metadata"]["name"] for o in runtime.feed.objects("Pod")] == ["a"]
+
+
+async def test_event_level_error_posts_no_warning_events(cluster: Cluster) -> None:
+    from epp import metrics
+
+    def failures() -> float:
+        sample = metrics.REGISTRY.get_sample_value("config_reload_total", {"result": "failure"})
+        return sample or 0.0
+
+    await cluster.create(pool(8000))
+    await cluster.create(_config_map(GOOD_CONFIG))
+    async with running_operator(
+        cluster, config_configmap="sluice-config", event_level=logging.ERROR
+    ) as runtime:
+        await until(lambda: runtime.reconciler.current.synced, "synced")
+        before = failures()
+        bad = CONFIG_HEADER + "plugins:\n- {type: no-such-scorer}\n"
+        await cluster.patch("ConfigMap", NAMESPACE, "sluice-config", _config_map(bad))
+        await until(lambda: failures() > before, "the rejected reload")
+    assert not _events(cluster, "ConfigRejected") and not _events(cluster, "ConfigApplied")
