@@ -10,12 +10,14 @@ a second release is counted, never applied).
 
 One dispatcher task runs while requests wait. Bands go strictly from high to low priority;
 a band whose ceiling is reached stops dispatch for itself and every lower band. Saturation
-comes from scraped metrics, which lag: near the ceiling (measured saturation at least
-half of it) each request dispatched from a queue counts as `detector.request_load(n)` of
-extra saturation until the next scrape lands, so a dip below the ceiling lets a measured
-batch through in priority order instead of the whole queue. Well below the ceiling the
-pool has clear room and the queue (e.g. built while a scrape was late) drains at once;
-metering there would cap throughput at a few requests per scrape.
+comes from scraped metrics, which lag: each request dispatched from a queue counts as
+`detector.request_load(n) / scale` of extra saturation until the next scrape lands, so a
+dip below the ceiling lets a measured batch through in priority order instead of the
+whole queue (which would pile up at the servers, FIFO, for a long time). `scale` starts
+at 1 and doubles at each scrape that finds the pool still below saturation 0.5 after the
+previous batch used its whole budget (the pool had more room than the pessimistic
+estimate; e.g. a queue built while a scrape was late drains in a few scrapes, not at a
+few requests per scrape); it returns to 1 as soon as a scrape shows saturation >= 0.5.
 
 Time for ordering and TTLs comes from `clock` (injectable, so tests need no sleeps); the
 detector's staleness check uses `time.monotonic`, the clock metrics are stamped with.
@@ -45,6 +47,7 @@ from epp.requests import errors
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+_MAX_SCALE = 1024.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +119,9 @@ class FlowController:
         self._task: asyncio.Task[None] | None = None
         self._cleanup_task: asyncio.Task[None] | None = None
         self._scrape_mark = -1.0
-        self._pending_load = 0.0  # saturation added by dispatches the metrics do not show yet
+        self._pending = 0  # dispatches from queues the metrics do not show yet
+        self._scale = 1.0  # how much more room than the estimate the last scrapes showed
+        self._budget_used = False  # a dispatch cycle stopped on the estimate alone
         self.last_saturation = 0.0
         self._immediate: dict[int, Histogram] = {}
 
@@ -189,7 +194,12 @@ class FlowController:
         newest = max((m.updated_at for m in endpoints), default=0.0)
         if newest != self._scrape_mark:
             self._scrape_mark = newest
-            self._pending_load = 0.0
+            self._pending = 0
+            if value >= 0.5:
+                self._scale = 1.0
+            elif self._budget_used:
+                self._scale = min(self._scale * 2.0, _MAX_SCALE)
+            self._budget_used = False
         self.last_saturation = value
         metrics.flow_control_pool_saturation.set(value)
         return value, len(endpoints)
@@ -368,13 +378,13 @@ class FlowController:
         if not self._queued:
             return 0
         saturation, endpoint_count = self._saturation()
-        load = self.settings.detector.request_load(endpoint_count)
+        load = self.settings.detector.request_load(endpoint_count) / self._scale
         dispatched = 0
         for band in self._order:
             ceiling = band.settings.saturation_ceiling
-            metered = saturation >= ceiling / 2
             while band.queue:
-                if saturation + (self._pending_load if metered else 0.0) >= ceiling:
+                if saturation + self._pending * load >= ceiling:
+                    self._budget_used = saturation < ceiling
                     return dispatched
                 item = band.queue.pop(now)
                 if item is None:
@@ -384,7 +394,7 @@ class FlowController:
                     # has not run its cleanup yet: not a dispatch.
                     self._finish(item, band, "cancelled", None)
                     continue
-                self._pending_load += load
+                self._pending += 1
                 dispatched += 1
                 if item.ticket is not None:
                     self.registry.record_wait(item.ticket, now - item.enqueued_at)
