@@ -9,15 +9,8 @@ returning or raising; the caller releases a handed-out ticket with `release` (ex
 a second release is counted, never applied).
 
 One dispatcher task runs while requests wait. Bands go strictly from high to low priority;
-a band whose ceiling is reached stops dispatch for itself and every lower band. Saturation
-comes from scraped metrics, which lag: each request dispatched from a queue counts as
-`detector.request_load(n) / scale` of extra saturation until the next scrape lands, so a
-dip below the ceiling lets a measured batch through in priority order instead of the
-whole queue (which would pile up at the servers, FIFO, for a long time). `scale` starts
-at 1 and doubles at each scrape that finds the pool still below saturation 0.5 after the
-previous batch used its whole budget (the pool had more room than the pessimistic
-estimate; e.g. a queue built while a scrape was late drains in a few scrapes, not at a
-few requests per scrape); it returns to 1 as soon as a scrape shows saturation >= 0.5.
+a band whose ceiling is reached stops dispatch for itself and every lower band; how many
+queued requests may go before the next scrape is the `budget` module's business.
 
 Time for ordering and TTLs comes from `clock` (injectable, so tests need no sleeps); the
 detector's staleness check uses `time.monotonic`, the clock metrics are stamped with.
@@ -38,6 +31,7 @@ from prometheus_client import Histogram
 
 from epp import metrics
 from epp.datalayer.endpoint_metrics import EndpointMetrics
+from epp.flowcontrol import budget, limits
 from epp.flowcontrol.interfaces import BandQueue, QueueItem
 from epp.flowcontrol.registry import Ticket, WorkloadRegistry, WorkloadView
 from epp.flowcontrol.settings import BandSettings, FlowControlSettings
@@ -57,8 +51,11 @@ class FlowRequest:
     fairness_id: str
     priority: int
     size_bytes: int = 0
-    # The workload's WorkloadClass limit on queued + in-flight requests (None: no limit).
+    # The workload's WorkloadClass limits (None: no limit): queued + in-flight requests,
+    # and a token bucket of `requests_per_second` holding up to `burst` tokens.
     max_concurrent: int | None = None
+    requests_per_second: float | None = None
+    burst: int | None = None
 
 
 class Admission:
@@ -118,11 +115,7 @@ class FlowController:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._cleanup_task: asyncio.Task[None] | None = None
-        self._scrape_mark = -1.0
-        self._pending = 0  # dispatches from queues the metrics do not show yet
-        self._scale = 1.0  # how much more room than the estimate the last scrapes showed
-        self._budget_used = False  # a dispatch cycle stopped on the estimate alone
-        self.last_saturation = 0.0
+        self._budget = budget.DispatchBudget()
         self._immediate: dict[int, Histogram] = {}
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -188,21 +181,10 @@ class FlowController:
             self._order.sort(key=lambda b: -b.priority)
         return band
 
-    def _saturation(self) -> tuple[float, int]:
-        endpoints = self._pool()
-        value = self.settings.detector.saturation(endpoints, time.monotonic())
-        newest = max((m.updated_at for m in endpoints), default=0.0)
-        if newest != self._scrape_mark:
-            self._scrape_mark = newest
-            self._pending = 0
-            if value >= 0.5:
-                self._scale = 1.0
-            elif self._budget_used:
-                self._scale = min(self._scale * 2.0, _MAX_SCALE)
-            self._budget_used = False
-        self.last_saturation = value
+    def _saturation(self) -> float:
+        value = self._budget.measure(self.settings.detector, self._pool())
         metrics.flow_control_pool_saturation.set(value)
-        return value, len(endpoints)
+        return value
 
     def _waiting_at_or_above(self, priority: int) -> bool:
         for band in self._order:
@@ -225,34 +207,48 @@ class FlowController:
 
     async def _admit(self, request: FlowRequest, ticket: Ticket, now: float) -> None:
         label = str(request.priority)
-        limit = request.max_concurrent
-        if limit is not None and ticket.stats.active > limit:
-            metrics.flow_control_request_queue_duration_seconds.labels(label, "rejected").observe(0)
-            raise errors.exhausted(
-                f"workload {ticket.workload_id!r} has {limit} requests active, its "
-                "WorkloadClass limit",
-                self.settings.retry_after_s,
-            )
-        band_settings = self.settings.band(request.priority)
-        if not self._waiting_at_or_above(request.priority):
-            saturation, _ = self._saturation()
-            if saturation < band_settings.saturation_ceiling:
-                immediate = self._immediate.get(request.priority)
-                if immediate is None:  # labels() costs more than the observation itself
-                    immediate = metrics.flow_control_request_queue_duration_seconds.labels(
-                        label, "dispatched"
-                    )
-                    self._immediate[request.priority] = immediate
-                immediate.observe(0)
-                self.registry.record_wait(ticket, 0.0)
-                return
+        rejected = limits.workload_class(
+            self.registry,
+            ticket,
+            now,
+            max_concurrent=request.max_concurrent,
+            requests_per_second=request.requests_per_second,
+            burst=request.burst,
+            retry_after_s=self.settings.retry_after_s,
+        )
+        if rejected is not None:
+            self._reject(label)
+            raise rejected
+        ceiling = self.settings.band(request.priority).saturation_ceiling
+        if not self._waiting_at_or_above(request.priority) and self._saturation() < ceiling:
+            immediate = self._immediate.get(request.priority)
+            if immediate is None:  # labels() costs more than the observation itself
+                immediate = metrics.flow_control_request_queue_duration_seconds.labels(
+                    label, "dispatched"
+                )
+                self._immediate[request.priority] = immediate
+            immediate.observe(0)
+            self.registry.record_wait(ticket, 0.0)
+            return
         if request.priority < 0:  # sheddable: never queued
-            metrics.flow_control_request_queue_duration_seconds.labels(label, "rejected").observe(0)
+            self._reject(label)
             raise errors.exhausted(
                 "the pool is saturated; sheddable request dropped", self.settings.retry_after_s
             )
         band = self._band(request.priority)
-        self._check_capacity(request, band)
+        rejected = limits.capacity(
+            self.settings,
+            size_bytes=request.size_bytes,
+            queued=self._queued,
+            queued_bytes=self._queued_bytes,
+            priority=band.priority,
+            band=band.settings,
+            band_queued=len(band.queue),
+            band_bytes=band.bytes,
+        )
+        if rejected is not None:
+            self._reject(label)
+            raise rejected
         ttl = self.settings.default_request_ttl_s
         self._seq += 1
         item = QueueItem(
@@ -298,24 +294,8 @@ class FlowController:
                 self._observe(item, "cancelled")
             raise
 
-    def _check_capacity(self, request: FlowRequest, band: _Band) -> None:
-        s, size = self.settings, request.size_bytes
-        problem = ""
-        if s.max_requests and self._queued + 1 > s.max_requests:
-            problem = f"flow control queue is full ({s.max_requests} requests)"
-        elif s.max_bytes and self._queued_bytes + size > s.max_bytes:
-            problem = f"flow control queue is full ({s.max_bytes} bytes)"
-        elif band.settings.max_requests and len(band.queue) + 1 > band.settings.max_requests:
-            problem = (
-                f"priority band {band.priority} is full ({band.settings.max_requests} requests)"
-            )
-        elif band.settings.max_bytes and band.bytes + size > band.settings.max_bytes:
-            problem = f"priority band {band.priority} is full ({band.settings.max_bytes} bytes)"
-        if problem:
-            metrics.flow_control_request_queue_duration_seconds.labels(
-                str(request.priority), "rejected"
-            ).observe(0)
-            raise errors.exhausted(problem, s.retry_after_s)
+    def _reject(self, label: str) -> None:
+        metrics.flow_control_request_queue_duration_seconds.labels(label, "rejected").observe(0)
 
     def release(self, ticket: Ticket) -> None:
         """The request ended (any way) after admission handed out its ticket."""
@@ -377,14 +357,11 @@ class FlowController:
         self._expire(now)
         if not self._queued:
             return 0
-        saturation, endpoint_count = self._saturation()
-        load = self.settings.detector.request_load(endpoint_count) / self._scale
+        self._saturation()
         dispatched = 0
         for band in self._order:
-            ceiling = band.settings.saturation_ceiling
             while band.queue:
-                if saturation + self._pending * load >= ceiling:
-                    self._budget_used = saturation < ceiling
+                if not self._budget.allows(band.settings.saturation_ceiling):
                     return dispatched
                 item = band.queue.pop(now)
                 if item is None:
@@ -394,7 +371,7 @@ class FlowController:
                     # has not run its cleanup yet: not a dispatch.
                     self._finish(item, band, "cancelled", None)
                     continue
-                self._pending += 1
+                self._budget.spend()
                 dispatched += 1
                 if item.ticket is not None:
                     self.registry.record_wait(item.ticket, now - item.enqueued_at)

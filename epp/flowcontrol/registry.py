@@ -48,6 +48,8 @@ class WorkloadStats:
         "dispatched",
         "last_request_at",
         "listeners",
+        "refilled_at",
+        "tokens",
         "total",
         "wait_total_s",
         "window_count",
@@ -63,6 +65,8 @@ class WorkloadStats:
         self.wait_total_s = 0.0
         self.dispatched = 0
         self.listeners: list[RateListener] = []
+        self.tokens = -1.0  # WorkloadClass requestsPerSecond bucket; < 0: not started
+        self.refilled_at = 0.0
         self._ring = array("I", bytes(4 * buckets))
         self._newest_bucket = bucket_index
         self._active_gauge = metrics.workload_active_requests.labels(workload_id)
@@ -234,6 +238,20 @@ class WorkloadRegistry:
             stats.active = 0
         stats._active_gauge.set(stats.active)
         return True
+
+    def take_token(self, stats: WorkloadStats, now: float, per_second: float, burst: int) -> float:
+        """Token bucket for a WorkloadClass `requestsPerSecond`/`burst` limit: 0.0 when the
+        request may go (a token is taken), else the seconds until a token is due."""
+        capacity = float(max(1, burst))
+        if stats.tokens < 0:
+            stats.tokens, stats.refilled_at = capacity, now
+        elif now > stats.refilled_at:
+            stats.tokens = min(capacity, stats.tokens + (now - stats.refilled_at) * per_second)
+            stats.refilled_at = now
+        if stats.tokens >= 1.0:
+            stats.tokens -= 1.0
+            return 0.0
+        return (1.0 - stats.tokens) / per_second
 
     def record_wait(self, ticket: Ticket, wait_s: float) -> None:
         stats = ticket.stats
