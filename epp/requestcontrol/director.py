@@ -182,6 +182,7 @@ class Director:
             context.workload_id if context.problem is workload.HeaderProblem.NONE else DEFAULT_FLOW
         )
         workload_class = snapshot.workload_classes.get(context.workload_id)
+        limits = workload_class.limits if workload_class is not None else None
         ctx.admission = await controller.admit(
             flow.FlowRequest(
                 request_id=ctx.request_id,
@@ -189,9 +190,9 @@ class Director:
                 fairness_id=fairness_id,
                 priority=ctx.priority,
                 size_bytes=ctx.body_size,
-                max_concurrent=(
-                    workload_class.limits.max_concurrent_requests if workload_class else None
-                ),
+                max_concurrent=limits.max_concurrent_requests if limits else None,
+                requests_per_second=limits.requests_per_second if limits else None,
+                burst=limits.burst if limits else None,
             )
         )
 
