@@ -79,6 +79,8 @@ def request(
     size_bytes: int = 0,
     fairness_id: str = "",
     max_concurrent: int | None = None,
+    requests_per_second: float | None = None,
+    burst: int | None = None,
 ) -> FlowRequest:
     workload_id = WorkloadId(workload or name)
     return FlowRequest(
@@ -88,6 +90,8 @@ def request(
         priority=priority,
         size_bytes=size_bytes,
         max_concurrent=max_concurrent,
+        requests_per_second=requests_per_second,
+        burst=burst,
     )
 
 

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from epp import metrics
+from epp.flowcontrol.controller import FlowRequest
 from epp.requests.errors import InferenceError
 from tests.flowcontrol.support import FakePool, Recorder, controller, request, until
 
@@ -221,6 +222,26 @@ async def test_workload_class_concurrency_limit() -> None:
     assert info.value.status == 429 and "WorkloadClass" in info.value.message
     first.release()
     (await flow.admit(request("3", "w", max_concurrent=1))).release()
+    assert flow.registry.total_active() == 0
+
+
+async def test_workload_class_rate_limit_is_a_token_bucket() -> None:
+    flow, _, clock = controller()
+
+    def limited(name: str) -> FlowRequest:
+        return request(name, "w", requests_per_second=2.0, burst=3)
+
+    for i in range(3):  # the burst
+        (await flow.admit(limited(f"b{i}"))).release()
+    with pytest.raises(InferenceError) as info:
+        await flow.admit(limited("over"))
+    assert info.value.status == 429 and info.value.retry_after_s == 1
+    assert "2 requests per second" in info.value.message
+    clock.advance(0.5)  # one token back
+    (await flow.admit(limited("next"))).release()
+    with pytest.raises(InferenceError):
+        await flow.admit(limited("again"))
+    (await flow.admit(request("other", "x"))).release()  # other workloads are not limited
     assert flow.registry.total_active() == 0
 
 
