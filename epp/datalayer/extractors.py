@@ -198,12 +198,18 @@ class CoreMetricsExtractor:
         else:
             changes["kv_cache_usage"] = min(1.0, max(0.0, sum(kv_usage) / len(kv_usage)))
         key = endpoint.key
-        if names.lora_info is not None and self._due(key, "lora"):
-            if not self._read_lora(page, names.lora_info, changes):
-                self._skip[(key, "lora")] = ABSENT_RECHECK_TICKS
-        if names.cache_info is not None and self._due(key, "cache"):
-            if self._read_cache_info(page, endpoint, engine, names, changes):
-                self._skip[(key, "cache")] = STATIC_REFRESH_TICKS
+        if (
+            names.lora_info is not None
+            and self._due(key, "lora")
+            and not self._read_lora(page, names.lora_info, changes)
+        ):
+            self._skip[(key, "lora")] = ABSENT_RECHECK_TICKS
+        if (
+            names.cache_info is not None
+            and self._due(key, "cache")
+            and self._read_cache_info(page, endpoint, engine, names, changes)
+        ):
+            self._skip[(key, "cache")] = STATIC_REFRESH_TICKS
         if page.errors:
             self._once(
                 endpoint,
