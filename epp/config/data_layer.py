@@ -47,6 +47,12 @@ class SourceWiring:
     path: str
 
 
+# No section: scrape `/metrics` into the core fields (plugins created by `build` when not
+# declared under these names).
+_DEFAULT = "default data layer"
+DEFAULT_WIRING = (SourceWiring(DEFAULT_SOURCE, ((DEFAULT_EXTRACTOR, _DEFAULT),), _DEFAULT),)
+
+
 def is_source(plugin: object) -> bool:
     return isinstance(plugin, interfaces.DataSource)
 
@@ -169,6 +175,27 @@ def produced_metrics(sources: Sequence[interfaces.DataSource]) -> frozenset[str]
         for extractor in source.extractors:
             names |= interfaces.produced_metrics(extractor)
     return frozenset(names)
+
+
+def check_consumers(
+    consumers: Sequence[object],
+    sources: Sequence[interfaces.DataSource],
+    where: Mapping[str, str],
+    section_key: str,
+) -> None:
+    """Every custom metric a plugin `consumes` must be `produces`d by a wired extractor."""
+    produced = produced_metrics(sources)
+    for plugin in consumers:
+        consumes: frozenset[str] = getattr(plugin, "consumes", frozenset())
+        for metric in sorted(consumes - produced):
+            name = str(getattr(plugin, "name", "?"))
+            offered = ", ".join(sorted(produced)) or "none"
+            raise ConfigError(
+                f"{where.get(name, name)} ({getattr(plugin, 'type_name', '?')} {name!r}): "
+                f"reads custom metric {metric!r}, but no extractor in {section_key} "
+                f"produces it (produced: {offered}); wire a prometheus-metric extractor "
+                f"with metricName: {metric}"
+            )
 
 
 def fingerprint(wirings: Sequence[SourceWiring], specs: Mapping[str, PluginSpec | None]) -> str:

@@ -278,17 +278,7 @@ class _Builder:
         if raw is not None:
             wirings = data_layer_section.parse_section(raw, key)
         else:
-            self._default(data_layer_section.DEFAULT_SOURCE, data_layer_section.DEFAULT_SOURCE)
-            self._default(
-                data_layer_section.DEFAULT_EXTRACTOR, data_layer_section.DEFAULT_EXTRACTOR
-            )
-            wirings = (
-                data_layer_section.SourceWiring(
-                    data_layer_section.DEFAULT_SOURCE,
-                    ((data_layer_section.DEFAULT_EXTRACTOR, "default data layer"),),
-                    "default data layer",
-                ),
-            )
+            wirings = data_layer_section.DEFAULT_WIRING
         specs: dict[str, document.PluginSpec | None] = {
             name: self.specs.get(name) for name in self.instances
         }
@@ -318,19 +308,8 @@ class _Builder:
     def check_consumed_metrics(
         self, scheduler: framework.Scheduler, sources: Sequence[datalayer.DataSource]
     ) -> None:
-        produced = data_layer_section.produced_metrics(sources)
-        for profile in scheduler.profiles.values():
-            for weighted in profile.scorers:
-                consumes: frozenset[str] = getattr(weighted.scorer, "consumes", frozenset())
-                for metric in sorted(consumes - produced):
-                    name = weighted.scorer.name
-                    offered = ", ".join(sorted(produced)) or "none"
-                    raise ConfigError(
-                        f"{self.where.get(name, name)} ({weighted.scorer.type_name} {name!r}): "
-                        f"reads custom metric {metric!r}, but no extractor in "
-                        f"{self.doc.data_layer_key} produces it (produced: {offered}); wire "
-                        f"a prometheus-metric extractor with metricName: {metric}"
-                    )
+        scorers = [w.scorer for p in scheduler.profiles.values() for w in p.scorers]
+        data_layer_section.check_consumers(scorers, sources, self.where, self.doc.data_layer_key)
 
     def _implicit_profile(self) -> framework.SchedulingProfile:
         declared = [
