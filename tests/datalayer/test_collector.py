@@ -325,3 +325,30 @@ def test_pool_summary_ignores_stale_endpoints() -> None:
     assert summary == collecting.PoolSummary(1, 3, 1, 0.2, 2.0)
     empty = collecting.pool_summary(store, [], now=100.0, staleness_s=2.0)
     assert empty == collecting.PoolSummary(0, 0, 0, 0.0, 0.0)
+
+
+async def test_replace_sources_switches_on_the_next_tick_and_keeps_metrics(servers) -> None:
+    server = await servers(pages.vllm_page(waiting=5))
+    store = MetricsStore()
+    first = sources.MetricsDataSource("first")
+    first.add_extractor(extractors.CoreMetricsExtractor())
+    collector = collecting.Collector(store, [first], interval_s=INTERVAL_S)
+    endpoint = _endpoint(server, "a")
+    await collector.start()
+    try:
+        collector.update_endpoints([endpoint])
+        await eventually(lambda: store.get(endpoint.key).waiting_queue_size == 5, "a scrape")
+        second = sources.MetricsDataSource("second", path="/v2/metrics")
+        second.add_extractor(extractors.CoreMetricsExtractor())
+        collector.replace_sources([second])
+        assert collector.sources == (second,)
+        assert store.get(endpoint.key).waiting_queue_size == 5  # kept across the swap
+        await eventually(lambda: "/v2/metrics" in server.paths, "a scrape by the new source")
+        before = len(server.paths)
+        await server.wait_requests(before + 3)
+        assert set(server.paths[before:]) == {"/v2/metrics"}  # the old source is gone
+        with pytest.raises(ValueError, match="has no extractors"):
+            collector.replace_sources([sources.MetricsDataSource("bare")])
+        assert collector.sources == (second,)
+    finally:
+        await collector.stop()

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from epp.datalayer import http_client
+from epp.datalayer import http_client, interfaces, sources
+from epp.datastore.snapshot import Endpoint, EndpointKey
+from epp.extproc import server as server_tls
 from tests.datalayer.raw_http import Answer, RawServer, chunked, content_length
 
 BODY = b"vllm:num_requests_waiting 3\n" * 40
@@ -172,3 +176,39 @@ async def test_forget_and_close(serve) -> None:
     client.close()
     with pytest.raises(http_client.HttpError, match="closed"):
         await _get(client, server)
+
+
+async def test_https_with_insecure_skip_verify(tmp_path: Path) -> None:
+    """TLS through the buffered protocol, against a self-signed server."""
+    files = server_tls.load_or_create_tls(None)
+    (tmp_path / "tls.crt").write_bytes(files.certificate)
+    (tmp_path / "tls.key").write_bytes(files.private_key)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tmp_path / "tls.crt", tmp_path / "tls.key")
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            writer.write(chunked(BODY))
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        source = sources.MetricsDataSource(scheme="https", insecure_skip_verify=True)
+        endpoint = Endpoint(EndpointKey("ns/tls-rank-0"), "tls", "ns", "127.0.0.1", port)
+        for _ in range(3):
+            page = await source.fetch(endpoint)
+            assert page.text == BODY.decode()
+        verifying = sources.MetricsDataSource(scheme="https")
+        with pytest.raises(interfaces.FetchError, match="CERTIFICATE_VERIFY_FAILED"):
+            await verifying.fetch(endpoint)
+        source.close()
+        verifying.close()
+    finally:
+        server.close()
+        await server.wait_closed()
