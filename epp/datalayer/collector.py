@@ -31,6 +31,8 @@ import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from time import perf_counter
+from typing import Any
 
 from epp import metrics
 from epp.datalayer import extractors, interfaces
@@ -94,6 +96,7 @@ class Collector:
         _check_sources(sources)
         self._store = store
         self._sources = tuple(sources)
+        self._timers = _plugin_timers(self._sources)
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._max_backoff_s = max(max_backoff_s, interval_s)
@@ -124,6 +127,7 @@ class Collector:
         not reused. Stored metrics are kept."""
         _check_sources(sources)
         old = self._sources
+        self._timers = _plugin_timers(sources)
         self._sources = tuple(sources)
         kept = {id(s) for s in self._sources}
         for source in old:
@@ -223,13 +227,20 @@ class Collector:
         metrics = current
         error: BaseException | None = None
         failed_source: interfaces.DataSource | None = None
+        timers = self._timers
         for source in self._sources:
             before = metrics
             try:
+                t = perf_counter()
                 async with asyncio.timeout(self._timeout_s):
                     payload = await source.fetch(endpoint)
+                now = perf_counter()
+                timers[id(source)].observe(now - t)  # wall time: mostly the server's answer
                 for extractor in source.extractors:
+                    t = now
                     metrics = extractor.extract(payload, endpoint, metrics)
+                    now = perf_counter()
+                    timers[id(extractor)].observe(now - t)
             except Exception as exc:  # no plugin error may end the loop
                 metrics = before  # nothing half-extracted from this source
                 error, failed_source = exc, source
@@ -286,6 +297,21 @@ class Collector:
             )
         else:
             logger.debug("scrape of %s still failing: %s", endpoint.key, status.last_error)
+
+
+def _plugin_timers(sources: Sequence[interfaces.DataSource]) -> dict[int, Any]:
+    """`inference_extension_plugin_duration_seconds` children by plugin identity, resolved
+    once: a labels() lookup per tick would cost more than the observation."""
+    timers: dict[int, Any] = {}
+    for source in sources:
+        timers[id(source)] = metrics.plugin_duration_seconds.labels(
+            "DataSource", source.type_name, source.name
+        )
+        for extractor in source.extractors:
+            timers[id(extractor)] = metrics.plugin_duration_seconds.labels(
+                "Extractor", extractor.type_name, extractor.name
+            )
+    return timers
 
 
 def _check_sources(sources: Sequence[interfaces.DataSource]) -> None:
