@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from epp import metrics
 from epp.datalayer import collector as collecting
 from epp.datalayer import extractors, interfaces, sources
 from epp.datalayer.endpoint_metrics import NEVER_SCRAPED, EndpointMetrics, MetricsStore
@@ -352,3 +353,28 @@ async def test_replace_sources_switches_on_the_next_tick_and_keeps_metrics(serve
         assert collector.sources == (second,)
     finally:
         await collector.stop()
+
+
+async def test_sources_and_extractors_are_timed_per_plugin(servers) -> None:
+    server = await servers(pages.vllm_page(waiting=1))
+    source = sources.MetricsDataSource("timed-source")
+    source.add_extractor(extractors.CoreMetricsExtractor("timed-core"))
+    store = MetricsStore()
+    collector = collecting.Collector(store, [source], interval_s=INTERVAL_S)
+    endpoint = _endpoint(server, "t")
+    await collector.start()
+    try:
+        collector.update_endpoints([endpoint])
+        await eventually(lambda: store.get(endpoint.key).waiting_queue_size == 1, "a scrape")
+    finally:
+        await collector.stop()
+
+    def count(point: str, type_name: str, name: str) -> float:
+        labels = {"extension_point": point, "plugin_type": type_name, "plugin_name": name}
+        value = metrics.REGISTRY.get_sample_value(
+            "inference_extension_plugin_duration_seconds_count", labels
+        )
+        return value or 0.0
+
+    assert count("DataSource", "metrics-data-source", "timed-source") >= 1
+    assert count("Extractor", "core-metrics-extractor", "timed-core") >= 1
