@@ -258,8 +258,8 @@ async def test_extractors_share_one_fetch_and_chain(servers: Callable[..., Any])
         await collector.stop()
     assert [id(p) for p in first.payloads] == [id(p) for p in second.payloads]
     assert len(first.payloads) <= server.requests <= len(first.payloads) + 1
-    metrics = store.get(endpoint.key)
-    assert metrics.waiting_queue_size == 8 and set(metrics.custom) == {"x", "y"}
+    got = store.get(endpoint.key)
+    assert got.waiting_queue_size == 8 and set(got.custom) == {"x", "y"}
 
 
 async def test_a_crashing_extractor_does_not_end_the_loop(
