@@ -377,7 +377,8 @@ def validate_config_file(path: Path) -> tuple[bool, str]:
         return False, f"{path}: cannot read: {getattr(error, 'strerror', None) or error}"
     try:
         config = loader.load_config(text)
-    except loader.ConfigError as error:
+        flow_settings.from_config(config)  # the same checks start-up and reload make
+    except (loader.ConfigError, ValueError) as error:
         return False, f"{path}: {error}"
     profiles = ", ".join(config.scheduler.profiles)
     return True, f"{path}: valid ({len(config.plugins)} plugins; profiles: {profiles})"
