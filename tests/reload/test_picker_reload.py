@@ -12,6 +12,7 @@ import pytest
 
 from epp import metrics
 from epp.config.loader import ConfigError
+from epp.runner import Picker
 from tests.extproc.test_protocol import route
 from tests.support.backends import Backend, backends
 from tests.support.extproc_client import ExtProcClient, set_headers
@@ -48,6 +49,20 @@ def _temperatures(servers: list[Backend], *celsius: int) -> None:
         ]
 
 
+async def _gauges_seen(picker: Picker, servers: list[Backend], *celsius: int) -> None:
+    """Wait until the picker holds these GPU temperatures (a scrape that was in flight
+    when the page or the config changed may still land with the old numbers)."""
+    by_target = {s.target: float(c) for s, c in zip(servers, celsius, strict=True)}
+
+    def seen() -> bool:
+        return all(
+            picker.metrics_store.get(e.key).custom.get("gpu-temp") == by_target[e.target]
+            for e in picker.reconciler.current.endpoints
+        )
+
+    await wait_for(seen, what=f"gpu-temp {by_target}")
+
+
 async def _destination(client: ExtProcClient) -> str:
     responses = await route(client)
     return set_headers(responses[0])["x-gateway-destination-endpoint"]
@@ -59,11 +74,11 @@ async def test_metric_scorer_routes_by_a_custom_gauge_the_backends_export() -> N
         endpoints = ",".join(s.target for s in servers)
         async with running_picker(endpoints=endpoints, config_text=BY_GAUGE) as picker:
             client = ExtProcClient(picker.grpc_port)
-            await fresh_metrics(picker)
+            await _gauges_seen(picker, servers, 80, 45, 60)
             for _ in range(5):
                 assert await _destination(client) == servers[1].target
             _temperatures(servers, 40, 85, 60)  # the gauge moves; so does the traffic
-            await fresh_metrics(picker)
+            await _gauges_seen(picker, servers, 40, 85, 60)
             for _ in range(5):
                 assert await _destination(client) == servers[0].target
             key = picker.reconciler.current.endpoints[0].key
@@ -89,7 +104,7 @@ async def test_reload_swaps_valid_configs_and_keeps_the_old_one_on_error() -> No
             assert _reloads("success") == ok + 1
             assert picker.collector.sources == picker.config.data_sources
             assert picker.collector.sources[0] is not default_source
-            await fresh_metrics(picker)
+            await _gauges_seen(picker, servers, 80, 45, 60)
             assert await _destination(client) == servers[1].target  # coolest GPU
 
             before = picker.config
@@ -117,7 +132,7 @@ async def test_metrics_survive_a_data_layer_change() -> None:
             picker.reload_config(BY_GAUGE, "test")
             # Same entry until the next tick lands: the store was not cleared by the swap.
             assert picker.metrics_store.get(key).waiting_queue_size == 4
-            await fresh_metrics(picker)
+            await _gauges_seen(picker, servers, 50)
             after = picker.metrics_store.get(key)
             assert (after.waiting_queue_size, after.custom) == (4, {"gpu-temp": 50.0})
 
@@ -141,9 +156,7 @@ async def test_config_file_is_watched(tmp_path: Path) -> None:
             path.write_text(BY_GAUGE)
             await wait_for(lambda: picker.config is not first, what="the new config")
             assert "cool" in picker.config.scheduler.profiles
-            await fresh_metrics(picker)
-            key = picker.reconciler.current.endpoints[0].key
-            assert picker.metrics_store.get(key).custom == {"gpu-temp": 50.0}
+            await _gauges_seen(picker, servers, 50)
 
 
 def test_validate_config_flag(tmp_path: Path) -> None:
