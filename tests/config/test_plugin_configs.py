@@ -6,7 +6,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import pytest
+import yaml
 
+from epp.config import data_layer as section
 from epp.config import registry
 from epp.config.loader import ConfigError, load_config
 from epp.datalayer import custom_metrics, extractors, interfaces, sources
@@ -250,3 +252,82 @@ def test_registry_lists_every_design_plugin_type() -> None:
     }
     assert design <= set(registry.plugin_types())
     assert custom_metrics.PROMETHEUS_METRIC in registry.plugin_types()
+
+
+# Every parameter each plugin documents, with a valid value; a config declaring the plugin
+# with all of them must load.
+DOCUMENTED_PARAMETERS: dict[str, dict[str, object]] = {
+    "single-profile-handler": {},
+    "multi-profile-handler": {"primaryProfile": "default", "fallback": True},
+    "max-score-picker": {"maxNumOfEndpoints": 2},
+    "random-picker": {"maxNumOfEndpoints": 2},
+    "weighted-random-picker": {"maxNumOfEndpoints": 2},
+    "header-based-testing-filter": {"headerName": "x-test-endpoints"},
+    "queue-scorer": {},
+    "kv-cache-utilization-scorer": {},
+    "running-requests-size-scorer": {},
+    "lora-affinity-scorer": {},
+    "prefix-cache-scorer": {"prefixMatchInfoProducerName": "approx-prefix-cache-producer",
+                            "minBlocksForFullScore": 8},
+    "approx-prefix-cache-producer": {"blockSizeTokens": 16, "maxPrefixBlocksToMatch": 256,
+                                     "lruCapacityPerServer": 31250, "autoTune": False},
+    "metric-scorer": {"metricName": "depth", "min": 0, "max": 10,
+                      "direction": "higher-is-better", "defaultValue": 5},
+    "metrics-data-source": {"scheme": "https", "path": "/metrics",
+                            "insecureSkipVerify": True, "maxBodyBytes": 1 << 20},
+    "prometheus-data-source": {"path": "/m"},
+    "core-metrics-extractor": {
+        "defaultEngine": "vllm",
+        "engines": {"trt": {"waiting": "a", "running": ["b"], "kvUsage": "c",
+                            "loraInfo": "d", "cacheInfo": "e",
+                            "cacheBlockSizeLabel": "bs", "cacheNumBlocksLabel": "nb"}},
+    },
+    "prometheus-metric": {"selector": 'q{a="b"}', "metricName": "depth",
+                          "aggregation": "max"},
+}
+
+
+@pytest.mark.parametrize("type_name", sorted(DOCUMENTED_PARAMETERS))
+def test_documented_parameters_load(type_name: str) -> None:
+    plugins: list[dict[str, object]] = [
+        {"type": type_name, "parameters": DOCUMENTED_PARAMETERS[type_name]}
+    ]
+    refs: list[dict[str, object]] = [{"pluginRef": "queue-scorer"}]
+    data: dict[str, object] = {}
+    if type_name != "queue-scorer":
+        plugins.append({"type": "queue-scorer"})
+    kind_of_plugin = registry.create(type_name, "probe", DOCUMENTED_PARAMETERS[type_name])
+    if section.is_source(kind_of_plugin):
+        data = {"sources": [{"pluginRef": type_name,
+                             "extractors": [{"pluginRef": "core-metrics-extractor"}]}]}
+    elif section.is_extractor(kind_of_plugin):
+        data = {"sources": [{"pluginRef": "metrics-data-source",
+                             "extractors": [{"pluginRef": type_name}]}]}
+    elif not type_name.endswith("-handler") and type_name != "queue-scorer":
+        refs.append({"pluginRef": type_name})
+    if type_name == "metric-scorer":
+        plugins.append({"type": "prometheus-metric", "name": "depth",
+                        "parameters": {"selector": "q"}})
+        data = {"sources": [{"pluginRef": "metrics-data-source",
+                             "extractors": [{"pluginRef": "core-metrics-extractor"},
+                                            {"pluginRef": "depth"}]}]}
+    document: dict[str, object] = {
+        "plugins": plugins,
+        "schedulingProfiles": [{"name": "default", "plugins": refs}],
+    }
+    if data:
+        document["dataLayer"] = data
+    config = load_config(cfg(yaml.safe_dump(document)))
+    assert getattr(config.plugins[type_name], "type_name") == type_name  # noqa: B009
+
+
+def test_documented_parameters_cover_every_scheduling_and_data_layer_type() -> None:
+    """Flow control and the parsers document their own plugins."""
+    ours = {
+        type_name
+        for type_name in registry.plugin_types()
+        if type(
+            registry.create(type_name, "probe", DOCUMENTED_PARAMETERS.get(type_name))
+        ).__module__.startswith(("epp.scheduling.", "epp.datalayer."))
+    }
+    assert ours == set(DOCUMENTED_PARAMETERS)
