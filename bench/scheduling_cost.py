@@ -43,6 +43,7 @@ from epp.config import loader
 from epp.datalayer.endpoint_metrics import EndpointMetrics
 from epp.datastore.snapshot import Endpoint, EndpointKey
 from epp.scheduling.interfaces import Candidate, SchedulingRequest
+from epp.scheduling.plugins.load_scorers import PendingAwareQueueScorer
 from epp.scheduling.plugins.prefix_producer import PrefixMatch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -183,10 +184,10 @@ def _workload(
     return out
 
 
-def _config(min_full_blocks: int) -> loader.PickerConfig:
+def _config(min_full_blocks: int, pending: bool = False) -> loader.PickerConfig:
     return loader.load_config(HEADER + textwrap.dedent(f"""
         plugins:
-        - {{type: queue-scorer}}
+        - {{type: queue-scorer, parameters: {{countPendingDispatches: {str(pending).lower()}}}}}
         - {{type: kv-cache-utilization-scorer}}
         - {{type: prefix-cache-scorer, parameters: {{minBlocksForFullScore: {min_full_blocks}}}}}
         - {{type: approx-prefix-cache-producer, parameters: {{autoTune: false}}}}
@@ -209,7 +210,11 @@ class _Fleet:
         self.endpoints = [_endpoint(i) for i in range(SERVERS)]
         self.events: list[tuple[float, int, int]] = []  # (time, seq, server) completions
         self.seq = 0
-        self.snapshot = [EndpointMetrics(updated_at=1.0)] * SERVERS
+        self.snapshot = [EndpointMetrics(updated_at=0.0)] * SERVERS
+        self.now = 0.0
+        for plugin in config.plugins.values():
+            if isinstance(plugin, PendingAwareQueueScorer):
+                plugin.clock = lambda: self.now  # simulated time, as updated_at is
         self.next_scrape = 0.0
         self.waiting_since: list[list[float]] = [[] for _ in range(SERVERS)]
         self.reset_stats()
@@ -232,7 +237,8 @@ class _Fleet:
             for i, s in enumerate(self.servers):
                 self.snapshot[i] = EndpointMetrics(
                     waiting_queue_size=len(s.queue), running_requests=s.running,
-                    kv_cache_usage=min(1.0, s.running / SLOTS * 0.9), updated_at=1.0,
+                    kv_cache_usage=min(1.0, s.running / SLOTS * 0.9),
+                    updated_at=self.next_scrape,
                 )
             self.next_scrape += self.scrape_s
 
@@ -251,6 +257,7 @@ class _Fleet:
 
     def route(self, n: int, now: float, prompt: str, active: int) -> None:
         self.advance(now)
+        self.now = now
         candidates = [Candidate(self.endpoints[i], self.snapshot[i]) for i in range(active)]
         request = SchedulingRequest(str(n), "m", prompt_text=prompt)
         result = self.scheduler.schedule(request, candidates)
@@ -282,10 +289,11 @@ def _simulate(
     warmup: list[tuple[float, str]],
     arrivals: list[tuple[float, str]],
     scrape_s: float,
+    pending: bool = False,
 ) -> dict[str, float]:
     """Half the fleet serves (and caches) the warm-up traffic; then the other half joins
     with empty caches and the load doubles: does traffic reach the new servers?"""
-    fleet = _Fleet(_config(min_full_blocks), scrape_s)
+    fleet = _Fleet(_config(min_full_blocks, pending), scrape_s)
     half = SERVERS // 2
     for n, (now, prompt) in enumerate(warmup):
         fleet.route(n, now, prompt, half)
@@ -314,6 +322,8 @@ def hotspot(requests: int, utilisation: float, prompts: int, scrape_s: float) ->
     arrivals = _workload(rng, requests, rate, prompts, start=warmup[-1][0])
     upstream = _simulate(0, warmup, arrivals, scrape_s)
     fixed = _simulate(8, warmup, arrivals, scrape_s)
+    pending = _simulate(0, warmup, arrivals, scrape_s, pending=True)
+    both = _simulate(8, warmup, arrivals, scrape_s, pending=True)
     return {
         "requests": requests,
         "scrape_interval_s": scrape_s,
@@ -322,6 +332,8 @@ def hotspot(requests: int, utilisation: float, prompts: int, scrape_s: float) ->
         "arrival_rate_per_s": rate,
         "upstream_minBlocksForFullScore_0": upstream,
         "fixed_minBlocksForFullScore_8": fixed,
+        "upstream_0_and_countPendingDispatches": pending,
+        "fixed_8_and_countPendingDispatches": both,
     }
 
 
@@ -338,13 +350,13 @@ def main() -> None:
             for prompts in (20, 200)
             for utilisation in (0.6, 0.8)
         ]
-        keys = ("busiest_share", "queued_beside_free_slot", "max_queue", "latency_p99_s",
-                "prefix_hit_ratio", "new_servers_share")
-        print("scrape prompts util | " + " | ".join(f"{k} (0 -> 8)" for k in keys))
+        keys = ("queued_beside_free_slot", "max_queue", "latency_p99_s", "prefix_hit_ratio")
+        variants = ("upstream_minBlocksForFullScore_0", "fixed_minBlocksForFullScore_8",
+                    "upstream_0_and_countPendingDispatches", "fixed_8_and_countPendingDispatches")
+        print("scrape prompts util | "
+              + " | ".join(f"{k} (0 / 8 / 0+pending / 8+pending)" for k in keys))
         for row in grid:
-            a = row["upstream_minBlocksForFullScore_0"]
-            b = row["fixed_minBlocksForFullScore_8"]
-            cells = " | ".join(f"{a[k]:.3g} -> {b[k]:.3g}" for k in keys)
+            cells = " | ".join(" / ".join(f"{row[v][k]:.3g}" for v in variants) for k in keys)
             print(
                 f"{row['scrape_interval_s'] * 1000:>4g}ms {row['system_prompts']:>7} "
                 f"{row['utilisation']:.1f} | {cells}"

@@ -263,7 +263,7 @@ DOCUMENTED_PARAMETERS: dict[str, dict[str, object]] = {
     "random-picker": {"maxNumOfEndpoints": 2},
     "weighted-random-picker": {"maxNumOfEndpoints": 2},
     "header-based-testing-filter": {"headerName": "x-test-endpoints"},
-    "queue-scorer": {},
+    "queue-scorer": {"countPendingDispatches": True},
     "kv-cache-utilization-scorer": {},
     "running-requests-size-scorer": {},
     "lora-affinity-scorer": {},

@@ -12,7 +12,11 @@ from epp.scheduling import framework
 from epp.scheduling.interfaces import Candidate, ProfileResult, SchedulingResult
 from epp.scheduling.plugins import parameters
 from epp.scheduling.plugins.header_filter import HeaderBasedTestingFilter
-from epp.scheduling.plugins.load_scorers import RunningRequestsSizeScorer
+from epp.scheduling.plugins.load_scorers import (
+    PendingAwareQueueScorer,
+    QueueScorer,
+    RunningRequestsSizeScorer,
+)
 from epp.scheduling.plugins.max_score_picker import MaxScorePicker
 from epp.scheduling.plugins.metric_scorer import MetricScorer
 from epp.scheduling.plugins.prefix_producer import ApproxPrefixCacheProducer
@@ -216,3 +220,29 @@ def test_multi_profile_handler_checks_primary_profile_name() -> None:
     handler = MultiProfileHandler(primary_profile="shadw")
     with pytest.raises(parameters.ParameterError, match="did you mean 'shadow'"):
         handler.check_profiles(["strict", "shadow"])
+
+
+def test_queue_scorer_rejects_unknown_parameters() -> None:
+    with pytest.raises(parameters.ParameterError, match=r"threshold: unknown parameter"):
+        QueueScorer.from_parameters("q", {"threshold": 1})
+    assert type(QueueScorer.from_parameters("q", None)) is QueueScorer
+
+
+def test_pending_aware_queue_scorer_counts_dispatches_the_metrics_have_not_seen() -> None:
+    now = [10.0]
+    scorer = QueueScorer.from_parameters("q", {"countPendingDispatches": True})
+    assert isinstance(scorer, PendingAwareQueueScorer)
+    scorer.clock = lambda: now[0]
+    a, b = candidate("a", updated_at=9.0), candidate("b", waiting_queue_size=1, updated_at=9.0)
+    assert scorer.score(request(), [a, b]) == [1.0, 0.0]
+    for _ in range(3):  # three requests routed to a within one scrape interval
+        scorer.pre_request(request(), SchedulingResult({"p": ProfileResult((a,))}, "p"))
+    assert scorer.score(request(), [a, b]) == [0.0, 1.0]  # a: 0 + 3 pending > b: 1
+    now[0] = 11.0
+    scorer.pre_request(request(), SchedulingResult({"p": ProfileResult((a,))}, "p"))
+    scraped = candidate("a", waiting_queue_size=1, updated_at=10.5)  # saw the first three
+    assert scorer.score(request(), [scraped, b]) == [0.0, 1.0]  # 1 + 1 pending vs 1
+    later = candidate("a", waiting_queue_size=1, updated_at=11.5)
+    assert scorer.score(request(), [later, b]) == [1.0, 1.0]
+    scorer.retain([b.endpoint.key])
+    assert scorer.score(request(), [a, b]) == [1.0, 0.0]

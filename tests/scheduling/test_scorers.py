@@ -71,8 +71,8 @@ def test_lora_affinity_stale_is_zero() -> None:
     assert LoraAffinityScorer().score(request(model="sql"), [cand]) == [0.0]
 
 
-@pytest.mark.parametrize("cls", [QueueScorer, KvCacheUtilizationScorer, LoraAffinityScorer])
-def test_parameterless_scorers_reject_parameters(cls: type[QueueScorer]) -> None:
+@pytest.mark.parametrize("cls", [KvCacheUtilizationScorer, LoraAffinityScorer])
+def test_parameterless_scorers_reject_parameters(cls: type[KvCacheUtilizationScorer]) -> None:
     assert cls.from_parameters("x", None).name == "x"
     with pytest.raises(ParameterError, match=r"unknown parameter .*takes none"):
         cls.from_parameters("x", {"threshold": 1})

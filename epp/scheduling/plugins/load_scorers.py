@@ -7,10 +7,17 @@ be overloaded for all we know (DESIGN §6).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import collections
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from epp.scheduling.interfaces import Candidate, SchedulingRequest
+from epp.datastore.snapshot import EndpointKey
+from epp.scheduling.interfaces import Candidate, SchedulingRequest, SchedulingResult
 from epp.scheduling.plugins import parameters
+
+# A bound on remembered dispatches per endpoint: an endpoint whose metrics stopped
+# updating is stale (scored 0) anyway, and this keeps its memory flat meanwhile.
+_MAX_PENDING = 4096
 
 
 def _min_max_lower_is_better(values: list[int], candidates: Sequence[Candidate]) -> list[float]:
@@ -35,7 +42,10 @@ def _min_max_lower_is_better(values: list[int], candidates: Sequence[Candidate])
 
 
 class QueueScorer:
-    """Min-max over waiting queues: (max - q) / (max - min); all equal -> 1.0."""
+    """Min-max over waiting queues: (max - q) / (max - min); all equal -> 1.0.
+
+    `countPendingDispatches: true` selects :class:`PendingAwareQueueScorer`.
+    """
 
     type_name = "queue-scorer"
 
@@ -43,14 +53,67 @@ class QueueScorer:
         self.name = name
 
     @classmethod
-    def from_parameters(cls, name: str, params: Mapping[str, object] | None) -> QueueScorer:
-        parameters.ParameterReader(params).finish()
-        return cls(name)
+    def from_parameters(
+        cls, name: str, params: Mapping[str, object] | None
+    ) -> QueueScorer | PendingAwareQueueScorer:
+        reader = parameters.ParameterReader(params)
+        pending = reader.boolean("countPendingDispatches", False)
+        reader.finish()
+        return PendingAwareQueueScorer(name) if pending else cls(name)
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
         return _min_max_lower_is_better(
             [c.metrics.waiting_queue_size for c in candidates], candidates
         )
+
+
+class PendingAwareQueueScorer:
+    """`queue-scorer` that also counts requests routed since the endpoint's last scrape.
+
+    Metrics are up to one scrape interval old. Within that window every request sees the
+    same numbers, so the least-loaded endpoint of the last scrape wins them all and a
+    burst herds onto it. This scorer remembers when it routed to each endpoint (as a
+    pre-request hook) and adds the dispatches newer than the endpoint's `updated_at` to
+    its waiting queue: the next scrape will show them (queued or running), until then
+    they are assumed queued. State is at most one scrape interval of timestamps per
+    endpoint, so it is not kept across config reloads.
+    """
+
+    type_name = QueueScorer.type_name
+
+    def __init__(self, name: str = type_name, clock: Callable[[], float] = time.monotonic):
+        self.name = name
+        self.clock = clock  # the collector's clock: EndpointMetrics.updated_at is monotonic
+        self._dispatched: dict[EndpointKey, collections.deque[float]] = {}
+
+    def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
+        dispatched = self._dispatched
+        queues: list[int] = []
+        for c in candidates:
+            q = c.metrics.waiting_queue_size
+            times = dispatched.get(c.endpoint.key)
+            if times:
+                seen = c.metrics.updated_at
+                while times and times[0] <= seen:
+                    times.popleft()  # the scrape at `seen` already counted it
+                q += len(times)
+            queues.append(q)
+        return _min_max_lower_is_better(queues, candidates)
+
+    def pre_request(self, request: SchedulingRequest, result: SchedulingResult) -> None:
+        primary = result.primary
+        if primary is None or not primary.targets:
+            return
+        key = primary.targets[0].endpoint.key
+        times = self._dispatched.get(key)
+        if times is None:
+            times = self._dispatched[key] = collections.deque(maxlen=_MAX_PENDING)
+        times.append(self.clock())
+
+    def retain(self, keys: Iterable[EndpointKey]) -> None:
+        keep = keys if isinstance(keys, set | frozenset) else set(keys)
+        for key in [k for k in self._dispatched if k not in keep]:
+            del self._dispatched[key]
 
 
 class KvCacheUtilizationScorer:

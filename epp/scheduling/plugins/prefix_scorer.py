@@ -19,9 +19,9 @@ to reuse. Parameter `minBlocksForFullScore` N (default 0: upstream's formula) sc
 so a one-block match among short prompts weighs 1/N and the load scorers decide, while
 long prompts (total >= N) score exactly as before. bench/scheduling_cost.py `--hotspot`
 measures it (figures in bench/README.md): with fresh metrics N = 8 cuts requests queued
-beside a free slot 3-6x and p99 by 7-20%; with 50 ms-old metrics the load scorers herd
-short prompts onto one endpoint per scrape interval and p99 gets worse, hence off by
-default.
+beside a free slot 5-7x; with 50 ms-old metrics the load scorers then herd short prompts
+onto one endpoint per scrape interval, which `queue-scorer`'s `countPendingDispatches`
+removes. Off by default (upstream's formula); use it together with that parameter.
 """
 
 from __future__ import annotations
