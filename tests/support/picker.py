@@ -54,12 +54,25 @@ async def running_picker(**overrides: object) -> AsyncIterator[Picker]:
         await picker.stop()
 
 
-async def fresh_metrics(picker: Picker, backends_state_changed: bool = True) -> None:
-    """Wait until every endpoint has been scraped after now (so new numbers are visible)."""
-    start = time.monotonic()
+async def fresh_metrics(picker: Picker) -> None:
+    """Wait until every endpoint has been scraped by a scrape that *began* after now.
+
+    A scrape already in flight may land after this call with the old numbers; each
+    endpoint's loop scrapes one at a time, so the second completed scrape from now on
+    started after now and carries whatever the test just set.
+    """
     endpoints = picker.reconciler.current.endpoints
 
-    def scraped() -> bool:
-        return all(picker.metrics_store.get(e.key).updated_at > start for e in endpoints)
+    def ticks(key: object) -> int:
+        status = picker.collector.status(key)  # type: ignore[arg-type]
+        return status.ticks if status is not None else 0
 
-    await wait_for(scraped, what="a scrape of every endpoint")
+    start = {e.key: ticks(e.key) for e in endpoints}
+
+    def scraped() -> bool:
+        return all(
+            ticks(e.key) >= start[e.key] + 2 and picker.metrics_store.get(e.key).updated_at > 0
+            for e in endpoints
+        )
+
+    await wait_for(scraped, what="a fresh scrape of every endpoint")
