@@ -18,6 +18,8 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
+from epp import runner
+
 CHUNK = 62_000
 
 
@@ -93,6 +95,8 @@ async def serve(port: int, endpoints: list[str]) -> None:
     pb_grpc.add_ExternalProcessorServicer_to_server(NullProcessor(endpoints), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
+    # The same garbage-collector settings as `sluice picker`, so the floor is comparable.
+    runner.tune_garbage_collector()
     await server.wait_for_termination()
 
 

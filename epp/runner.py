@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -353,12 +354,22 @@ def configure_logging(verbosity: int) -> None:
     )
 
 
+def tune_garbage_collector() -> None:
+    """Every request allocates thousands of short-lived objects (protobuf messages, gRPC
+    frames) and almost no cycles; the default gen-0 threshold runs a collection every few
+    requests. Freeze what start-up built and collect less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 async def serve(picker: Picker) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     await picker.start()
+    tune_garbage_collector()
     print(
         f"sluice picker: ext_proc on :{picker.grpc_port}, health on :{picker.health_port}, "
         f"metrics on :{picker.metrics_port}",
