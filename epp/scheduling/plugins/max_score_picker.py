@@ -7,35 +7,14 @@ spread load instead of always favouring the first endpoint in the snapshot.
 
 from __future__ import annotations
 
-import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from epp.scheduling.interfaces import Candidate, ProfileResult, SchedulingRequest
-from epp.scheduling.plugins import parameters
+from epp.scheduling.plugins import picker_base
 
 
-class MaxScorePicker:
+class MaxScorePicker(picker_base.CountedPicker):
     type_name = "max-score-picker"
-
-    def __init__(
-        self,
-        name: str = type_name,
-        *,
-        max_endpoints: int = 1,
-        rng: random.Random | None = None,
-    ) -> None:
-        if max_endpoints < 1:
-            raise ValueError(f"maxNumOfEndpoints must be at least 1, got {max_endpoints}")
-        self.name = name
-        self.max_endpoints = max_endpoints
-        self._rng = rng if rng is not None else random.Random()
-
-    @classmethod
-    def from_parameters(cls, name: str, params: Mapping[str, object] | None) -> MaxScorePicker:
-        reader = parameters.ParameterReader(params)
-        max_endpoints = reader.integer("maxNumOfEndpoints", 1, minimum=1)
-        reader.finish()
-        return cls(name, max_endpoints=max_endpoints)
 
     def pick(
         self,

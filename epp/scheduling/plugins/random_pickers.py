@@ -11,35 +11,14 @@ all scores are 0 (or not finite) the draw is uniform.
 from __future__ import annotations
 
 import math
-import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from epp.scheduling.interfaces import Candidate, ProfileResult, SchedulingRequest
-from epp.scheduling.plugins import parameters
+from epp.scheduling.plugins import picker_base
 
 
-def _read_max_endpoints(params: Mapping[str, object] | None) -> int:
-    reader = parameters.ParameterReader(params)
-    max_endpoints = reader.integer("maxNumOfEndpoints", 1, minimum=1)
-    reader.finish()
-    return max_endpoints
-
-
-class RandomPicker:
+class RandomPicker(picker_base.CountedPicker):
     type_name = "random-picker"
-
-    def __init__(
-        self, name: str = type_name, *, max_endpoints: int = 1, rng: random.Random | None = None
-    ) -> None:
-        if max_endpoints < 1:
-            raise ValueError(f"maxNumOfEndpoints must be at least 1, got {max_endpoints}")
-        self.name = name
-        self.max_endpoints = max_endpoints
-        self._rng = rng if rng is not None else random.Random()
-
-    @classmethod
-    def from_parameters(cls, name: str, params: Mapping[str, object] | None) -> RandomPicker:
-        return cls(name, max_endpoints=_read_max_endpoints(params))
 
     def pick(
         self,
@@ -55,23 +34,8 @@ class RandomPicker:
         return ProfileResult(tuple(self._rng.sample(list(candidates), count)))
 
 
-class WeightedRandomPicker:
+class WeightedRandomPicker(picker_base.CountedPicker):
     type_name = "weighted-random-picker"
-
-    def __init__(
-        self, name: str = type_name, *, max_endpoints: int = 1, rng: random.Random | None = None
-    ) -> None:
-        if max_endpoints < 1:
-            raise ValueError(f"maxNumOfEndpoints must be at least 1, got {max_endpoints}")
-        self.name = name
-        self.max_endpoints = max_endpoints
-        self._rng = rng if rng is not None else random.Random()
-
-    @classmethod
-    def from_parameters(
-        cls, name: str, params: Mapping[str, object] | None
-    ) -> WeightedRandomPicker:
-        return cls(name, max_endpoints=_read_max_endpoints(params))
 
     def pick(
         self,
