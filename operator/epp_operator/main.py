@@ -40,7 +40,11 @@ def main(argv: list[str]) -> int:
         flush=True,
     )
     runtime.kopf_done.add_done_callback(lambda _: stop.set())
-    stop.wait()
+    # Wake up now and then: a SIGTERM that the kernel delivers to one of gRPC's or kopf's
+    # threads only runs its Python handler once the main thread runs bytecode again, and an
+    # untimed wait would not (seen as shutdowns that started seconds late).
+    while not stop.wait(0.2):
+        pass
     failed = runtime.kopf_done.done() and runtime.kopf_done.exception() is not None
     runtime.stop()
     return 1 if failed else 0
