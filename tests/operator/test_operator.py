@@ -315,8 +315,9 @@ async def test_clusterwide_watches_every_namespace_but_pods_of_the_pool_only(
         }
     )
     async with running_operator(cluster, clusterwide=True) as runtime:
+        # Watches of different kinds deliver in no particular order: wait for both.
         await until(lambda: "tenant" in runtime.reconciler.current.workload_classes, "class")
-        assert endpoint_addresses(runtime) == {"127.0.0.2"}
+        await until(lambda: endpoint_addresses(runtime) == {"127.0.0.2"}, "the pool's pod")
         assert [o["metadata"]["name"] for o in runtime.feed.objects("Pod")] == ["a"]
 
 
