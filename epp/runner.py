@@ -13,10 +13,10 @@ import gc
 import logging
 import signal
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from epp import metrics
+from epp import logfmt, metrics
 from epp.config import loader, quantities
 from epp.config import watch as config_watch
 from epp.datalayer import collector as collecting
@@ -56,7 +56,6 @@ class PickerOptions:
     config_poll_interval_s: float = 0.5
     pool_gauge_interval_s: float = 1.0
     shutdown_grace_s: float = 10.0
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 class Picker:
@@ -348,10 +347,7 @@ def options_from_args(args: argparse.Namespace) -> PickerOptions:
 
 
 def configure_logging(verbosity: int) -> None:
-    level = logging.WARNING if verbosity <= 0 else logging.INFO if verbosity == 1 else logging.DEBUG
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
-    )
+    logfmt.configure(verbosity)
 
 
 def tune_garbage_collector() -> None:
