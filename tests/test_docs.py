@@ -1,0 +1,29 @@
+"""docs/configuration.md cannot drift: its examples load, and every plugin type is there."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from epp.config import loader, registry
+from epp.flowcontrol import settings as flow_settings
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+TEXT = DOC.read_text(encoding="utf-8")
+EXAMPLES = re.findall(r"```yaml\n(.*?)```", TEXT, flags=re.S)
+
+
+def test_every_registered_plugin_type_has_a_section():
+    documented = set(re.findall(r"^### `([a-z-]+)`$", TEXT, flags=re.M))
+    missing = set(registry.plugin_types()) - documented
+    assert not missing, f"document these plugin types in {DOC.name}: {sorted(missing)}"
+    unknown = documented - set(registry.plugin_types())
+    assert not unknown, f"{DOC.name} documents types the registry does not know: {unknown}"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=lambda e: e.splitlines()[2][:40])
+def test_every_example_is_a_valid_config(example):
+    config = loader.load_config(example)
+    flow_settings.from_config(config)  # the flowControl section is checked too
