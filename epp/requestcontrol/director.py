@@ -1,6 +1,6 @@
 """The director runs the named stages of the request path for one request.
 
-    parse -> rewrite -> admit -> candidates -> schedule -> pre_request   (route)
+    parse -> rewrite -> objective -> admit -> candidates -> schedule -> pre_request   (route)
     ... upstream answers ...
     response hooks -> metrics -> release                                (complete)
 
@@ -107,6 +107,7 @@ class Director:
         body = ctx.body()
         self.parse(ctx, body)
         self.rewrite(ctx, snapshot, body)
+        self.objective(ctx, snapshot)
         ctx.series = metrics.objective_series(ctx.model, ctx.target_model, str(ctx.priority))
         ctx.series.requests.inc()
         await self.admit(ctx, snapshot)
@@ -143,15 +144,18 @@ class Director:
             else:
                 weights = [t.weight for t in rewrite_targets]
                 target = self._rng.choices(rewrite_targets, weights)[0].model
-        ctx.objective = ctx.headers.get(OBJECTIVE_HEADER, "")
-        objective = snapshot.objectives.get(ctx.objective) if ctx.objective else None
-        ctx.priority = objective.priority if objective is not None else 0
         if target != parsed.model:
             assert parsed.document is not None
             ctx.body_out = replace_model(body, parsed.document, target)
             ctx.target_model = target
             ctx.restorer = ModelNameRestorer(parsed.model, target)
             log.debug("model rewritten", extra={"from": parsed.model, "to": target})
+
+    def objective(self, ctx: RequestContext, snapshot: Snapshot) -> None:
+        """The InferenceObjective the client named gives the request its priority (else 0)."""
+        ctx.objective = ctx.headers.get(OBJECTIVE_HEADER, "")
+        objective = snapshot.objectives.get(ctx.objective) if ctx.objective else None
+        ctx.priority = objective.priority if objective is not None else 0
 
     async def admit(self, ctx: RequestContext, snapshot: Snapshot) -> None:
         """Flow control (feature gate flowControl): wait for dispatch, or 429/503."""
