@@ -32,9 +32,9 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
+from epp import parameters
 from epp.config.document import ConfigError, PluginSpec
 from epp.datalayer import interfaces
-from epp.scheduling.plugins import parameters
 
 DEFAULT_SOURCE = "metrics-data-source"
 DEFAULT_EXTRACTOR = "core-metrics-extractor"

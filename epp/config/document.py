@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from epp.scheduling.plugins import parameters
+from epp import parameters
 
 API_VERSIONS = ("inference.networking.x-k8s.io/v1alpha1", "llm-d.ai/v1alpha1")
 KIND = "EndpointPickerConfig"

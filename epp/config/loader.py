@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Protocol, cast, runtime_checkable
 
+from epp import parameters
 from epp.config import data_layer as data_layer_section
 from epp.config import document, registry
 from epp.config.document import ConfigError
@@ -50,7 +51,6 @@ from epp.scheduling.interfaces import (
     ResponseComplete,
     Scorer,
 )
-from epp.scheduling.plugins import parameters
 
 __all__ = ["ConfigError", "PickerConfig", "load_config"]
 

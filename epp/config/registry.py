@@ -2,7 +2,7 @@
 
 A factory takes the plugin's name and its `parameters:` mapping (None when absent) and
 returns a plugin instance, raising `ValueError` (usually a
-`epp.scheduling.plugins.parameters.ParameterError`) for bad parameters. Adding a plugin
+`epp.parameters.ParameterError`) for bad parameters. Adding a plugin
 means writing its module and adding one line to `_FACTORIES`.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from epp import parameters
 from epp.datalayer import custom_metrics, extractors, sources
 from epp.flowcontrol import fairness, ordering, saturation, workload_aware
 from epp.requests import parsers
@@ -20,7 +21,6 @@ from epp.scheduling.plugins import (
     lora_affinity_scorer,
     max_score_picker,
     metric_scorer,
-    parameters,
     prefix_producer,
     prefix_scorer,
     profile_handler,

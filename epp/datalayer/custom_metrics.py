@@ -23,10 +23,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from epp import parameters
 from epp.datalayer import prometheus_text
 from epp.datalayer.endpoint_metrics import EndpointMetrics
 from epp.datastore.snapshot import Endpoint
-from epp.scheduling.plugins import parameters
 
 PROMETHEUS_METRIC: Final = "prometheus-metric"
 

@@ -38,10 +38,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final
 
+from epp import parameters
 from epp.datalayer import interfaces, prometheus_text
 from epp.datalayer.endpoint_metrics import EndpointMetrics
 from epp.datastore.snapshot import DEFAULT_ENGINE, Endpoint, EndpointKey
-from epp.scheduling.plugins import parameters
 
 logger = logging.getLogger(__name__)
 

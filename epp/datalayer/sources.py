@@ -18,9 +18,9 @@ import ssl
 from collections.abc import Mapping, Sequence
 from typing import Final
 
+from epp import parameters
 from epp.datalayer import http_client, interfaces, prometheus_text
 from epp.datastore.snapshot import Endpoint
-from epp.scheduling.plugins import parameters
 
 METRICS_DATA_SOURCE: Final = "metrics-data-source"
 TYPE_NAMES: Final = (METRICS_DATA_SOURCE, "prometheus-data-source")

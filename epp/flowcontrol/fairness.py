@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 
+from epp import parameters
 from epp.flowcontrol.interfaces import ItemQueue, OrderingPolicy, QueueItem
 from epp.flowcontrol.registry import WorkloadRegistry
-from epp.scheduling.plugins import parameters
 
 
 class GlobalStrictFairnessPolicy:

@@ -7,9 +7,9 @@ import heapq
 from collections import deque
 from collections.abc import Mapping
 
+from epp import parameters
 from epp.flowcontrol.interfaces import QueueItem
 from epp.flowcontrol.registry import WorkloadRegistry
-from epp.scheduling.plugins import parameters
 
 
 class FifoQueue:

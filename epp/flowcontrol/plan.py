@@ -7,9 +7,9 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from epp import parameters
 from epp.config import quantities
 from epp.flowcontrol.workload import DEFAULT_CRITICALITY, MAX_CRITICALITY
-from epp.scheduling.plugins import parameters
 
 
 @dataclass(frozen=True, slots=True)

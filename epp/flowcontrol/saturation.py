@@ -15,10 +15,10 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 
+from epp import parameters
 from epp.config import quantities
 from epp.datalayer.endpoint_metrics import EndpointMetrics
 from epp.scheduling.interfaces import Candidate, SchedulingRequest
-from epp.scheduling.plugins import parameters
 
 
 class UtilizationDetector:

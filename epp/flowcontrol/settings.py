@@ -34,10 +34,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from epp import parameters
 from epp.config import quantities
 from epp.flowcontrol import fairness, ordering, plan, saturation, workload_aware
 from epp.flowcontrol.interfaces import FairnessPolicy, OrderingPolicy, SaturationDetector
-from epp.scheduling.plugins import parameters
 
 if TYPE_CHECKING:
     from epp.config.loader import PickerConfig

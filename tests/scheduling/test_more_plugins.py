@@ -7,10 +7,10 @@ import random
 
 import pytest
 
+from epp import parameters
 from epp.datalayer.endpoint_metrics import EndpointMetrics
 from epp.scheduling import framework
 from epp.scheduling.interfaces import Candidate, ProfileResult, SchedulingResult
-from epp.scheduling.plugins import parameters
 from epp.scheduling.plugins.header_filter import HeaderBasedTestingFilter
 from epp.scheduling.plugins.load_scorers import (
     PendingAwareQueueScorer,

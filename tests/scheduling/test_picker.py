@@ -5,8 +5,8 @@ from collections import Counter
 
 import pytest
 
+from epp.parameters import ParameterError
 from epp.scheduling.plugins.max_score_picker import MaxScorePicker
-from epp.scheduling.plugins.parameters import ParameterError
 from tests.scheduling.builders import candidate, request
 
 

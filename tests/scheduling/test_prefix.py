@@ -6,9 +6,9 @@ import pytest
 import xxhash
 
 from epp.datastore.snapshot import EndpointKey
+from epp.parameters import ParameterError
 from epp.scheduling.interfaces import ProfileResult, SchedulingResult
 from epp.scheduling.plugins import prefix_index
-from epp.scheduling.plugins.parameters import ParameterError
 from epp.scheduling.plugins.prefix_producer import (
     PRUNE_INTERVAL_S,
     ApproxPrefixCacheProducer,

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import pytest
 
+from epp.parameters import ParameterError
 from epp.scheduling.plugins.load_scorers import KvCacheUtilizationScorer, QueueScorer
 from epp.scheduling.plugins.lora_affinity_scorer import LoraAffinityScorer
-from epp.scheduling.plugins.parameters import ParameterError
 from tests.scheduling.builders import candidate, request
 
 

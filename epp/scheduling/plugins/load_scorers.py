@@ -11,9 +11,9 @@ import collections
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from epp import parameters
 from epp.datastore.snapshot import EndpointKey
 from epp.scheduling.interfaces import Candidate, SchedulingRequest, SchedulingResult
-from epp.scheduling.plugins import parameters
 
 # A bound on remembered dispatches per endpoint: an endpoint whose metrics stopped
 # updating is stale (scored 0) anyway, and this keeps its memory flat meanwhile.

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from epp import parameters
 from epp.scheduling.interfaces import Candidate, SchedulingRequest
-from epp.scheduling.plugins import parameters
 
 
 class LoraAffinityScorer:

@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+from epp import parameters
 from epp.scheduling.interfaces import Candidate, SchedulingRequest
-from epp.scheduling.plugins import parameters
 
 LOWER_IS_BETTER = "lower-is-better"
 HIGHER_IS_BETTER = "higher-is-better"

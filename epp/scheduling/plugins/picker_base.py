@@ -6,7 +6,7 @@ import random
 from collections.abc import Mapping
 from typing import ClassVar, Self
 
-from epp.scheduling.plugins import parameters
+from epp import parameters
 
 
 class CountedPicker:

@@ -23,10 +23,11 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from epp import parameters
 from epp.datalayer.endpoint_metrics import EndpointMetrics
 from epp.datastore.snapshot import EndpointKey
 from epp.scheduling.interfaces import Candidate, SchedulingRequest, SchedulingResult
-from epp.scheduling.plugins import parameters, prefix_index
+from epp.scheduling.plugins import prefix_index
 
 DEFAULT_BLOCK_SIZE_TOKENS = 16
 DEFAULT_MAX_PREFIX_BLOCKS = 256

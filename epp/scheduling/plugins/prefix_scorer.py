@@ -28,9 +28,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
+from epp import parameters
 from epp.datastore.snapshot import EndpointKey
 from epp.scheduling.interfaces import Candidate, SchedulingRequest, SchedulingResult
-from epp.scheduling.plugins import parameters
 from epp.scheduling.plugins.prefix_producer import (
     ApproxPrefixCacheProducer,
     PrefixMatch,
