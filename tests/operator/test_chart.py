@@ -82,6 +82,9 @@ def test_envoy_bootstraps_are_current() -> None:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     for mode in module.FailureMode:
-        committed = (CHART / "files" / f"envoy-{mode.value}.json").read_text(encoding="utf-8")
-        assert committed == module.render(mode), f"run python {CHART}/render_envoy.py"
-        assert committed.count(str(module.LISTEN_PORT)) == 1  # the chart substitutes it
+        for transport in module.TRANSPORTS:
+            path = CHART / "files" / f"envoy-{mode.value}-{transport}.json"
+            committed = path.read_text(encoding="utf-8")
+            expected = module.render(mode, transport)
+            assert committed == expected, f"run python {CHART}/render_envoy.py"
+            assert committed.count(str(module.LISTEN_PORT)) == 1  # the chart substitutes it
