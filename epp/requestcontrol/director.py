@@ -22,7 +22,7 @@ from epp import metrics
 from epp.datalayer.endpoint_metrics import MetricsStore
 from epp.datastore.snapshot import EndpointKey, Snapshot
 from epp.flowcontrol import controller as flow
-from epp.flowcontrol import workload
+from epp.flowcontrol import saturation, workload
 from epp.requestcontrol.context import RequestContext
 from epp.requests import errors
 from epp.requests.parsers import BodyParser
@@ -97,6 +97,9 @@ class Director:
         self._staleness_s = staleness_threshold_s
         self._rng = rng or random.Random()
         self._flow_control = flow_control
+        # Without flow control, sheddable requests are still dropped when the pool is
+        # saturated (DESIGN §4's error table), judged by a default utilization detector.
+        self._shed_detector = saturation.UtilizationDetector()
         self.accounting = Accounting()
 
     # ---- request stages -------------------------------------------------------------
@@ -161,6 +164,8 @@ class Director:
         """Flow control (feature gate flowControl): wait for dispatch, or 429/503."""
         controller = self._flow_control() if self._flow_control is not None else None
         if controller is None:
+            if ctx.priority < 0 and self._saturated(snapshot):
+                raise errors.exhausted("the pool is saturated; sheddable request dropped")
             return
         context = workload.extract(
             ctx.headers.get(workload.HEADER),
@@ -199,6 +204,11 @@ class Director:
                 burst=limits.burst if limits else None,
             )
         )
+
+    def _saturated(self, snapshot: Snapshot) -> bool:
+        get = self._metrics.get
+        pool = [get(e.key) for e in snapshot.endpoints]
+        return self._shed_detector.saturation(pool, time.monotonic()) >= 1.0
 
     def candidates(
         self, ctx: RequestContext, snapshot: Snapshot, no_endpoints_status: int = 503

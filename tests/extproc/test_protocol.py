@@ -19,7 +19,7 @@ from tests.support.extproc_client import (
     set_headers,
     streamed_bodies,
 )
-from tests.support.picker import fresh_metrics, running_picker
+from tests.support.picker import fresh_metrics, running_picker, wait_for
 
 ADDRESSES = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 COMPLETION = orjson.dumps({"model": "m", "prompt": "hello world"})
@@ -419,3 +419,29 @@ async def test_objective_header_sets_the_request_priority(tmp_path):
             await client.close()
             after = metrics.REGISTRY.get_sample_value("inference_objective_request_total", labels)
     assert after == before + 1
+
+
+SHEDDABLE_MANIFEST = OBJECTIVE_MANIFEST.replace("priority: 7", "priority: -1").replace(
+    "name: critical", "name: batch"
+)
+
+
+async def test_sheddable_request_is_429_while_the_pool_is_saturated(tmp_path):
+    async with backends(["127.0.0.2"]) as servers:
+        manifest = tmp_path / "pool.yaml"
+        manifest.write_text(SHEDDABLE_MANIFEST.replace("PORT", str(servers[0].port)))
+        async with running_picker(manifests=(manifest,), pool_name="pool") as picker:
+            client = ExtProcClient(picker.grpc_port)
+            await fresh_metrics(picker)
+            body = orjson.dumps({"model": "m", "prompt": "hi"})
+            routed = await route(client, body, **{"x-gateway-inference-objective": "batch"})
+            assert "x-gateway-destination-endpoint" in set_headers(routed[0])
+            servers[0].state.waiting = 10  # queue / queueDepthThreshold (5) = 2: saturated
+            await fresh_metrics(picker)
+            shed = await route(client, body, **{"x-gateway-inference-objective": "batch"})
+            assert shed[0].immediate_response.status.code == 429
+            assert b"sheddable request dropped" in shed[0].immediate_response.body
+            normal = await route(client, body)  # priority 0 is never shed
+            assert "x-gateway-destination-endpoint" in set_headers(normal[0])
+            await client.close()
+            await wait_for(picker.director.accounting.is_idle, what="every slot released")
