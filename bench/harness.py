@@ -51,13 +51,7 @@ async def child(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
     try:
         yield process
     finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 5)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await child_process.terminate(process)
 
 
 @contextlib.asynccontextmanager

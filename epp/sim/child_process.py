@@ -58,13 +58,19 @@ async def simulator_process(
         await _wait_healthy(addresses, process, startup_timeout_s)
         yield addresses
     finally:
-        if process.returncode is None:
-            process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), 5)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await terminate(process)
+
+
+async def terminate(process: asyncio.subprocess.Process, timeout_s: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout_s`; always reaped."""
+    if process.returncode is not None:
+        return
+    process.terminate()
+    try:
+        await asyncio.wait_for(process.wait(), timeout_s)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
 
 
 async def _wait_healthy(
