@@ -29,8 +29,8 @@ import aiohttp
 from bench.harness import cpu_seconds, simulators
 from bench.harness import picker as picker_process
 from bench.picker_overhead import percentile
-from epp.gateway import envoy_config
-from epp.gateway.envoy_process import EnvoyProcess
+from sluice.gateway import envoy_config
+from sluice.gateway.envoy_process import EnvoyProcess
 
 HERE = Path(__file__).resolve().parent
 FLOW_ON = """

@@ -27,9 +27,10 @@ import time
 from collections import deque
 from pathlib import Path
 
+from epp.config import flow_control as flow_section
 from epp.datalayer.endpoint_metrics import EndpointMetrics
-from epp.flowcontrol import settings as flow_settings
 from epp.flowcontrol.controller import FlowController, FlowRequest
+from epp.flowcontrol.outcomes import Rejection
 from epp.flowcontrol.workload import WorkloadContext, WorkloadId
 
 HERE = Path(__file__).resolve().parent
@@ -95,7 +96,8 @@ async def run_policy(policy: str, args: argparse.Namespace) -> dict[str, object]
     pool = Pool(args.endpoints, args.max_running)
     clock = Clock()
     config = {"defaultPriorityBand": {"orderingPolicyRef": policy}}
-    settings = flow_settings.parse(config, {"metricsStalenessThreshold": "1h"}, {})
+    detector = flow_section.detector({"metricsStalenessThreshold": "1h"}, {})
+    settings = flow_section.settings(config, detector, {})
     flow = FlowController(settings, pool=pool, clock=clock)
     capacity_rps = pool.capacity / args.service_s
     rate = args.overload * capacity_rps
@@ -120,6 +122,7 @@ async def run_policy(policy: str, args: argparse.Namespace) -> dict[str, object]
         if clock.now <= args.duration_s:
             served_during_overload[criticality] += 1
         pool.start(clock.now, service_s)
+        assert not isinstance(admission, Rejection)  # no limits are configured here
         admission.release()  # its slot in the registry; the pool model holds the work
 
     dt = args.tick_ms / 1000

@@ -31,12 +31,13 @@ import timeit
 import tracemalloc
 from pathlib import Path
 
+from epp.config import flow_control as flow_section
 from epp.datalayer.endpoint_metrics import EndpointMetrics
-from epp.flowcontrol import settings as flow_settings
 from epp.flowcontrol import workload as workload_context
 from epp.flowcontrol.controller import FlowController, FlowRequest
 from epp.flowcontrol.interfaces import QueueItem
 from epp.flowcontrol.ordering import FifoQueue
+from epp.flowcontrol.outcomes import Rejection
 from epp.flowcontrol.plan import WorkloadAwareSettings, score
 from epp.flowcontrol.registry import WorkloadRegistry
 from epp.flowcontrol.workload import WorkloadId
@@ -145,9 +146,9 @@ def measure(workloads: int, queued: int, ops: int) -> dict[str, float]:
 
 async def _fast_path(requests: int) -> list[float]:
     pool = [EndpointMetrics(updated_at=time.monotonic())] * 2
-    settings = flow_settings.parse(
+    settings = flow_section.settings(
         {"defaultPriorityBand": {"orderingPolicyRef": "workload-aware-ordering-policy"}},
-        {"metricsStalenessThreshold": "1h"},
+        flow_section.detector({"metricsStalenessThreshold": "1h"}, {}),
         {},
     )
     flow = FlowController(settings, pool=lambda: pool)
@@ -163,6 +164,7 @@ async def _fast_path(requests: int) -> list[float]:
         admission = await flow.admit(
             FlowRequest(str(i), context, context.workload_id, priority=0, size_bytes=200)
         )
+        assert not isinstance(admission, Rejection)  # no limits are configured here
         admission.release()
         samples.append(time.perf_counter() - start)
     return samples

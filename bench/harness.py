@@ -16,8 +16,8 @@ from pathlib import Path
 
 import aiohttp
 
-from epp.gateway.ports import free_tcp_port
-from epp.sim import child_process
+from sluice.gateway.ports import free_tcp_port
+from sluice.sim import child_process
 
 TICKS = os.sysconf("SC_CLK_TCK")
 PYTHON = sys.executable
@@ -68,7 +68,7 @@ async def picker(
     """`sluice picker` on static endpoints; yields the process and its ext_proc port."""
     port, health, metrics = free_tcp_port(), free_tcp_port(), free_tcp_port()
     async with child(
-        PYTHON, "-m", "epp.cli", "picker",
+        PYTHON, "-m", "sluice.cli", "picker",
         "--endpoints", ",".join(endpoints),
         "--host", "127.0.0.1",
         "--grpc-port", str(port),

@@ -18,7 +18,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
-from epp import runner
+from epp import cli as picker_cli
 
 CHUNK = 62_000
 
@@ -96,7 +96,7 @@ async def serve(port: int, endpoints: list[str]) -> None:
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     # The same garbage-collector settings as `sluice picker`, so the floor is comparable.
-    runner.tune_garbage_collector()
+    picker_cli.tune_garbage_collector()
     await server.wait_for_termination()
 
 

@@ -13,7 +13,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from bench.harness import PYTHON, child
 from bench.operator_cluster import NAMESPACE, POOL
-from epp.gateway.ports import free_tcp_port
+from sluice.gateway.ports import free_tcp_port
 from tests.support.extproc_client import (
     ExtProcClient,
     completion_headers,
@@ -32,7 +32,7 @@ async def operator(
     """The operator + embedded picker, ready (gRPC health SERVING); yields it and its port."""
     port, health, metrics = free_tcp_port(), free_tcp_port(), free_tcp_port()
     async with child(
-        PYTHON, "-m", "epp.cli", "operator",
+        PYTHON, "-m", "sluice.cli", "operator",
         "--pool-name", POOL, "--pool-namespace", NAMESPACE,
         "--api-server", api_url, "--host", "127.0.0.1",
         "--grpc-port", str(port), "--grpc-health-port", str(health),

@@ -28,9 +28,9 @@ import aiohttp
 
 from bench.harness import PYTHON, child, cpu_seconds, simulators
 from bench.harness import picker as picker_process
-from epp.gateway import envoy_config
-from epp.gateway.envoy_process import EnvoyProcess
-from epp.gateway.ports import free_tcp_port
+from sluice.gateway import envoy_config
+from sluice.gateway.envoy_process import EnvoyProcess
+from sluice.gateway.ports import free_tcp_port
 
 HERE = Path(__file__).resolve().parent
 

@@ -19,9 +19,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from bench.harness import picker, simulators
-from epp.gateway import settings as gateway_settings
-from epp.gateway.envoy_process import EnvoyProcess
-from epp.loadgen import plots, runner, summary, workloads
+from sluice.gateway import settings as gateway_settings
+from sluice.gateway.envoy_process import EnvoyProcess
+from sluice.loadgen import plots, runner, summary, workloads
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

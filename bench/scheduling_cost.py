@@ -122,7 +122,8 @@ def cost(endpoint_counts: Sequence[int], requests: int) -> dict[str, Any]:
         candidates = _candidates(count, rng)
         row: dict[str, Any] = {}
         for name, text in CONFIGS.items():
-            scheduler = loader.load_config(text).scheduler
+            config = loader.load_config(text)
+            scheduler, lifecycle = config.scheduler, config.lifecycle
             samples: list[float] = []
             for n in range(requests + 200):  # the first 200 warm the index and caches
                 request = SchedulingRequest(
@@ -132,7 +133,7 @@ def cost(endpoint_counts: Sequence[int], requests: int) -> dict[str, Any]:
                 )
                 started = time.perf_counter()
                 result = scheduler.schedule(request, candidates)
-                scheduler.pre_request(request, result)
+                lifecycle.pre_request(request, result)
                 elapsed = time.perf_counter() - started
                 if n >= 200:
                     samples.append(elapsed * 1e6)
@@ -205,6 +206,7 @@ class _Fleet:
 
     def __init__(self, config: loader.PickerConfig, scrape_s: float) -> None:
         self.scheduler = config.scheduler
+        self.lifecycle = config.lifecycle
         self.scrape_s = scrape_s
         self.servers = [_Server() for _ in range(SERVERS)]
         self.endpoints = [_endpoint(i) for i in range(SERVERS)]
@@ -261,7 +263,7 @@ class _Fleet:
         candidates = [Candidate(self.endpoints[i], self.snapshot[i]) for i in range(active)]
         request = SchedulingRequest(str(n), "m", prompt_text=prompt)
         result = self.scheduler.schedule(request, candidates)
-        self.scheduler.pre_request(request, result)
+        self.lifecycle.pre_request(request, result)
         assert result.primary is not None
         chosen = result.primary.targets[0].endpoint
         i = self.endpoints.index(chosen)

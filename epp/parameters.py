@@ -9,7 +9,10 @@ only; the config loader prefixes the path (`plugins[2].parameters.`) it knows.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
+
+from epp import quantities
 
 
 class ParameterError(ValueError):
@@ -25,6 +28,21 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """` (did you mean 'x'?)` when a choice is close to `word`, else an empty string."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_key(mapping: Mapping[str, object], allowed: Sequence[str]) -> tuple[str, str] | None:
+    """The first key of `mapping` not in `allowed`, with a hint for the message:
+    ` (did you mean 'x'?)`, else ` (allowed: a, b)`, or ` (takes none)`. None when every key
+    is allowed. Every strict reader of configuration (document sections, plugin parameters,
+    flow control) reports unknown keys through this one function."""
+    for key in mapping:
+        if key in allowed:
+            continue
+        hint = did_you_mean(str(key), allowed)
+        if not hint:
+            hint = f" (allowed: {', '.join(allowed)})" if allowed else " (takes none)"
+        return str(key), hint
+    return None
 
 
 def _type_name(value: object) -> str:
@@ -111,6 +129,37 @@ class ParameterReader:
             raise ParameterError(key, "must not be empty")
         return value
 
+    def duration(self, key: str, default: float, *, positive: bool = False) -> float:
+        """Seconds from `50ms`, `2s`, `1m30s` or a plain number of seconds."""
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ParameterError(key, f"must be a duration like '2s', got {_type_name(value)}")
+        try:
+            seconds = quantities.parse_duration(value, key)
+        except ValueError as error:
+            raise ParameterError(key, str(error).removeprefix(f"{key}: ")) from None
+        if positive and (seconds <= 0 or not math.isfinite(seconds)):
+            raise ParameterError(key, f"must be a positive duration, got {value!r}")
+        return seconds
+
+    def quantity(self, key: str, default: int = 0) -> int:
+        """An integer from a Kubernetes quantity (`10Gi`, `1k`, `500`)."""
+        value = self._get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ParameterError(key, f"must be a quantity like '1k', got {_type_name(value)}")
+        try:
+            return quantities.parse_quantity(value, key)
+        except ValueError as error:
+            raise ParameterError(key, str(error).removeprefix(f"{key}: ")) from None
+
+    def value(self, key: str) -> object:
+        """The raw value (None when absent), for a caller with its own checks."""
+        return self._get(key)
+
     def mapping(self, key: str) -> Mapping[str, object] | None:
         value = self._get(key)
         if value is None:
@@ -119,14 +168,13 @@ class ParameterReader:
             raise ParameterError(key, f"must be a mapping, got {_type_name(value)} {value!r}")
         return value
 
+    def leftover(self) -> tuple[str, str] | None:
+        """The first key no reader method asked for, with its hint (see `unknown_key`)."""
+        return unknown_key(self._parameters, sorted(self._known))
+
     def finish(self) -> None:
         """Raise for the first key no reader method asked for."""
-        for key in self._parameters:
-            if key not in self._known:
-                allowed = sorted(self._known)
-                hint = did_you_mean(str(key), allowed)
-                if not hint:
-                    hint = (
-                        f" (accepted: {', '.join(allowed)})" if allowed else " (takes none)"
-                    )
-                raise ParameterError(str(key), f"unknown parameter{hint}")
+        found = self.leftover()
+        if found is not None:
+            key, hint = found
+            raise ParameterError(key, f"unknown parameter{hint}")

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from epp.config import loader, registry
-from epp.flowcontrol import settings as flow_settings
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 DOC = DOCS / "configuration.md"
@@ -23,6 +22,12 @@ EXAMPLES = [
 ]
 
 
+def test_the_docs_have_examples_and_sections_to_check():
+    """The other tests here would pass vacuously if a pattern stopped matching."""
+    assert len(EXAMPLES) >= 5
+    assert len(re.findall(r"^### `([a-z-]+)`$", TEXT, flags=re.M)) >= len(registry.plugin_types())
+
+
 def test_every_registered_plugin_type_has_a_section():
     documented = set(re.findall(r"^### `([a-z-]+)`$", TEXT, flags=re.M))
     missing = set(registry.plugin_types()) - documented
@@ -33,5 +38,4 @@ def test_every_registered_plugin_type_has_a_section():
 
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_every_example_is_a_valid_config(example):
-    config = loader.load_config(example)
-    flow_settings.from_config(config)  # the flowControl section is checked too
+    loader.load_config(example)  # every section, flowControl included

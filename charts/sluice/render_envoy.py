@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from epp.gateway import envoy_config
-from epp.gateway.settings import FailureMode, GatewayOptions
+from sluice.gateway import envoy_config
+from sluice.gateway.settings import FailureMode, GatewayOptions
 
 FILES = Path(__file__).resolve().parent / "files"
 LISTEN_PORT = 8081  # the chart substitutes envoy.port for it

@@ -22,6 +22,12 @@ Data layer: see `epp.config.data_layer`; `PickerConfig.data_sources` are wired a
 for the collector. A scorer with a `consumes` set (`metric-scorer`) must read custom
 metrics that some wired extractor `produces`.
 
+Also built here: the body parser (`parser:`), the saturation detector and, with the
+`flowControl` gate, the flow-control settings (see `epp.config.flow_control`), and the
+request-lifecycle plugins: every plugin that implements a lifecycle extension point, plus
+the built-in `in-flight-tracker`. A saturation detector named in a profile runs there as
+a filter.
+
 Reload: `load_config(text, previous=old)` keeps a stateful plugin (one with a
 `same_settings(other) -> bool` method, e.g. the prefix producer and its index) when the new
 config has a plugin of the same name and type whose settings are equal: the old instance
@@ -36,21 +42,26 @@ from types import MappingProxyType
 from typing import Protocol, cast, runtime_checkable
 
 from epp import parameters
+from epp.bodies import parsers
 from epp.config import data_layer as data_layer_section
-from epp.config import document, registry
+from epp.config import document, flow_control, registry
 from epp.config.document import ConfigError
 from epp.datalayer import interfaces as datalayer
 from epp.datastore.snapshot import EndpointKey
+from epp.flowcontrol.interfaces import SaturationDetector
+from epp.flowcontrol.settings import FEATURE_GATE as FLOW_CONTROL_GATE
+from epp.flowcontrol.settings import FlowControlSettings
+from epp.requestcontrol.inflight import InFlightTracker
+from epp.requestcontrol.lifecycle import Lifecycle
 from epp.scheduling import framework
 from epp.scheduling.interfaces import (
     DataProducer,
     Filter,
     Picker,
-    PreRequest,
     ProfileHandler,
-    ResponseComplete,
     Scorer,
 )
+from epp.scheduling.plugins import saturation_filter
 
 __all__ = ["ConfigError", "PickerConfig", "load_config"]
 
@@ -59,6 +70,7 @@ DEFAULT_PICKER = "max-score-picker"
 DEFAULT_HANDLER = "single-profile-handler"
 DEFAULT_PARSER = "openai-parser"
 DEFAULT_PREFIX_PRODUCER = "approx-prefix-cache-producer"
+IN_FLIGHT_TRACKER = InFlightTracker.type_name
 # (plugin name = type, weight) of the built-in default profile's scorers.
 DEFAULT_SCORERS = (
     ("queue-scorer", 2.0),
@@ -76,16 +88,20 @@ class StatefulPlugin(Protocol):
 
 @dataclass(frozen=True)
 class PickerConfig:
-    """A validated config: the scheduler to use and the sections later stages read."""
+    """A validated config: everything built from one `EndpointPickerConfig`."""
 
     scheduler: framework.Scheduler
+    parser: parsers.BodyParser
+    lifecycle: Lifecycle
+    saturation_detector: SaturationDetector
+    in_flight: InFlightTracker
+    # Set when the flowControl gate is on.
+    flow_control: FlowControlSettings | None = None
     feature_gates: frozenset[str] = frozenset()
     # Every plugin instance by name, declared or created by default.
     plugins: Mapping[str, object] = field(default_factory=dict)
-    # Raw sections for the stages that own them (saturation, data layer, flow control).
-    saturation_detector: Mapping[str, object] | None = None
+    # The `dataLayer:` section as written (None: the default pipeline).
     data_layer: Mapping[str, object] | None = None
-    flow_control: Mapping[str, object] | None = None
     # The `parser:` section's pluginRef, and the parser type it resolves to.
     parser_ref: str = DEFAULT_PARSER
     parser_type: str = DEFAULT_PARSER
@@ -114,17 +130,39 @@ def load_config(text: str | None, *, previous: PickerConfig | None = None) -> Pi
     sources, fingerprint = builder.build_data_layer(previous)
     builder.check_consumed_metrics(scheduler, sources)
     parser_ref = doc.parser_ref or DEFAULT_PARSER
+    parser_type = builder.parser_type(parser_ref)
+    detector_ref = (doc.saturation_detector or {}).get("pluginRef")
+    if detector_ref == flow_control.DETECTOR_TYPE and detector_ref not in builder.instances:
+        builder._default(detector_ref, detector_ref)  # DESIGN's short form, undeclared
+    detector = flow_control.detector(doc.saturation_detector, builder.instances)
+    flow = (
+        flow_control.settings(doc.flow_control, detector, builder.instances)
+        if FLOW_CONTROL_GATE in doc.feature_gates
+        else None
+    )
+    in_flight = builder._default(IN_FLIGHT_TRACKER, IN_FLIGHT_TRACKER)
+    assert isinstance(in_flight, InFlightTracker)
     return PickerConfig(
         scheduler=scheduler,
+        parser=parsers.PARSERS[parser_type](),
+        lifecycle=Lifecycle(builder.instances.values()),
+        saturation_detector=detector,
+        in_flight=in_flight,
+        flow_control=flow,
         feature_gates=doc.feature_gates,
         plugins=MappingProxyType(dict(builder.instances)),
-        saturation_detector=doc.saturation_detector,
         data_layer=doc.data_layer,
-        flow_control=doc.flow_control,
         parser_ref=parser_ref,
-        parser_type=builder.parser_type(parser_ref),
+        parser_type=parser_type,
         data_sources=sources,
         data_layer_fingerprint=fingerprint,
+    )
+
+
+def _in_profiles(plugin: object) -> bool:
+    """Whether a plugin can run in a scheduling profile."""
+    return isinstance(plugin, Filter | Scorer | Picker | DataProducer) or (
+        saturation_filter.can_filter(plugin)
     )
 
 
@@ -261,12 +299,9 @@ class _Builder:
             except ValueError as exc:
                 raise ConfigError(f"{self.where[name]}: {exc}") from None
 
-        plugins = list(self.instances.values())
         return framework.Scheduler(
             {p.name: p for p in profiles},
             cast(ProfileHandler, handler),  # checked structurally by _is_handler
-            pre_request_plugins=[p for p in plugins if isinstance(p, PreRequest)],
-            response_complete_plugins=[p for p in plugins if isinstance(p, ResponseComplete)],
         )
 
     # -- data layer ------------------------------------------------------------------
@@ -315,10 +350,12 @@ class _Builder:
         declared = [
             document.PluginRef(spec.name, None, spec.path)
             for spec in self.doc.plugins
-            if isinstance(self.instances[spec.name], Filter | Scorer | Picker | DataProducer)
+            if _in_profiles(self.instances[spec.name])
         ]
         if any(
-            isinstance(self.instances[ref.plugin], Filter | Scorer | Picker) for ref in declared
+            isinstance(self.instances[ref.plugin], Filter | Scorer | Picker)
+            or saturation_filter.can_filter(self.instances[ref.plugin])
+            for ref in declared
         ):
             return self._profile(document.ProfileSpec(DEFAULT_PROFILE, tuple(declared), "plugins"))
         for name, _ in DEFAULT_SCORERS:
@@ -369,6 +406,9 @@ class _Builder:
                 picker, picker_ref, used = plugin, ref.plugin, True
             if isinstance(plugin, Filter):
                 filters.append(plugin)
+                used = True
+            elif saturation_filter.can_filter(plugin):
+                filters.append(saturation_filter.SaturationFilter(plugin))  # type: ignore[arg-type]
                 used = True
             if isinstance(plugin, DataProducer):
                 if plugin not in producers:

@@ -12,9 +12,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from epp import parameters
+from epp.bodies import parsers
 from epp.datalayer import custom_metrics, extractors, sources
 from epp.flowcontrol import fairness, ordering, saturation, workload_aware
-from epp.requests import parsers
+from epp.requestcontrol import inflight
 from epp.scheduling.plugins import (
     header_filter,
     load_scorers,
@@ -34,7 +35,7 @@ PluginFactory = Callable[[str, Mapping[str, object] | None], object]
 class ParserDeclaration:
     """A body parser declared under `plugins` (`openai-parser`, `passthrough-parser`).
 
-    Parsers are built per request path by `epp.requests.parsers`; the config only records
+    Parsers are built per request path by `epp.bodies.parsers`; the config only records
     which one the `parser:` section selects.
     """
 
@@ -56,6 +57,17 @@ def _source_factory(type_name: str) -> PluginFactory:
 
     return create
 
+
+# Flow-control policies by kind: the `flowControl` section looks up band policies here.
+ORDERING_POLICIES: dict[str, PluginFactory] = {
+    "fcfs-ordering-policy": ordering.FcfsOrderingPolicy.from_parameters,
+    "edf-ordering-policy": ordering.EdfOrderingPolicy.from_parameters,
+    "workload-aware-ordering-policy": workload_aware.WorkloadAwareOrderingPolicy.from_parameters,
+}
+FAIRNESS_POLICIES: dict[str, PluginFactory] = {
+    "global-strict-fairness-policy": fairness.GlobalStrictFairnessPolicy.from_parameters,
+    "round-robin-fairness-policy": fairness.RoundRobinFairnessPolicy.from_parameters,
+}
 
 _FACTORIES: dict[str, PluginFactory] = {
     # profile handlers
@@ -80,13 +92,13 @@ _FACTORIES: dict[str, PluginFactory] = {
     **{type_name: _source_factory(type_name) for type_name in sources.TYPE_NAMES},
     "core-metrics-extractor": extractors.new_core_metrics_extractor,
     "prometheus-metric": custom_metrics.new_prometheus_metric_extractor,
-    # flow control: ordering and fairness policies, saturation detector (also a filter)
-    "fcfs-ordering-policy": ordering.FcfsOrderingPolicy.from_parameters,
-    "edf-ordering-policy": ordering.EdfOrderingPolicy.from_parameters,
-    "workload-aware-ordering-policy": workload_aware.WorkloadAwareOrderingPolicy.from_parameters,
-    "global-strict-fairness-policy": fairness.GlobalStrictFairnessPolicy.from_parameters,
-    "round-robin-fairness-policy": fairness.RoundRobinFairnessPolicy.from_parameters,
+    # flow control: ordering and fairness policies, saturation detector (named in a
+    # scheduling profile, a detector is also a filter)
+    **ORDERING_POLICIES,
+    **FAIRNESS_POLICIES,
     "utilization-detector": saturation.UtilizationDetector.from_parameters,
+    # request lifecycle
+    "in-flight-tracker": inflight.InFlightTracker.from_parameters,
     # request body parsers
     **{type_name: _parser_factory(type_name) for type_name in parsers.PARSERS},
 }

@@ -322,11 +322,10 @@ def _engine_mapping(engine: str, raw: object) -> EngineMetricNames:
     where = f"engines.{engine}"
     if not isinstance(raw, Mapping):
         raise parameters.ParameterError(where, f"must be a mapping, got {raw!r}")
-    for key in raw:
-        if key not in _ENGINE_KEYS:
-            hint = parameters.did_you_mean(str(key), _ENGINE_KEYS)
-            allowed = f" (allowed: {', '.join(_ENGINE_KEYS)})"
-            raise parameters.ParameterError(f"{where}.{key}", f"unknown key{hint or allowed}")
+    unknown = parameters.unknown_key(raw, _ENGINE_KEYS)
+    if unknown is not None:
+        key, hint = unknown
+        raise parameters.ParameterError(f"{where}.{key}", f"unknown key{hint}")
     for required in ("waiting", "running", "kvUsage"):
         if required not in raw:
             raise parameters.ParameterError(

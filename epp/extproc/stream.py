@@ -2,7 +2,10 @@
 
 `RequestStream.handle(message)` takes each ProcessingRequest Envoy sends and returns the
 ProcessingResponses to write back, in order. It knows the protocol (phases, body modes,
-chunking, header echo); what to route where is the director's business.
+chunking, header echo) and owns the request's wire state; what to route where is the
+director's business. Once routed, the stream owns the `RoutedRequest` and finishes it
+exactly once, in `close()`, which the server calls when the gRPC stream ends for any
+reason (response complete, client gone, Envoy reset, protocol error).
 
 Body modes: with FULL_DUPLEX_STREAMED (the default Envoy config) Envoy does not wait for
 answers, so the picker buffers the request body, and after the last chunk answers with the
@@ -21,11 +24,11 @@ from collections.abc import Mapping
 from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
+from epp import errors
+from epp.bodies.usage import SSEUsageReader, usage_from_json
 from epp.extproc import messages
-from epp.requestcontrol.context import RequestContext
 from epp.requestcontrol.director import Director
-from epp.requests import errors
-from epp.requests.usage import SSEUsageReader, usage_from_json
+from epp.requestcontrol.request import InboundRequest, ResponseProgress, RoutedRequest
 
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
@@ -46,18 +49,27 @@ class Phase(enum.Enum):
     REQUEST_BODY = "request body"
     UPSTREAM = "upstream"  # routed; waiting for the response
     RESPONSE_BODY = "response body"
-    DONE = "done"
+    DONE = "done"  # the response reached its end
+    FAILED = "failed"  # answered with an error of the picker's own
 
 
 class RequestStream:
     __slots__ = (
+        "_body_chunks",
+        "_body_size",
         "_director",
+        "_headers",
         "_max_body_bytes",
+        "_path",
+        "_progress",
+        "_received_at",
+        "_request_id",
         "_request_mode",
         "_response_buffer",
         "_response_mode",
+        "_routed",
         "_sse",
-        "ctx",
+        "_subset",
         "phase",
     )
 
@@ -66,12 +78,26 @@ class RequestStream:
         self._max_body_bytes = max_body_bytes
         self._request_mode = FULL_DUPLEX
         self._response_mode = FULL_DUPLEX
+        self._headers: dict[str, str] = {}
+        self._request_id = ""
+        self._path = ""
+        self._subset: frozenset[str] | None = None
+        self._received_at = time.monotonic()
+        self._body_chunks: list[bytes] = []
+        self._body_size = 0
+        self._routed: RoutedRequest | None = None
+        self._progress = ResponseProgress()
         self._response_buffer: list[bytes] = []
         self._sse: SSEUsageReader | None = None
-        self.ctx = RequestContext()
         self.phase = Phase.START
 
     async def handle(self, message: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
+        responses = await self._dispatch(message)
+        if self.phase is Phase.DONE or self.phase is Phase.FAILED:
+            self._release()  # the response ended: release now, not when Envoy closes
+        return responses
+
+    async def _dispatch(self, message: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         kind = message.WhichOneof("request")
         try:
             if kind == "request_headers":
@@ -88,14 +114,22 @@ class RequestStream:
                 return self._on_response_trailers()
             raise errors.bad_request("ext_proc message carries no request phase")
         except errors.InferenceError as error:
-            self.phase = Phase.DONE
-            self._director.fail(self.ctx, error)
+            if self.phase is not Phase.FAILED:  # the director counts the errors it raises
+                routed = self._routed
+                self._director.count_error(error, routed.labels if routed is not None else None)
+            self.phase = Phase.FAILED
             return [messages.immediate_response(error)]
 
     def close(self) -> None:
-        """The stream ended (normally, cancelled, or broken): release whatever is held."""
-        self._director.complete(self.ctx, completed=self.phase is Phase.DONE)
-        self.phase = Phase.DONE
+        """The gRPC stream ended (normally, cancelled, or broken): if the request has not
+        ended yet, it ends here, cut off."""
+        self._release()
+
+    def _release(self) -> None:
+        """Finish the routed request; ownership moves out, so this acts at most once."""
+        routed, self._routed = self._routed, None
+        if routed is not None:
+            routed.finish(self._progress, completed=self.phase is Phase.DONE)
 
     # ---- request side ---------------------------------------------------------------
 
@@ -105,13 +139,22 @@ class RequestStream:
                 f"ext_proc protocol: {what} arrived in phase '{self.phase.value}'"
             )
 
+    def _inbound(self, body: bytes) -> InboundRequest:
+        return InboundRequest(
+            request_id=self._request_id,
+            path=self._path,
+            headers=self._headers,
+            body=body,
+            subset=self._subset,
+            received_at=self._received_at,
+        )
+
     def _on_request_headers(self, message: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         self._expect(Phase.START, "request headers")
         if message.HasField("protocol_config"):
             self._request_mode = message.protocol_config.request_body_mode
             self._response_mode = message.protocol_config.response_body_mode
-        ctx = self.ctx
-        headers = ctx.headers
+        headers = self._headers
         for item in message.request_headers.headers.headers:
             name = item.key.lower()
             if item.raw_value:
@@ -121,22 +164,27 @@ class RequestStream:
                     raise errors.bad_request(f"header {name!r} is not valid UTF-8") from None
             else:
                 headers[name] = item.value
-        ctx.request_id = headers.get("x-request-id") or str(uuid.uuid4())
-        ctx.path = (
+        self._request_id = headers.get("x-request-id") or str(uuid.uuid4())
+        self._path = (
             headers.get(":path")
             or headers.get("x-original-path")
             or headers.get("x-forwarded-path", "")
         )
-        ctx.subset = _subset_hint(message.metadata_context.filter_metadata)
+        self._subset = _subset_hint(message.metadata_context.filter_metadata)
         if message.request_headers.end_of_stream:
-            self._director.route_header_only(ctx)
+            try:
+                routed = self._director.route_header_only(self._inbound(b""))
+            except errors.InferenceError:
+                self.phase = Phase.FAILED
+                raise
+            self._routed = routed
             self.phase = Phase.UPSTREAM
             return [
                 messages.request_headers_response(
                     messages.routing_mutation(
-                        ctx.primary_target, ctx.request_id, None, self._echo()
+                        routed.primary_target, self._request_id, None, self._echo()
                     ),
-                    ctx.destination,
+                    routed.destination,
                 )
             ]
         self.phase = Phase.REQUEST_BODY
@@ -146,14 +194,13 @@ class RequestStream:
 
     async def _on_request_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
         self._expect(Phase.REQUEST_BODY, "a request body chunk")
-        ctx = self.ctx
         if body.body:
-            ctx.body_size += len(body.body)
-            if ctx.body_size > self._max_body_bytes:
+            self._body_size += len(body.body)
+            if self._body_size > self._max_body_bytes:
                 raise errors.too_large(
                     f"request body exceeds the limit of {self._max_body_bytes} bytes"
                 )
-            ctx.body_chunks.append(body.body)
+            self._body_chunks.append(body.body)
         if not body.end_of_stream:
             if self._request_mode == FULL_DUPLEX:
                 return []
@@ -168,66 +215,74 @@ class RequestStream:
         return [trailers]
 
     async def _route(self, *, end_of_stream: bool) -> list[pb.ProcessingResponse]:
-        ctx = self.ctx
-        await self._director.route(ctx)
+        chunks = self._body_chunks
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self._body_chunks = []
+        try:
+            routed = await self._director.route(self._inbound(body))
+        except errors.InferenceError:
+            self.phase = Phase.FAILED
+            raise
+        self._routed = routed
         self.phase = Phase.UPSTREAM
-        destination = ctx.destination
-        body_out = ctx.body_out
+        body_out = routed.body
         mutation = messages.routing_mutation(
-            ctx.primary_target, ctx.request_id, len(body_out), self._echo()
+            routed.primary_target, self._request_id, len(body_out), self._echo()
         )
         if self._request_mode == FULL_DUPLEX:
             return [
-                messages.request_headers_response(mutation, destination),
+                messages.request_headers_response(mutation, routed.destination),
                 *messages.streamed_body(body_out, end_of_stream=end_of_stream, response_side=False),
             ]
-        if ctx.restorer is not None:  # the model was rewritten, so the body changed
+        if routed.restorer is not None:  # the model was rewritten, so the body changed
             mutation.body_mutation.body = body_out
-        return [messages.request_body_response(mutation, destination)]
+        return [messages.request_body_response(mutation, routed.destination)]
 
     def _echo(self) -> list[tuple[str, str]]:
-        return [(k, v) for k, v in self.ctx.headers.items() if _is_echoed(k)]
+        return [(k, v) for k, v in self._headers.items() if _is_echoed(k)]
 
     # ---- response side --------------------------------------------------------------
 
     def _on_response_headers(self, headers: pb.HttpHeaders) -> list[pb.ProcessingResponse]:
         self._expect(Phase.UPSTREAM, "response headers")
-        ctx = self.ctx
+        progress = self._progress
         for item in headers.headers.headers:
             name = item.key.lower()
             if name == ":status":
                 value = item.raw_value or item.value.encode()
-                ctx.response_status = int(value) if value.isdigit() else 0
+                progress.status = int(value) if value.isdigit() else 0
             elif name == "content-type":
                 value = item.raw_value or item.value.encode()
-                ctx.response_streaming = value.startswith(b"text/event-stream")
-        if ctx.response_streaming:
+                progress.streaming = value.startswith(b"text/event-stream")
+        if progress.streaming:
             self._sse = SSEUsageReader()
-        if headers.end_of_stream:
-            self.phase = Phase.DONE
-            self._director.complete(ctx, completed=True)
-        else:
-            self.phase = Phase.RESPONSE_BODY
+        if self._routed is not None:
+            self._routed.response_received(progress.status, progress.streaming)
+        self.phase = Phase.DONE if headers.end_of_stream else Phase.RESPONSE_BODY
         return [messages.response_headers_response()]
 
     def _on_response_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
         self._expect(Phase.RESPONSE_BODY, "a response body chunk")
-        ctx = self.ctx
-        now = time.monotonic()
+        progress = self._progress
         chunk = body.body
         if chunk:
-            if not ctx.first_chunk_at:
-                ctx.first_chunk_at = now
-            ctx.last_chunk_at = now
+            now = time.monotonic()
+            if not progress.first_chunk_at:
+                progress.first_chunk_at = now
+            progress.last_chunk_at = now
+        routed = self._routed
+        if routed is not None and routed.wants_chunks:
+            routed.response_chunk(chunk, body.end_of_stream)
+        restorer = routed.restorer if routed is not None else None
         if self._response_mode != FULL_DUPLEX:
             return [self._finish_buffered_response(chunk)]
         if self._sse is not None:
             self._sse.feed(chunk)
-            if ctx.restorer is not None:
-                chunk = ctx.restorer.restore(chunk)
+            if restorer is not None:
+                chunk = restorer.restore(chunk)
             if body.end_of_stream:
-                ctx.usage = self._sse.finish()
-                self._finish()
+                progress.usage = self._sse.finish()
+                self.phase = Phase.DONE
             return messages.streamed_body(
                 chunk, end_of_stream=body.end_of_stream, response_side=True
             )
@@ -235,23 +290,27 @@ class RequestStream:
             self._response_buffer.append(chunk)
         if not body.end_of_stream:
             return []
+        self.phase = Phase.DONE
+        return messages.streamed_body(self._flush_buffer(), end_of_stream=True, response_side=True)
+
+    def _flush_buffer(self) -> bytes:
+        """The buffered (non-streaming) response body, usage read, model name restored."""
         whole = b"".join(self._response_buffer)
         self._response_buffer = []
-        ctx.usage = usage_from_json(whole)
-        if ctx.restorer is not None:
-            whole = ctx.restorer.restore(whole)
-        self._finish()
-        return messages.streamed_body(whole, end_of_stream=True, response_side=True)
+        self._progress.usage = usage_from_json(whole)
+        restorer = self._routed.restorer if self._routed is not None else None
+        return restorer.restore(whole) if restorer is not None else whole
 
     def _finish_buffered_response(self, chunk: bytes) -> pb.ProcessingResponse:
-        ctx = self.ctx
+        progress = self._progress
         if self._sse is not None:
             self._sse.feed(chunk)
-            ctx.usage = self._sse.finish()
+            progress.usage = self._sse.finish()
         else:
-            ctx.usage = usage_from_json(chunk)
-        replaced = ctx.restorer.restore(chunk) if ctx.restorer is not None else chunk
-        self._finish()
+            progress.usage = usage_from_json(chunk)
+        restorer = self._routed.restorer if self._routed is not None else None
+        replaced = restorer.restore(chunk) if restorer is not None else chunk
+        self.phase = Phase.DONE
         return messages.buffered_body_response(
             replaced if replaced is not chunk else None, response_side=True
         )
@@ -259,21 +318,14 @@ class RequestStream:
     def _on_response_trailers(self) -> list[pb.ProcessingResponse]:
         out: list[pb.ProcessingResponse] = []
         if self._sse is not None:
-            self.ctx.usage = self._sse.finish()
+            self._progress.usage = self._sse.finish()
         elif self._response_buffer:
             # Trailers end a buffered body whose last chunk did not say so: flush it.
-            whole = b"".join(self._response_buffer)
-            self._response_buffer = []
-            self.ctx.usage = usage_from_json(whole)
-            if self.ctx.restorer is not None:
-                whole = self.ctx.restorer.restore(whole)
-            out = messages.streamed_body(whole, end_of_stream=False, response_side=True)
-        self._finish()
-        return [*out, messages.trailers_response(response_side=True)]
-
-    def _finish(self) -> None:
+            out = messages.streamed_body(
+                self._flush_buffer(), end_of_stream=False, response_side=True
+            )
         self.phase = Phase.DONE
-        self._director.complete(self.ctx, completed=True)
+        return [*out, messages.trailers_response(response_side=True)]
 
 
 def _subset_hint(filter_metadata: Mapping[str, object]) -> frozenset[str] | None:

@@ -1,11 +1,12 @@
 """The flow controller: admission, priority bands, limits, TTLs and dispatch.
 
-`admit(request)` returns at once (a `Ticket`) when nothing of equal or higher priority is
-waiting and the pool is below the band's saturation ceiling; otherwise the request joins
-its band's queue and waits until the dispatcher lets it go, its TTL runs out (503), or the
-client goes away (the await is cancelled). Full queues answer 429 with retry-after. Every
-path that does not hand a ticket to the caller releases the workload's slot before
-returning or raising; the caller releases a handed-out ticket with `release` (exactly once;
+`admit(request)` returns at once (an `Admission`) when nothing of equal or higher priority
+is waiting and the pool is below the band's saturation ceiling; otherwise the request joins
+its band's queue and waits until the dispatcher lets it go, its TTL runs out, or the client
+goes away (the await is cancelled). Limits, full queues and shedding end admission with a
+`Rejection` (see `outcomes`; the request path decides what the client hears). Every path
+that does not hand an `Admission` to the caller releases the workload's slot before
+returning or raising; the caller releases a handed-out one with `release` (exactly once;
 a second release is counted, never applied).
 
 One dispatcher task runs while requests wait. Bands go strictly from high to low priority;
@@ -33,10 +34,10 @@ from epp import metrics
 from epp.datalayer.endpoint_metrics import EndpointMetrics
 from epp.flowcontrol import budget, limits
 from epp.flowcontrol.interfaces import BandQueue, QueueItem
+from epp.flowcontrol.outcomes import Rejection, RejectReason
 from epp.flowcontrol.registry import Ticket, WorkloadRegistry, WorkloadView
 from epp.flowcontrol.settings import BandSettings, FlowControlSettings
 from epp.flowcontrol.workload import WorkloadContext
-from epp.requests import errors
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,8 @@ class FlowController:
         self._task = self._cleanup_task = None
         for band in self._order:
             for item in band.queue.drain():
-                self._finish(item, band, "rejected", errors.unavailable("the picker is stopping"))
+                stopping = Rejection(RejectReason.STOPPING, "the picker is stopping")
+                self._finish(item, band, "rejected", stopping)
 
     def let_all_go(self) -> int:
         """Dispatch everything queued at once (flow control is being switched off)."""
@@ -194,18 +196,22 @@ class FlowController:
                 return True
         return False
 
-    async def admit(self, request: FlowRequest) -> Admission:
-        """Wait until the request may go; raises InferenceError (429, 503) otherwise."""
+    async def admit(self, request: FlowRequest) -> Admission | Rejection:
+        """Wait until the request may go (an `Admission` to release when it ends), or say why
+        it may not. A cancelled wait (client gone) propagates, with nothing left held."""
         now = self.clock()
         ticket = self.registry.arrive(request.workload.workload_id, now)
         try:
-            await self._admit(request, ticket, now)
+            rejection = await self._admit(request, ticket, now)
         except BaseException:
             self.registry.release(ticket)
             raise
+        if rejection is not None:
+            self.registry.release(ticket)
+            return rejection
         return Admission(self, ticket)
 
-    async def _admit(self, request: FlowRequest, ticket: Ticket, now: float) -> None:
+    async def _admit(self, request: FlowRequest, ticket: Ticket, now: float) -> Rejection | None:
         label = str(request.priority)
         rejected = limits.workload_class(
             self.registry,
@@ -218,7 +224,7 @@ class FlowController:
         )
         if rejected is not None:
             self._reject(label)
-            raise rejected
+            return rejected
         ceiling = self.settings.band(request.priority).saturation_ceiling
         if not self._waiting_at_or_above(request.priority) and self._saturation() < ceiling:
             immediate = self._immediate.get(request.priority)
@@ -229,11 +235,13 @@ class FlowController:
                 self._immediate[request.priority] = immediate
             immediate.observe(0)
             self.registry.record_wait(ticket, 0.0)
-            return
+            return None
         if request.priority < 0:  # sheddable: never queued
             self._reject(label)
-            raise errors.exhausted(
-                "the pool is saturated; sheddable request dropped", self.settings.retry_after_s
+            return Rejection(
+                RejectReason.SHED,
+                "the pool is saturated; sheddable request dropped",
+                self.settings.retry_after_s,
             )
         band = self._band(request.priority)
         rejected = limits.capacity(
@@ -248,7 +256,7 @@ class FlowController:
         )
         if rejected is not None:
             self._reject(label)
-            raise rejected
+            return rejected
         ttl = self.settings.default_request_ttl_s
         self._seq += 1
         item = QueueItem(
@@ -263,7 +271,7 @@ class FlowController:
             seq=self._seq,
             ticket=ticket,
         )
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Rejection | None] = asyncio.get_running_loop().create_future()
         item.future = future
         band.queue.push(item, now)
         band.bytes += item.size_bytes
@@ -282,7 +290,7 @@ class FlowController:
         )
         self._wake.set()
         try:
-            await future
+            return await future
         except asyncio.CancelledError:
             # The client went away while queued: take the item out; the caller's `except`
             # releases the ticket.
@@ -318,16 +326,13 @@ class FlowController:
         ).observe(max(0.0, self.clock() - item.enqueued_at))
 
     def _finish(
-        self, item: QueueItem, band: _Band, outcome: str, error: errors.InferenceError | None
+        self, item: QueueItem, band: _Band, outcome: str, rejection: Rejection | None
     ) -> None:
         self._unqueue(item, band)
         self._observe(item, outcome)
         future = item.future
         if future is not None and not future.done():
-            if error is None:
-                future.set_result(None)
-            else:
-                future.set_exception(error)
+            future.set_result(rejection)
 
     def _expire(self, now: float) -> None:
         deadlines = self._deadlines
@@ -344,9 +349,10 @@ class FlowController:
                 item,
                 band,
                 "evicted",
-                errors.unavailable(
+                Rejection(
+                    RejectReason.TTL_EXPIRED,
                     "request waited longer than its TTL of "
-                    f"{self.settings.default_request_ttl_s:g}s in the flow control queue"
+                    f"{self.settings.default_request_ttl_s:g}s in the flow control queue",
                 ),
             )
 

@@ -17,6 +17,7 @@ from epp.datalayer.endpoint_metrics import EndpointMetrics
 from epp.flowcontrol.workload import WorkloadId
 
 if TYPE_CHECKING:
+    from epp.flowcontrol.outcomes import Rejection
     from epp.flowcontrol.registry import Ticket, WorkloadRegistry
 
 
@@ -62,7 +63,8 @@ class QueueItem:
         self.deadline = deadline  # math.inf: no TTL
         self.seq = seq  # arrival order; breaks every tie so dispatch is deterministic
         self.ticket = ticket
-        self.future: asyncio.Future[None] | None = None
+        # Resolved by the dispatcher: None = go, a Rejection = do not.
+        self.future: asyncio.Future[Rejection | None] | None = None
         self.removed = False
 
     def __repr__(self) -> str:
@@ -129,6 +131,10 @@ class SaturationDetector(Protocol):
 
     def saturation(self, endpoints: Sequence[EndpointMetrics], now: float) -> float:
         """Pool saturation; >= 1.0 means full. No endpoints counts as full."""
+        ...
+
+    def endpoint_saturation(self, metrics: EndpointMetrics, now: float) -> float:
+        """One endpoint's saturation; >= 1.0 means it is full (or its metrics are stale)."""
         ...
 
     def request_load(self, endpoint_count: int) -> float:

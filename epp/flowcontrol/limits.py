@@ -1,14 +1,14 @@
 """Admission limits, checked before a request may wait: its WorkloadClass's limits
 (concurrency, request rate) and the queues' capacity (requests, bytes; global and per
-band). Each check returns the 429 to answer, or None."""
+band). Each check returns the `Rejection`, or None when the request may go on."""
 
 from __future__ import annotations
 
 import math
 
+from epp.flowcontrol.outcomes import Rejection, RejectReason
 from epp.flowcontrol.registry import Ticket, WorkloadRegistry
 from epp.flowcontrol.settings import BandSettings, FlowControlSettings
-from epp.requests import errors
 
 
 def workload_class(
@@ -20,10 +20,11 @@ def workload_class(
     requests_per_second: float | None,
     burst: int | None,
     retry_after_s: int,
-) -> errors.InferenceError | None:
+) -> Rejection | None:
     """`ticket` already counts this request as active and as an arrival."""
     if max_concurrent is not None and ticket.stats.active > max_concurrent:
-        return errors.exhausted(
+        return Rejection(
+            RejectReason.WORKLOAD_CONCURRENCY,
             f"workload {ticket.workload_id!r} has {max_concurrent} requests active, its "
             "WorkloadClass limit",
             retry_after_s,
@@ -33,7 +34,8 @@ def workload_class(
             ticket.stats, now, requests_per_second, burst or math.ceil(requests_per_second)
         )
         if wait_s > 0:
-            return errors.exhausted(
+            return Rejection(
+                RejectReason.WORKLOAD_RATE,
                 f"workload {ticket.workload_id!r} is over its WorkloadClass rate of "
                 f"{requests_per_second:g} requests per second",
                 max(1, math.ceil(wait_s)),
@@ -51,7 +53,7 @@ def capacity(
     band: BandSettings,
     band_queued: int,
     band_bytes: int,
-) -> errors.InferenceError | None:
+) -> Rejection | None:
     """Whether one more request of `size_bytes` fits in the queues."""
     problem = ""
     if settings.max_requests and queued + 1 > settings.max_requests:
@@ -62,4 +64,6 @@ def capacity(
         problem = f"priority band {priority} is full ({band.max_requests} requests)"
     elif band.max_bytes and band_bytes + size_bytes > band.max_bytes:
         problem = f"priority band {priority} is full ({band.max_bytes} bytes)"
-    return errors.exhausted(problem, settings.retry_after_s) if problem else None
+    if not problem:
+        return None
+    return Rejection(RejectReason.QUEUE_FULL, problem, settings.retry_after_s)

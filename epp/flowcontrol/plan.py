@@ -3,12 +3,10 @@ window, cleanup and idle timeout (`workload-aware-ordering-policy` parameters)."
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from epp import parameters
-from epp.config import quantities
 from epp.flowcontrol.workload import DEFAULT_CRITICALITY, MAX_CRITICALITY
 
 
@@ -37,7 +35,7 @@ def score(settings: WorkloadAwareSettings, wait_s: float, criticality: int, rate
 def parse(params: Mapping[str, object] | None) -> WorkloadAwareSettings:
     reader = parameters.ParameterReader(params)
     defaults = WorkloadAwareSettings()
-    weights_raw = reader._get("weights")
+    weights_raw = reader.value("weights")
     weights = parameters.ParameterReader(_mapping(weights_raw, "weights"))
     try:
         wait_w = weights.number("waitTime", defaults.wait_weight, minimum=0.0)
@@ -50,15 +48,15 @@ def parse(params: Mapping[str, object] | None) -> WorkloadAwareSettings:
         wait_weight=wait_w,
         criticality_weight=crit_w,
         rate_weight=rate_w,
-        wait_time_cap_s=_positive_duration(reader, "waitTimeCap", defaults.wait_time_cap_s),
+        wait_time_cap_s=reader.duration("waitTimeCap", defaults.wait_time_cap_s, positive=True),
         request_rate_cap=reader.number("requestRateCap", defaults.request_rate_cap, minimum=0.0),
-        sliding_window_s=_positive_duration(
-            reader, "slidingWindowDuration", defaults.sliding_window_s
+        sliding_window_s=reader.duration(
+            "slidingWindowDuration", defaults.sliding_window_s, positive=True
         ),
-        cleanup_interval_s=_positive_duration(
-            reader, "cleanupInterval", defaults.cleanup_interval_s
+        cleanup_interval_s=reader.duration(
+            "cleanupInterval", defaults.cleanup_interval_s, positive=True
         ),
-        idle_timeout_s=_positive_duration(reader, "idleTimeout", defaults.idle_timeout_s),
+        idle_timeout_s=reader.duration("idleTimeout", defaults.idle_timeout_s, positive=True),
         default_criticality=reader.integer(
             "defaultCriticality", defaults.default_criticality, minimum=1, maximum=MAX_CRITICALITY
         ),
@@ -73,16 +71,3 @@ def _mapping(value: object, key: str) -> Mapping[str, object] | None:
     if value is None or isinstance(value, Mapping):
         return value
     raise parameters.ParameterError(key, f"must be a mapping, got {value!r}")
-
-
-def _positive_duration(reader: parameters.ParameterReader, key: str, default: float) -> float:
-    value = reader._get(key)
-    if value is None:
-        return default
-    try:
-        seconds = quantities.parse_duration(value, key)  # type: ignore[arg-type]
-    except (ValueError, TypeError) as error:
-        raise parameters.ParameterError(key, str(error).removeprefix(f"{key}: ")) from None
-    if seconds <= 0 or not math.isfinite(seconds):
-        raise parameters.ParameterError(key, f"must be a positive duration, got {value!r}")
-    return seconds

@@ -1,24 +1,21 @@
-"""`utilization-detector`: is the pool full? Also usable as a scheduling filter.
+"""`utilization-detector`: is the pool full?
 
 Saturation = mean over endpoints of max(waiting / queueDepthThreshold,
 kvCacheUsage / kvCacheUtilThreshold); an endpoint whose metrics are older than
 `metricsStalenessThreshold` counts 1.0 (it may be full for all we know), and a pool with no
 endpoints counts as full, so requests wait for the first endpoint (scale from zero).
 
-As a filter it keeps the endpoints below both thresholds with fresh metrics; when none is,
-it keeps them all, because shedding load is flow control's decision, not the scheduler's.
+Named in a scheduling profile, the same detector also filters endpoints (see
+`epp.scheduling.plugins.saturation_filter`).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping, Sequence
 
 from epp import parameters
-from epp.config import quantities
 from epp.datalayer.endpoint_metrics import EndpointMetrics
-from epp.scheduling.interfaces import Candidate, SchedulingRequest
 
 
 class UtilizationDetector:
@@ -44,16 +41,7 @@ class UtilizationDetector:
         kv = reader.number("kvCacheUtilThreshold", 0.8, minimum=0.0)
         if not 0.0 < kv <= 1.0:
             raise parameters.ParameterError("kvCacheUtilThreshold", f"must be in (0, 1], got {kv}")
-        raw = reader._get("metricsStalenessThreshold")
-        staleness = 0.2
-        if raw is not None:
-            try:
-                staleness = quantities.parse_duration(raw, "metricsStalenessThreshold")  # type: ignore[arg-type]
-            except (TypeError, ValueError) as error:
-                raise parameters.ParameterError(
-                    "metricsStalenessThreshold",
-                    str(error).removeprefix("metricsStalenessThreshold: "),
-                ) from None
+        staleness = reader.duration("metricsStalenessThreshold", 0.2)
         reader.finish()
         return cls(
             name,
@@ -89,10 +77,3 @@ class UtilizationDetector:
     def request_load(self, endpoint_count: int) -> float:
         # Worst case: the request waits on one endpoint, one more in its waiting queue.
         return 1.0 / (self.queue_depth_threshold * max(endpoint_count, 1))
-
-    def filter(
-        self, request: SchedulingRequest, candidates: Sequence[Candidate]
-    ) -> Sequence[Candidate]:
-        now = time.monotonic()
-        kept = [c for c in candidates if self.endpoint_saturation(c.metrics, now) < 1.0]
-        return kept or candidates

@@ -12,10 +12,9 @@
 none), `SchedulingResult.primary` is None and the caller answers 503. A plugin that raises
 during scheduling propagates; that is a bug to see, not a routing outcome.
 
-After the request is forwarded, `pre_request` runs the pre-request hooks (the prefix index
-records the chosen endpoint there), and when it ends, `response_complete` runs the
-response hooks. Hooks are isolated from each other: one that raises is logged and the
-others still run, because release-on-completion must happen exactly once on every path.
+What happens after a target is chosen (recording it, releasing it when the request ends)
+belongs to the request lifecycle's own extension points (`epp.requestcontrol`), not to the
+scheduler.
 
 Timing: each plugin call is measured with one `perf_counter()` read (the end of one call is
 the start of the next) and the durations are recorded after the cycle, so recording
@@ -38,11 +37,8 @@ from epp.scheduling.interfaces import (
     Filter,
     Picker,
     Plugin,
-    PreRequest,
     ProfileHandler,
     ProfileResult,
-    ResponseComplete,
-    ResponseOutcome,
     SchedulingRequest,
     SchedulingResult,
     Scorer,
@@ -172,9 +168,6 @@ class Scheduler:
         self,
         profiles: Mapping[str, SchedulingProfile],
         handler: ProfileHandler,
-        *,
-        pre_request_plugins: Sequence[PreRequest] = (),
-        response_complete_plugins: Sequence[ResponseComplete] = (),
     ) -> None:
         if not profiles:
             raise ValueError("a scheduler needs at least one profile")
@@ -183,18 +176,8 @@ class Scheduler:
                 raise ValueError(f"profile registered as {key!r} is named {profile.name!r}")
         self.profiles: Mapping[str, SchedulingProfile] = dict(profiles)
         self.handler = handler
-        self.pre_request_plugins: tuple[PreRequest, ...] = tuple(pre_request_plugins)
-        self.response_complete_plugins: tuple[ResponseComplete, ...] = tuple(
-            response_complete_plugins
-        )
         self._pick_labels = _labels("ProfilePicker", handler)
         self._process_labels = _labels("ProcessProfilesResults", handler)
-        self._pre_request_steps = [
-            (p, _labels("PreRequest", p)) for p in self.pre_request_plugins
-        ]
-        self._response_steps = [
-            (p, _labels("ResponseComplete", p)) for p in self.response_complete_plugins
-        ]
 
     def schedule(
         self, request: SchedulingRequest, candidates: Sequence[Candidate]
@@ -230,44 +213,6 @@ class Scheduler:
         metrics.observe_scheduler_duration(end - start)
         _record(timings)
         return result
-
-    def pre_request(self, request: SchedulingRequest, result: SchedulingResult) -> None:
-        """Tell the pre-request hooks where the request is going (skipped when nowhere)."""
-        primary = result.primary
-        if primary is None or not primary.targets:
-            return
-        t = perf_counter()
-        timings: list[_Timing] = []
-        for plugin, labels in self._pre_request_steps:
-            try:
-                plugin.pre_request(request, result)
-            except Exception:
-                logger.exception(
-                    "pre-request plugin %s failed for request %s", plugin.name, request.request_id
-                )
-            now = perf_counter()
-            timings.append((labels, now - t))
-            t = now
-        _record(timings)
-
-    def response_complete(
-        self, request: SchedulingRequest, target: Candidate, outcome: ResponseOutcome
-    ) -> None:
-        """Tell the response hooks how the request ended; each hook runs even if one fails."""
-        t = perf_counter()
-        timings: list[_Timing] = []
-        for plugin, labels in self._response_steps:
-            try:
-                plugin.response_complete(request, target, outcome)
-            except Exception:
-                logger.exception(
-                    "response-complete plugin %s failed for request %s",
-                    plugin.name, request.request_id,
-                )
-            now = perf_counter()
-            timings.append((labels, now - t))
-            t = now
-        _record(timings)
 
 
 def _record(timings: list[_Timing]) -> None:

@@ -5,8 +5,10 @@ it satisfies one or more of these protocols. The framework (`epp.scheduling.fram
 calls them in this order for each request:
 
     profile handler picks profiles -> for each profile: data producers -> filters ->
-    scorers (weighted sum) -> picker -> handler chooses the primary result ->
-    pre-request hooks on the chosen endpoint -> ... -> response-complete hooks.
+    scorers (weighted sum) -> picker -> handler chooses the primary result.
+
+What follows (pre-request, response hooks) is the request lifecycle's, declared in
+`epp.requestcontrol.interfaces`; a scheduling plugin may implement those too.
 """
 
 from __future__ import annotations
@@ -99,33 +101,6 @@ class DataProducer(Plugin, Protocol):
     def produce(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> None:
         """Compute per-request data (e.g. prefix matches) before filters and scorers run."""
         ...
-
-
-@runtime_checkable
-class PreRequest(Plugin, Protocol):
-    def pre_request(self, request: SchedulingRequest, result: SchedulingResult) -> None:
-        """Called once the request is about to be sent to the primary target."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class ResponseOutcome:
-    """How a request ended, for plugins that learn from responses."""
-
-    status_code: int
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cached_tokens: int = 0
-    ttft_s: float | None = None
-    tpot_s: float | None = None
-    completed: bool = True
-
-
-@runtime_checkable
-class ResponseComplete(Plugin, Protocol):
-    def response_complete(
-        self, request: SchedulingRequest, target: Candidate, outcome: ResponseOutcome
-    ) -> None: ...
 
 
 class ProfileHandler(Plugin, Protocol):

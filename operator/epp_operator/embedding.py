@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from epp.runner import Picker
+from epp.picker import Picker
 
 T = TypeVar("T")
 

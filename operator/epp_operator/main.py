@@ -7,9 +7,9 @@ import sys
 import threading
 from types import FrameType
 
+from epp import logfmt
 from epp.config import loader
 from epp.datastore import sources
-from epp.runner import configure_logging
 from epp_operator import settings
 from epp_operator.runtime import OperatorRuntime
 
@@ -17,7 +17,7 @@ from epp_operator.runtime import OperatorRuntime
 def main(argv: list[str]) -> int:
     parser = settings.build_argument_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.verbose)
+    logfmt.configure(args.verbose)
     options = settings.options_from_args(parser, args)
     stop = threading.Event()
 

@@ -17,7 +17,7 @@ import kopf
 
 from epp.config import loader
 from epp.datastore.reconciler import Reconciler
-from epp.runner import Picker
+from epp.picker import Picker
 from epp_operator import handlers
 from epp_operator.embedding import PickerThread
 from epp_operator.feed import ClusterFeed

@@ -8,9 +8,9 @@ import logging
 import os
 from dataclasses import dataclass
 
-from epp import runner
-from epp.config import quantities
-from epp.runner import PickerOptions
+from epp import arguments
+from epp import cli as picker_cli
+from epp.picker import PickerOptions
 
 EVENT_LEVELS = {
     "info": logging.INFO,
@@ -52,13 +52,6 @@ class OperatorOptions:
         return self.namespaces or (self.pool_namespace,)
 
 
-def _duration(text: str) -> float:
-    try:
-        return quantities.parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
 def _event_level(text: str) -> int | None:
     try:
         return EVENT_LEVELS[text.strip().lower()]
@@ -68,18 +61,8 @@ def _event_level(text: str) -> int | None:
         ) from None
 
 
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be between 0 and 65535, got {value}")
-    return value
-
-
 def build_argument_parser() -> argparse.ArgumentParser:
-    p = runner.build_argument_parser(prog="sluice operator")
+    p = picker_cli.build_argument_parser(prog="sluice operator")
     p.description = "In-cluster operator: watches the cluster and feeds the embedded picker."
     p.set_defaults(pool_namespace=os.environ.get("POD_NAMESPACE", "default"))
     g = p.add_argument_group("operator")
@@ -92,17 +75,17 @@ def build_argument_parser() -> argparse.ArgumentParser:
         dest="namespaces",
         help="namespace to watch (repeatable; default: the pool's namespace)",
     )
-    g.add_argument("--clusterwide", type=runner.parse_bool, nargs="?", const=True, default=False)
+    g.add_argument("--clusterwide", type=arguments.boolean, nargs="?", const=True, default=False)
     g.add_argument(
         "--standalone",
-        type=runner.parse_bool,
+        type=arguments.boolean,
         nargs="?",
         const=True,
         default=True,
         help="no kopf peering (default true: every replica must see every change)",
     )
     g.add_argument("--peering-name", default="sluice")
-    g.add_argument("--liveness-port", type=_port, default=8080, help="0 disables it")
+    g.add_argument("--liveness-port", type=arguments.port, default=8080, help="0 disables it")
     g.add_argument("--liveness-host", default="0.0.0.0")
     g.add_argument(
         "--event-level",
@@ -110,22 +93,22 @@ def build_argument_parser() -> argparse.ArgumentParser:
         default=logging.INFO,
         help="lowest severity posted as Kubernetes Events: info, warning, error, none",
     )
-    g.add_argument("--watch-server-timeout", type=_duration, default=300.0)
-    g.add_argument("--watch-client-timeout", type=_duration, default=330.0)
-    g.add_argument("--watch-connect-timeout", type=_duration, default=10.0)
-    g.add_argument("--watch-inactivity-timeout", type=_duration, default=70.0)
-    g.add_argument("--reconnect-backoff", type=_duration, default=1.0)
-    g.add_argument("--request-timeout", type=_duration, default=30.0)
+    g.add_argument("--watch-server-timeout", type=arguments.duration, default=300.0)
+    g.add_argument("--watch-client-timeout", type=arguments.duration, default=330.0)
+    g.add_argument("--watch-connect-timeout", type=arguments.duration, default=10.0)
+    g.add_argument("--watch-inactivity-timeout", type=arguments.duration, default=70.0)
+    g.add_argument("--reconnect-backoff", type=arguments.duration, default=1.0)
+    g.add_argument("--request-timeout", type=arguments.duration, default=30.0)
     g.add_argument(
         "--resync-period",
-        type=_duration,
+        type=arguments.duration,
         default=300.0,
         help="list everything again this often, for missed deletions (0: after reconnects only)",
     )
-    g.add_argument("--shutdown-grace-period", type=_duration, default=10.0)
+    g.add_argument("--shutdown-grace-period", type=arguments.duration, default=10.0)
     g.add_argument("--api-server", default=None, help=argparse.SUPPRESS)
     g.add_argument(
-        "--snapshot-coalescing", type=runner.parse_bool, default=True, help=argparse.SUPPRESS
+        "--snapshot-coalescing", type=arguments.boolean, default=True, help=argparse.SUPPRESS
     )
     return p
 
@@ -139,7 +122,7 @@ def options_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if not args.pool_name:
         parser.error("--pool-name is required (the InferencePool this picker serves)")
     picker = dataclasses.replace(
-        runner.options_from_args(args), shutdown_grace_s=args.shutdown_grace_period
+        picker_cli.options_from_args(args), shutdown_grace_s=args.shutdown_grace_period
     )
     return OperatorOptions(
         picker=picker,

@@ -49,7 +49,7 @@ def alive(pid: int) -> bool:
 
 async def test_demo_serves_curl_and_stops_cleanly_on_ctrl_c():
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "epp.cli", "demo",
+        sys.executable, "-m", "sluice.cli", "demo",
         "--replicas", "2", "--gateway-port", "0", "--no-view", "--time-scale", "0.1",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,

@@ -11,7 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from epp.gateway.ports import free_tcp_port
+from sluice.gateway.ports import free_tcp_port
 from tests.support.backends import backends
 
 
@@ -19,7 +19,7 @@ async def run_picker(*args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "epp.cli",
+        "sluice.cli",
         "picker",
         *args,
         stdout=asyncio.subprocess.PIPE,
@@ -30,7 +30,7 @@ async def run_picker(*args: str) -> asyncio.subprocess.Process:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--grpc-port", "nope"], "argument --grpc-port: invalid int value"),
+        (["--grpc-port", "nope"], "argument --grpc-port: expected a port number"),
         (["--secure-serving=maybe"], "expected true or false"),
         (["--refresh-metrics-interval", "fast"], "expected a duration"),
         (["--endpoints", "localhost:80"], "'localhost' in 'localhost:80' is not an IP address"),

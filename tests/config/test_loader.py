@@ -50,9 +50,11 @@ def test_default_config(text: str | None) -> None:
     config = load_config(text)
     assert _shape(config) == DEFAULT_SHAPE
     assert isinstance(config.scheduler.handler, SingleProfileHandler)
-    assert [p.name for p in config.scheduler.pre_request_plugins] == [
-        "approx-prefix-cache-producer"
+    assert [p.name for p in config.lifecycle.pre_request_plugins] == [
+        "approx-prefix-cache-producer",
+        "in-flight-tracker",
     ]
+    assert config.lifecycle.response_complete_plugins == (config.in_flight,)
     assert config.feature_gates == frozenset()
     assert config.parser_ref == config.parser_type == "openai-parser"
     assert config.data_layer is None and config.flow_control is None
@@ -65,7 +67,6 @@ def test_default_config_schedules_end_to_end() -> None:
     result = scheduler.schedule(req, cands)
     assert result.primary is not None
     assert result.primary.targets[0].endpoint.pod_name == "idle"
-    scheduler.pre_request(req, result)
 
 
 DESIGN_EXAMPLE = """\
@@ -111,14 +112,14 @@ def test_design_example() -> None:
     picker = config.plugins["max-score-picker"]
     assert isinstance(picker, MaxScorePicker) and picker.max_endpoints == 2
     assert "approx-prefix-cache-producer" not in config.plugins  # no default producer added
-    assert config.saturation_detector == {"pluginRef": "utilization-detector"}
+    assert config.saturation_detector is config.plugins["utilization-detector"]
+    assert config.flow_control is not None and config.flow_control.max_requests == 100
     assert config.data_layer == {
         "sources": [
             {"pluginRef": "metrics-data-source",
              "extractors": [{"pluginRef": "core-metrics-extractor"}]}
         ]
     }
-    assert config.flow_control == {"maxRequests": 100}
     assert config.parser_type == "openai-parser"
 
 
@@ -344,8 +345,8 @@ def test_legacy_combined_prefix_scorer() -> None:
     assert _shape(config)["p"]["producers"] == ["prefix-cache-scorer"]
     assert list(config.plugins) == ["prefix-cache-scorer", "max-score-picker",
                                     "single-profile-handler", "metrics-data-source",
-                                    "core-metrics-extractor"]
-    assert config.scheduler.pre_request_plugins == (scorer,)
+                                    "core-metrics-extractor", "in-flight-tracker"]
+    assert config.lifecycle.pre_request_plugins == (scorer, config.in_flight)
 
 
 def test_no_profiles_with_declared_scorers_uses_them_all() -> None:
@@ -385,9 +386,8 @@ PRODUCER_CONFIG = """
 
 
 def _learn(config: loader.PickerConfig) -> None:
-    scheduler = config.scheduler
     req = request("r" * 256)
-    scheduler.pre_request(req, scheduler.schedule(req, [candidate("a")]))
+    config.lifecycle.pre_request(req, config.scheduler.schedule(req, [candidate("a")]))
 
 
 def test_reload_keeps_stateful_plugin_with_unchanged_settings() -> None:
@@ -402,7 +402,8 @@ def test_reload_keeps_stateful_plugin_with_unchanged_settings() -> None:
     )
     assert new.plugins["fast-prefix"] is old_producer
     assert new.scheduler.profiles["default"].producers == (old_producer,)
-    assert new.scheduler.pre_request_plugins == (old_producer,)
+    assert new.lifecycle.pre_request_plugins == (old_producer, new.in_flight)
+    assert new.in_flight is old.in_flight  # in-flight counts survive reloads
     assert new.plugins["queue-scorer"] is not old.plugins["queue-scorer"]  # stateless: new
     req = request("r" * 256)
     new.scheduler.schedule(req, [candidate("a")])

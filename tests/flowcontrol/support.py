@@ -7,10 +7,12 @@ import itertools
 import time
 from collections.abc import Mapping
 
+from epp.config import flow_control as flow_section
 from epp.datalayer.endpoint_metrics import EndpointMetrics
-from epp.flowcontrol import settings as flow_settings
 from epp.flowcontrol.controller import Admission, FlowController, FlowRequest
+from epp.flowcontrol.outcomes import Rejection
 from epp.flowcontrol.workload import WorkloadContext, WorkloadId
+from epp.requestcontrol.admission import rejection_error
 
 # Metrics in these tests never go stale on a slow machine.
 NEVER_STALE = {"metricsStalenessThreshold": "1h"}
@@ -66,8 +68,19 @@ def controller(
 ) -> tuple[FlowController, FakePool, FakeClock]:
     pool = pool or FakePool()
     clock = clock or FakeClock()
-    settings = flow_settings.parse(flow, NEVER_STALE, plugins or {})
+    plugins = plugins or {}
+    detector = flow_section.detector(NEVER_STALE, plugins)
+    settings = flow_section.settings(flow, detector, plugins)
     return FlowController(settings, pool=pool, clock=clock), pool, clock
+
+
+async def admit(flow: FlowController, request: FlowRequest) -> Admission:
+    """The controller's answer as the request path hands it to the client: an admission,
+    or the InferenceError (429, 503) that its rejection becomes."""
+    outcome = await flow.admit(request)
+    if isinstance(outcome, Rejection):
+        raise rejection_error(outcome)
+    return outcome
 
 
 def request(
@@ -115,7 +128,7 @@ class Recorder:
 
     def start(self, req: FlowRequest) -> asyncio.Task[None]:
         async def run() -> None:
-            admission = await self.flow.admit(req)
+            admission = await admit(self.flow, req)
             self.order.append(req.request_id)
             self.admissions[req.request_id] = admission
 

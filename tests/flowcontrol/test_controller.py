@@ -7,16 +7,17 @@ import asyncio
 import pytest
 
 from epp import metrics
+from epp.errors import InferenceError
 from epp.flowcontrol.controller import FlowRequest
-from epp.requests.errors import InferenceError
-from tests.flowcontrol.support import FakePool, Recorder, controller, request, until
+from epp.flowcontrol.outcomes import Rejection, RejectReason
+from tests.flowcontrol.support import FakePool, Recorder, admit, controller, request, until
 
 WORKLOAD_AWARE = {"defaultPriorityBand": {"orderingPolicyRef": "workload-aware-ordering-policy"}}
 
 
 async def test_fast_path_when_nothing_waits_and_the_pool_has_room() -> None:
     flow, _, _ = controller()
-    admission = await flow.admit(request("a"))
+    admission = await admit(flow, request("a"))
     assert flow.queued() == 0 and flow.registry.total_active() == 1
     admission.release()
     admission.release()
@@ -66,7 +67,7 @@ async def test_a_flooding_workload_ranks_below_a_single_request() -> None:
     flow, pool, clock = controller(WORKLOAD_AWARE)
     rec = Recorder(flow)
     for _ in range(6000):  # 100 req/s for 60 s, all let through while the pool has room
-        (await flow.admit(request("f", "flood"))).release()
+        (await admit(flow, request("f", "flood"))).release()
         clock.advance(0.01)
     assert flow.registry.rate_of("flood") == pytest.approx(100.0)
     pool.saturate()
@@ -122,7 +123,7 @@ async def test_capacity_answers_429_with_retry_after(
     await rec.enqueue(request("one", size_bytes=second.get("size_bytes", 0)))
     await rec.enqueue(request("two", size_bytes=0))
     with pytest.raises(InferenceError) as info:
-        await flow.admit(request("three", size_bytes=second.get("size_bytes", 0)))
+        await admit(flow, request("three", size_bytes=second.get("size_bytes", 0)))
     assert (info.value.status, info.value.retry_after_s) == (429, 3)
     assert "full" in info.value.message
     assert flow.queued() == 2 and flow.registry.total_active() == 2
@@ -207,21 +208,21 @@ async def test_sheddable_requests_are_dropped_not_queued_when_saturated() -> Non
     flow, pool, _ = controller()
     pool.saturate()
     with pytest.raises(InferenceError) as info:
-        await flow.admit(request("shed", priority=-1))
+        await admit(flow, request("shed", priority=-1))
     assert info.value.status == 429 and flow.queued() == 0
     assert flow.registry.total_active() == 0
     pool.free()
-    (await flow.admit(request("shed", priority=-1))).release()
+    (await admit(flow, request("shed", priority=-1))).release()
 
 
 async def test_workload_class_concurrency_limit() -> None:
     flow, _, _ = controller()
-    first = await flow.admit(request("1", "w", max_concurrent=1))
+    first = await admit(flow, request("1", "w", max_concurrent=1))
     with pytest.raises(InferenceError) as info:
-        await flow.admit(request("2", "w", max_concurrent=1))
+        await admit(flow, request("2", "w", max_concurrent=1))
     assert info.value.status == 429 and "WorkloadClass" in info.value.message
     first.release()
-    (await flow.admit(request("3", "w", max_concurrent=1))).release()
+    (await admit(flow, request("3", "w", max_concurrent=1))).release()
     assert flow.registry.total_active() == 0
 
 
@@ -232,16 +233,16 @@ async def test_workload_class_rate_limit_is_a_token_bucket() -> None:
         return request(name, "w", requests_per_second=2.0, burst=3)
 
     for i in range(3):  # the burst
-        (await flow.admit(limited(f"b{i}"))).release()
+        (await admit(flow, limited(f"b{i}"))).release()
     with pytest.raises(InferenceError) as info:
-        await flow.admit(limited("over"))
+        await admit(flow, limited("over"))
     assert info.value.status == 429 and info.value.retry_after_s == 1
     assert "2 requests per second" in info.value.message
     clock.advance(0.5)  # one token back
-    (await flow.admit(limited("next"))).release()
+    (await admit(flow, limited("next"))).release()
     with pytest.raises(InferenceError):
-        await flow.admit(limited("again"))
-    (await flow.admit(request("other", "x"))).release()  # other workloads are not limited
+        await admit(flow, limited("again"))
+    (await admit(flow, request("other", "x"))).release()  # other workloads are not limited
     assert flow.registry.total_active() == 0
 
 
@@ -367,3 +368,22 @@ async def test_accounting_with_100_concurrent_requests_on_every_path() -> None:
     rec.release_all()
     assert len(rec.admissions) == 2
     assert flow.registry.total_active() == 0 and flow.registry.released_twice == 0
+
+
+async def test_flow_control_answers_with_outcomes_not_http() -> None:
+    """The controller says why; the request path decides the status (see test_admission)."""
+    flow, pool, clock = controller({"maxRequests": 1, "defaultRequestTTL": "1s"})
+    pool.saturate()
+    shed = await flow.admit(request("shed", priority=-1))
+    assert isinstance(shed, Rejection) and shed.reason is RejectReason.SHED
+    rec = Recorder(flow)
+    waiting = await rec.enqueue(request("waits"))
+    full = await flow.admit(request("full"))
+    assert isinstance(full, Rejection) and full.reason is RejectReason.QUEUE_FULL
+    assert full.retry_after_s == 1
+    clock.advance(2)
+    flow.dispatch_ready()
+    with pytest.raises(InferenceError) as info:
+        await waiting
+    assert info.value.status == 503
+    assert flow.registry.total_active() == 0

@@ -17,9 +17,9 @@ import aiohttp
 import orjson
 import pytest
 
-from epp.gateway import envoy_config
-from epp.gateway.envoy_process import EnvoyProcess
-from epp.runner import Picker
+from epp.picker import Picker
+from sluice.gateway import envoy_config
+from sluice.gateway.envoy_process import EnvoyProcess
 from tests.flowcontrol.support import FakeClock
 from tests.support.backends import Backend, backends
 from tests.support.picker import fresh_metrics, running_picker, wait_for
@@ -125,7 +125,7 @@ async def idle(picker: Picker) -> None:
         lambda: (
             flow.queued() == 0
             and flow.registry.total_active() == 0
-            and picker.director.accounting.is_idle()
+            and picker.in_flight.is_idle()
         ),
         what="every slot released",
     )
@@ -343,5 +343,5 @@ async def test_reload_keeps_queued_requests_and_gate_off_lets_them_go() -> None:
         picker.reload_config(None, "test")  # flowControl gate off
         assert picker.flow_controller is None
         assert [s for s, _, _ in await traffic.results()] == [200]
-        await wait_for(picker.director.accounting.is_idle, what="release")
+        await wait_for(picker.in_flight.is_idle, what="release")
         assert flow.registry.total_active() == 0 and flow.registry.released_twice == 0

@@ -18,12 +18,13 @@ from epp.flowcontrol.saturation import UtilizationDetector
 from epp.flowcontrol.workload import WorkloadId
 from epp.flowcontrol.workload_aware import WorkloadAwareOrderingPolicy
 from epp.scheduling.interfaces import Candidate, Filter, SchedulingRequest
+from epp.scheduling.plugins.saturation_filter import SaturationFilter
 
 HEAD = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
 
 
 def load(body: str) -> settings.FlowControlSettings | None:
-    return settings.from_config(loader.load_config(HEAD + body))
+    return loader.load_config(HEAD + body).flow_control
 
 
 def test_gate_off_means_no_flow_control() -> None:
@@ -87,7 +88,10 @@ flowControl:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ("flowControl: {maxRequest: 5}", "unknown key 'maxRequest' (did you mean 'maxRequests'?)"),
+        (
+            "flowControl: {maxRequest: 5}",
+            "unknown key 'maxRequest' in flowControl (did you mean 'maxRequests'?)",
+        ),
         ("flowControl: {maxBytes: 10Gb}", "flowControl.maxBytes: expected a quantity"),
         ("flowControl: {defaultRequestTTL: soon}", "flowControl.defaultRequestTTL: expected"),
         (
@@ -154,7 +158,7 @@ def test_saturation_is_the_mean_of_the_worse_ratio() -> None:
 
 
 def test_detector_as_a_scheduling_filter() -> None:
-    d = UtilizationDetector()
+    d = SaturationFilter(UtilizationDetector())
     assert isinstance(d, Filter)
 
     def candidate(n: int, m: EndpointMetrics) -> Candidate:

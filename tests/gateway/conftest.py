@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import pytest
 from aiohttp import web
 
-from epp.gateway import envoy_process
+from sluice.gateway import envoy_process
 
 SSE_EVENTS = 3
 

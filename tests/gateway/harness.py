@@ -10,8 +10,8 @@ from typing import Any
 import aiohttp
 import grpc
 
-from epp.gateway import envoy_process
-from epp.gateway.settings import GatewayOptions
+from sluice.gateway import envoy_process
+from sluice.gateway.settings import GatewayOptions
 from tests.gateway import ext_proc_stub as stub
 from tests.gateway.conftest import Backend
 

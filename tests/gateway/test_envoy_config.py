@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from epp.gateway import envoy_config, envoy_process
-from epp.gateway.settings import BodyMode, FailureMode, GatewayMode, GatewayOptions
+from sluice.gateway import envoy_config, envoy_process
+from sluice.gateway.settings import BodyMode, FailureMode, GatewayMode, GatewayOptions
 from tests.gateway import tls
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from epp.gateway import envoy_config, envoy_process, ports, settings
-from epp.gateway.settings import GatewayMode
+from sluice.gateway import envoy_config, envoy_process, ports, settings
+from sluice.gateway.settings import GatewayMode
 
 HEADER = settings.DESTINATION_HEADER
 

@@ -1,6 +1,6 @@
 """FailOpen and FailClose through a real Envoy: picker down, late, broken or silent.
 
-What the rendered config promises (see `epp.gateway.envoy_config`): FailClose answers 500;
+What the rendered config promises (see `sluice.gateway.envoy_config`): FailClose answers 500;
 FailOpen serves the request from the pool's backends, bodies intact, once the picker health
 check has noticed the picker is gone. The limits of FailOpen under full duplex are pinned
 here too, so a change in Envoy's behaviour shows up as a failing test.
@@ -16,8 +16,8 @@ import aiohttp
 import grpc
 import pytest
 
-from epp.gateway import envoy_process, ports, settings
-from epp.gateway.settings import BodyMode, FailureMode, GatewayOptions
+from sluice.gateway import envoy_process, ports, settings
+from sluice.gateway.settings import BodyMode, FailureMode, GatewayOptions
 from tests.gateway import ext_proc_stub as stub
 from tests.gateway.conftest import Backend
 from tests.gateway.harness import gateway, post, read_sse_releasing_each, refused_port

@@ -18,8 +18,8 @@ import aiohttp
 import grpc
 import pytest
 
-from epp.gateway import envoy_config, envoy_process, settings
-from epp.gateway.settings import BodyMode, FailureMode, GatewayOptions
+from sluice.gateway import envoy_config, envoy_process, settings
+from sluice.gateway.settings import BodyMode, FailureMode, GatewayOptions
 from tests.gateway import ext_proc_stub as stub
 from tests.gateway import tls
 from tests.gateway.conftest import SSE_EVENTS, Backend

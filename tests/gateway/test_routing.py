@@ -9,7 +9,7 @@ import os
 import aiohttp
 import pytest
 
-from epp.gateway import envoy_process, settings
+from sluice.gateway import envoy_process, settings
 from tests.gateway.conftest import SSE_EVENTS, Backend
 from tests.gateway.harness import read_sse_releasing_each
 

@@ -9,8 +9,8 @@ import aiohttp
 import orjson
 import pytest
 
-from epp.gateway import envoy_config
-from epp.gateway.envoy_process import EnvoyProcess
+from sluice.gateway import envoy_config
+from sluice.gateway.envoy_process import EnvoyProcess
 from tests.support.backends import Backend, backends
 from tests.support.picker import fresh_metrics, running_picker, wait_for
 
@@ -58,7 +58,7 @@ async def test_answers_come_from_the_endpoint_the_picker_chose():
             assert status == 200, body
             assert headers["x-inference-pod"] == servers[1].address
             assert orjson.loads(body)["usage"]["prompt_tokens"] == 3
-            await wait_for(picker.director.accounting.is_idle, what="release after response")
+            await wait_for(picker.in_flight.is_idle, what="release after response")
 
 
 async def test_over_tls_with_a_self_signed_certificate():
@@ -80,7 +80,7 @@ async def test_streaming_sse_passes_through():
             events = [line async for line in response.content if line.startswith(b"data:")]
         assert len(events) == 7
         assert events[-1].strip() == b"data: [DONE]"
-        await wait_for(picker.director.accounting.is_idle, what="release after stream")
+        await wait_for(picker.in_flight.is_idle, what="release after stream")
 
 
 async def test_bad_request_reaches_the_client_as_400():

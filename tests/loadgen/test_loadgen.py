@@ -7,9 +7,9 @@ import itertools
 import orjson
 import pytest
 
-from epp.loadgen import cli, runner, summary, workloads
-from epp.sim import config as sim_config
-from epp.sim.fleet import run_fleet
+from sluice.loadgen import cli, runner, summary, workloads
+from sluice.sim import config as sim_config
+from sluice.sim.fleet import run_fleet
 
 
 def take(spec: workloads.WorkloadSpec, n: int) -> list[workloads.RequestSpec]:

@@ -12,7 +12,7 @@ import orjson
 from epp_operator.runtime import OperatorRuntime
 from epp_operator.settings import OperatorOptions
 
-from epp.runner import PickerOptions
+from epp.picker import PickerOptions
 from tests.operator.cluster import Cluster
 from tests.support.extproc_client import (
     ExtProcClient,

@@ -12,7 +12,7 @@ import orjson
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from epp.gateway.ports import free_tcp_port
+from sluice.gateway.ports import free_tcp_port
 from tests.operator.cluster import Cluster, emulated_cluster
 from tests.operator.harness import NAMESPACE, POOL, pod, pool
 from tests.operator.model_servers import model_servers
@@ -30,7 +30,7 @@ async def _operator(*args: str) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "epp.cli",
+        "sluice.cli",
         "operator",
         *args,
         stdout=asyncio.subprocess.PIPE,

@@ -17,9 +17,9 @@ import pytest
 
 from epp import metrics
 from epp.config.loader import ConfigError
-from epp.gateway import envoy_config
-from epp.gateway.envoy_process import EnvoyProcess
 from epp.scheduling.plugins.prefix_producer import ApproxPrefixCacheProducer
+from sluice.gateway import envoy_config
+from sluice.gateway.envoy_process import EnvoyProcess
 from tests.support.backends import backends
 from tests.support.picker import fresh_metrics, running_picker, wait_for
 
@@ -126,4 +126,4 @@ async def test_reloads_during_traffic_fail_no_request_and_keep_the_prefix_index(
             assert _reloads("failure") == failed_before + RELOADS // 2
             assert picker.config.plugins["prefixes"] is producer
             assert index_sizes == sorted(index_sizes) and index_sizes[0] > 0  # only grows
-            await wait_for(picker.director.accounting.is_idle, what="every slot released")
+            await wait_for(picker.in_flight.is_idle, what="every slot released")

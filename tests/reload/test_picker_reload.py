@@ -12,7 +12,7 @@ import pytest
 
 from epp import metrics
 from epp.config.loader import ConfigError
-from epp.runner import Picker
+from epp.picker import Picker
 from tests.extproc.test_protocol import route
 from tests.support.backends import Backend, backends
 from tests.support.extproc_client import ExtProcClient, set_headers
@@ -166,13 +166,13 @@ def test_validate_config_flag(tmp_path: Path) -> None:
 
     def run(path: Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "epp.cli", "picker", "--validate-config", str(path)],
+            [sys.executable, "-m", "sluice.cli", "picker", "--validate-config", str(path)],
             capture_output=True, text=True, timeout=60, check=False,
         )
 
     ok = run(good)
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.strip() == f"sluice picker: {good}: valid (6 plugins; profiles: cool)"
+    assert ok.stdout.strip() == f"sluice picker: {good}: valid (7 plugins; profiles: cool)"
     failed = run(bad)
     assert failed.returncode == 1 and failed.stdout == ""
     (line,) = failed.stderr.strip().splitlines()

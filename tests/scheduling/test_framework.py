@@ -11,7 +11,6 @@ from epp.scheduling import framework
 from epp.scheduling.interfaces import (
     Candidate,
     ProfileResult,
-    ResponseOutcome,
     SchedulingRequest,
     SchedulingResult,
 )
@@ -76,9 +75,9 @@ class CapturePicker(MaxScorePicker):
         return super().pick(request, candidates, scores)
 
 
-def _scheduler(*profiles: framework.SchedulingProfile, **hooks: object) -> framework.Scheduler:
+def _scheduler(*profiles: framework.SchedulingProfile) -> framework.Scheduler:
     handler = SingleProfileHandler() if len(profiles) == 1 else AllProfilesHandler()
-    return framework.Scheduler({p.name: p for p in profiles}, handler, **hooks)  # type: ignore[arg-type]
+    return framework.Scheduler({p.name: p for p in profiles}, handler)  # type: ignore[arg-type]
 
 
 class AllProfilesHandler:
@@ -252,51 +251,6 @@ def test_plugin_and_cycle_durations_are_recorded() -> None:
     assert metrics.REGISTRY.get_sample_value(
         "inference_extension_scheduler_e2e_duration_seconds_count"
     ) == cycles + 1
-
-
-class Hook(Recorder):
-    type_name = "test-hook"
-
-    def __init__(self, name: str, log: list[str], fail: bool = False) -> None:
-        super().__init__(name, log)
-        self.fail = fail
-
-    def pre_request(self, request: SchedulingRequest, result: SchedulingResult) -> None:
-        self.log.append(f"pre:{self.name}")
-        if self.fail:
-            raise RuntimeError("boom")
-
-    def response_complete(
-        self, request: SchedulingRequest, target: Candidate, outcome: ResponseOutcome
-    ) -> None:
-        self.log.append(f"done:{self.name}:{target.endpoint.pod_name}:{outcome.status_code}")
-        if self.fail:
-            raise RuntimeError("boom")
-
-
-def test_hooks_run_in_order_and_one_failure_does_not_stop_the_others() -> None:
-    log: list[str] = []
-    hooks = [Hook("h1", log, fail=True), Hook("h2", log)]
-    profile = framework.SchedulingProfile("default", picker=MaxScorePicker())
-    scheduler = _scheduler(profile, pre_request_plugins=hooks, response_complete_plugins=hooks)
-    req = request()
-    result = scheduler.schedule(req, CANDS[:1])
-    scheduler.pre_request(req, result)
-    scheduler.response_complete(req, CANDS[0], ResponseOutcome(status_code=200))
-    assert log == ["pre:h1", "pre:h2", "done:h1:a:200", "done:h2:a:200"]
-    assert _count("PreRequest", "test-hook", "h2") >= 1
-    assert _count("ResponseComplete", "test-hook", "h2") >= 1
-
-
-def test_pre_request_is_skipped_without_a_target() -> None:
-    log: list[str] = []
-    profile = framework.SchedulingProfile(
-        "default", picker=MaxScorePicker(), filters=[KeepFilter("none", log, set())]
-    )
-    scheduler = _scheduler(profile, pre_request_plugins=[Hook("h", log)])
-    req = request()
-    scheduler.pre_request(req, scheduler.schedule(req, CANDS))
-    assert log == ["filter:none:4"]
 
 
 def test_single_profile_handler_refuses_several_profiles() -> None:

@@ -83,4 +83,4 @@ def test_scores_in_unit_interval_and_picks_come_from_candidates(
         assert 1 <= len(primary.targets) <= min(max_endpoints, len(cands))
         assert all(any(t is c for c in cands) for t in primary.targets)
         assert len({id(t) for t in primary.targets}) == len(primary.targets)
-        scheduler.pre_request(req, result)
+        producer.pre_request(req, result)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from epp.sim import engine, tokens
+from sluice.sim import engine, tokens
 
 BLOCK = 16
 SEED = tokens.hash_seed("m")

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from epp.sim import config, engine, fleet
+from sluice.sim import config, engine, fleet
 from tests.sim import support
 
 PAYLOAD = {"model": "sim-model", "prompt": "hello", "max_tokens": 2}

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from epp.sim import cli, config, fleet
+from sluice.sim import cli, config, fleet
 from tests.sim import support
 
 
@@ -127,7 +127,7 @@ async def test_cli_replicas_serve_idle_cheaply_and_stop_on_sigterm(
     replicas = 8
     base = free_port_run(replicas)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "epp.cli", "simulate", "--replicas", str(replicas),
+        sys.executable, "-m", "sluice.cli", "simulate", "--replicas", str(replicas),
         "--port", str(base), "--pod-name-prefix", "cli", "--time-scale", "0.01",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )

@@ -6,7 +6,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from epp.sim import engine, prefix_cache, tokens
+from sluice.sim import engine, prefix_cache, tokens
 
 # -- KV block pool -------------------------------------------------------------------
 

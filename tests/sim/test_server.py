@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from epp.sim import config, engine, fleet
+from sluice.sim import config, engine, fleet
 from tests.sim import support
 
 FAST = engine.PerformanceModel(

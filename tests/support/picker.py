@@ -7,7 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
-from epp.runner import Picker, PickerOptions
+from epp.picker import Picker, PickerOptions
 
 
 async def wait_for(

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from epp.loadgen.runner import RequestResult
-from epp.loadgen.summary import Summary
+from sluice.loadgen.runner import RequestResult
+from sluice.loadgen.summary import Summary
 
 
 def _pyplot():  # type: ignore[no-untyped-def]

@@ -13,42 +13,12 @@ import logging
 import os
 import signal
 import sys
-from typing import NoReturn
 
-from epp.sim import config as sim_config
-from epp.sim import engine, fleet
+from epp import arguments
+from sluice.sim import config as sim_config
+from sluice.sim import engine, fleet
 
 _PROG = "sluice simulate"
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """Bad flags exit 2 with one line that names the problem."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _boolean(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes", "on"):
-        return True
-    if lowered in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _duration(unit: str) -> type[float]:
-    scale_to_unit = {"ms": {"ms": 1.0, "s": 1000.0}, "s": {"ms": 0.001, "s": 1.0}}[unit]
-
-    def parse(text: str) -> float:
-        t = text.strip().lower()
-        for suffix in ("ms", "s"):
-            if t.endswith(suffix):
-                return float(t[: -len(suffix)]) * scale_to_unit[suffix]
-        return float(t)
-
-    parse.__name__ = f"duration in {unit}"
-    return parse  # type: ignore[return-value]
 
 
 def _lora_names(values: list[str]) -> tuple[str, ...]:
@@ -67,7 +37,7 @@ def _lora_names(values: list[str]) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog=_PROG, description="Simulated vLLM model servers.")
+    p = arguments.OneLineParser(prog=_PROG, description="Simulated vLLM model servers.")
     d = sim_config.SimConfig()
     m = engine.PerformanceModel()
     a = p.add_argument
@@ -85,14 +55,14 @@ def build_parser() -> argparse.ArgumentParser:
       help="context length, prompt + output (0 = KV cache capacity)")
     a("--block-size", type=int, default=m.block_size, help="tokens per KV block")
     a("--kv-cache-size", type=int, default=m.kv_cache_blocks, help="KV cache size in blocks")
-    a("--enable-prefix-caching", type=_boolean, nargs="?", const=True,
+    a("--enable-prefix-caching", type=arguments.boolean, nargs="?", const=True,
       default=m.enable_prefix_caching, metavar="BOOL", help="reuse cached prompt blocks")
     a("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    a("--time-to-first-token", type=_duration("ms"), default=m.ttft_ms,
+    a("--time-to-first-token", type=arguments.duration_in("ms"), default=m.ttft_ms,
       help="prefill base time in ms")
-    a("--prefill-time-per-token", type=_duration("ms"), default=m.prefill_ms_per_token,
+    a("--prefill-time-per-token", type=arguments.duration_in("ms"), default=m.prefill_ms_per_token,
       help="prefill time per uncached prompt token in ms")
-    a("--inter-token-latency", type=_duration("ms"), default=m.itl_ms,
+    a("--inter-token-latency", type=arguments.duration_in("ms"), default=m.itl_ms,
       help="decode step time in ms for a batch of one")
     a("--decode-batch-factor", type=float, default=m.decode_batch_factor,
       help="decode step = ITL * (1 + factor * (batch - 1))")
@@ -100,20 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
       help="multiplies every modelled time (0.1 = 10x faster than real time)")
     a("--lora-modules", nargs="+", default=[], help="LoRA adapters: name, name=path or JSON")
     a("--max-loras", type=int, default=m.max_loras, help="adapters loaded at once")
-    a("--lora-load-time", type=_duration("ms"), default=m.lora_load_ms,
+    a("--lora-load-time", type=arguments.duration_in("ms"), default=m.lora_load_ms,
       help="time in ms to load an adapter")
     a("--default-max-tokens", type=int, default=d.default_max_tokens,
       help="output tokens when a request sets no max_tokens")
     a("--failure-rate", "--failure-injection-rate", type=float, default=d.failure_rate,
       help="fraction of inference requests answered with --failure-status")
     a("--failure-status", type=int, default=d.failure_status, help="HTTP status of failures")
-    a("--slow-start", type=_duration("s"), default=d.slow_start_s,
+    a("--slow-start", type=arguments.duration_in("s"), default=d.slow_start_s,
       help="seconds after start during which everything answers 503")
-    a("--silent-after", type=_duration("s"), default=d.silent_after_s,
+    a("--silent-after", type=arguments.duration_in("s"), default=d.silent_after_s,
       help="seconds after start when servers stop answering (0 = never; "
            "POST /sim/silence toggles)")
     a("--seed", type=int, default=d.seed, help="seed for failure injection")
-    a("--access-log", type=_boolean, nargs="?", const=True, default=False, metavar="BOOL")
+    a("--access-log", type=arguments.boolean, nargs="?", const=True, default=False, metavar="BOOL")
     a("-v", "--verbose", action="count", default=0)
     return p
 

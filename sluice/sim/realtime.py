@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import time
 
-from epp.sim import engine, metrics_text
+from sluice.sim import engine, metrics_text
 
 # How far modelled time may fall behind the wall clock before the loop stops catching up
 # (asyncio sleeps overshoot by up to ~1 ms, which would otherwise slow short steps down).

@@ -7,7 +7,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from epp.loadgen import plots, runner, summary, workloads
+from sluice.loadgen import plots, runner, summary, workloads
 
 
 def _mix(text: str) -> tuple[tuple[int, float], ...]:

@@ -1,23 +1,24 @@
-"""`sluice picker`: wires sources, data layer, scheduler and servers into one process.
+"""The picker's composition root: sources, data layer, config, flow control, the request
+path and the servers, started and stopped as one.
 
-:class:`Picker` is also what the operator embeds: it takes a reconciler the operator
-feeds, instead of manifest files.
+`Picker` is what `sluice picker` runs (`epp.cli`) and what the operator embeds: the
+operator passes a reconciler it feeds from the cluster instead of manifest files.
+
+A config becomes a `RequestPipeline` here: the loader builds everything an
+`EndpointPickerConfig` says; this module binds the parts that live longer than one config
+(the flow controller and its queues, the collector's sources) and swaps the pipeline in.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import gc
 import logging
-import signal
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from epp import logfmt, metrics
-from epp.config import loader, quantities
+from epp import metrics
+from epp.config import loader
 from epp.config import watch as config_watch
 from epp.datalayer import collector as collecting
 from epp.datalayer.endpoint_metrics import EndpointMetrics, MetricsStore
@@ -26,11 +27,12 @@ from epp.datastore.reconciler import Reconciler
 from epp.datastore.snapshot import Snapshot
 from epp.extproc.server import PickerServer, load_or_create_tls
 from epp.flowcontrol import controller as flow_controller
-from epp.flowcontrol import settings as flow_settings
 from epp.flowcontrol.registry import WorkloadView
 from epp.metrics_server import MetricsServer
-from epp.requestcontrol.director import Director
-from epp.requests.parsers import PARSERS, BodyParser
+from epp.requestcontrol import admission
+from epp.requestcontrol.director import Director, RequestPipeline
+from epp.requestcontrol.inflight import InFlightTracker
+from epp.requestcontrol.interfaces import AdmissionController
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +81,10 @@ class Picker:
         config_text = _config_text(options)
         self.config = loader.load_config(config_text)
         self.metrics_store = MetricsStore()
-        flow = flow_settings.from_config(self.config)
-        self.flow_controller = (
-            flow_controller.FlowController(flow, pool=self._pool_metrics) if flow else None
-        )
+        self.flow_controller: flow_controller.FlowController | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._ready = asyncio.Event()
         self.collector = collecting.Collector(
             self.metrics_store,
             self.config.data_sources,
@@ -99,14 +101,11 @@ class Picker:
             else None
         )
         self.director = Director(
-            snapshot=lambda: self.reconciler.current,
+            datastore=self.reconciler,
             metrics_store=self.metrics_store,
-            scheduler=lambda: self.config.scheduler,
-            parser=lambda: self._parser,
+            pipeline=self._pipeline(self.config),
             staleness_threshold_s=options.metrics_staleness_threshold_s,
-            flow_control=lambda: self.flow_controller,
         )
-        self._parser: BodyParser = PARSERS[self.config.parser_type]()
         tls = load_or_create_tls(options.cert_path) if options.secure_serving else None
         self.server = PickerServer(
             self.director,
@@ -119,16 +118,15 @@ class Picker:
         self.metrics_server = MetricsServer(
             options.host, options.metrics_port, workloads=self._workload_view
         )
-        self._tasks: list[asyncio.Task[None]] = []
-        self._ready = asyncio.Event()
 
     async def start(self) -> None:
         self.reconciler.subscribe(self._on_snapshot)
         if self.manifests is not None:
             self.manifests.load()
         await self.collector.start()
+        self._started = True
         if self.flow_controller is not None:
-            self.flow_controller.start()
+            self.flow_controller.start()  # created with the first pipeline, before a loop ran
         self.collector.update_endpoints(self.reconciler.current.endpoints)
         await self.server.start()
         await self.metrics_server.start()
@@ -158,27 +156,22 @@ class Picker:
 
     def reload_config(self, text: str | None, origin: str) -> None:
         """Validate `text` (None/empty: the default config) and put it in force for new
-        requests; requests in flight keep the scheduler they were scheduled with. Plugins
+        requests; requests in flight keep the pipeline they started with. Plugins
         with state keep it when unchanged (see `loader`). Raises ConfigError and keeps the
         running config when `text` is invalid. Call on the picker's event loop."""
         old = self.config
         try:
             new = loader.load_config(text, previous=old)
-            parser = PARSERS[new.parser_type]()
-            try:
-                flow = flow_settings.from_config(new)
-            except ValueError as error:
-                raise loader.ConfigError(str(error)) from None
         except loader.ConfigError as error:
             metrics.config_reload_total.labels("failure").inc()
             log.error("config from %s rejected, the previous one stays in force: %s", origin, error)
             raise
-        self._parser = parser
-        self.config = new  # one reference swap: each request reads it once
+        self.config = new
+        # One reference swap: a request takes the pipeline once, at its start.
+        self.director.pipeline = self._pipeline(new)
         if new.data_sources is not old.data_sources:
             self.collector.replace_sources(new.data_sources)
         new.retain_endpoints(e.key for e in self.reconciler.current.endpoints)
-        self._apply_flow_control(flow)
         metrics.config_reload_total.labels("success").inc()
         log.info(
             "config from %s in force: %d profile(s), %d plugin(s)%s",
@@ -200,20 +193,40 @@ class Picker:
     def metrics_port(self) -> int:
         return self.metrics_server.port
 
-    def _apply_flow_control(self, flow: flow_settings.FlowControlSettings | None) -> None:
-        """Reload: queued requests stay queued under the new policies; switching the gate
-        off lets them all go; switching it on starts a controller."""
-        current = self.flow_controller
-        if flow is not None and current is not None:
+    @property
+    def in_flight(self) -> InFlightTracker:
+        """Requests routed and not yet ended, per endpoint."""
+        return self.config.in_flight
+
+    def _pipeline(self, config: loader.PickerConfig) -> RequestPipeline:
+        return RequestPipeline(
+            parser=config.parser,
+            admission=self._admission(config),
+            scheduler=config.scheduler,
+            lifecycle=config.lifecycle,
+        )
+
+    def _admission(self, config: loader.PickerConfig) -> AdmissionController:
+        """Bind the config's admission to the flow controller, which outlives configs:
+        queued requests stay queued under new policies; switching the gate off lets them
+        all go; switching it on starts a controller."""
+        flow, current = config.flow_control, self.flow_controller
+        if flow is None:
+            if current is not None:
+                self.flow_controller = None
+                current.let_all_go()
+                # Admitted requests still release into `current`; only its tasks stop.
+                self._tasks.append(asyncio.create_task(current.stop(), name="flow-control-stop"))
+            return admission.SaturationShedding(config.saturation_detector, self._pool_metrics)
+        if current is not None:
             current.reconfigure(flow)
-        elif flow is not None:
-            self.flow_controller = flow_controller.FlowController(flow, pool=self._pool_metrics)
-            self.flow_controller.start()
-        elif current is not None:
-            self.flow_controller = None
-            current.let_all_go()
-            # Admitted requests still release into `current`; only its tasks stop.
-            self._tasks.append(asyncio.create_task(current.stop(), name="flow-control-stop"))
+        else:
+            current = self.flow_controller = flow_controller.FlowController(
+                flow, pool=self._pool_metrics
+            )
+            if self._started:
+                current.start()
+        return admission.FlowControlAdmission(current)
 
     def _pool_metrics(self) -> list[EndpointMetrics]:
         get = self.metrics_store.get
@@ -263,145 +276,3 @@ def _config_text(options: PickerOptions) -> str | None:
                 f"--config-file {options.config_file}: {error.strerror or error}"
             ) from error
     return None
-
-
-# ---- command line ---------------------------------------------------------------------
-
-
-def parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in ("true", "1", "yes", "on"):
-        return True
-    if lowered in ("false", "0", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _duration(text: str) -> float:
-    try:
-        return quantities.parse_duration(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-class _ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        # One line that names the problem, as the project's rules ask.
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def build_argument_parser(prog: str = "sluice picker") -> argparse.ArgumentParser:
-    p = _ArgumentParser(prog=prog, description="Endpoint picker for LLM inference (no Kubernetes).")
-    p.add_argument("--endpoints", default="", help="static endpoints: ip:port,ip:port")
-    p.add_argument(
-        "--manifests",
-        nargs="+",
-        type=Path,
-        default=[],
-        help="YAML files with Pods, InferencePool, ...",
-    )
-    p.add_argument("--pool-name", default=None)
-    p.add_argument("--pool-namespace", default="default")
-    p.add_argument("--config-file", type=Path, default=None, help="EndpointPickerConfig YAML")
-    p.add_argument("--config-text", default=None, help="EndpointPickerConfig YAML inline")
-    p.add_argument(
-        "--validate-config",
-        type=Path,
-        default=None,
-        metavar="FILE",
-        help="check an EndpointPickerConfig file, print one line and exit (0 valid, 1 not)",
-    )
-    p.add_argument("--grpc-port", type=int, default=9002)
-    p.add_argument("--grpc-health-port", type=int, default=9003)
-    p.add_argument("--metrics-port", type=int, default=9090)
-    p.add_argument("--host", default="0.0.0.0", help="address to bind the servers to")
-    p.add_argument("--refresh-metrics-interval", type=_duration, default=0.05)
-    p.add_argument("--metrics-staleness-threshold", type=_duration, default=2.0)
-    p.add_argument("--secure-serving", type=parse_bool, nargs="?", const=True, default=True)
-    p.add_argument(
-        "--cert-path", type=Path, default=None, help="directory with tls.crt and tls.key"
-    )
-    p.add_argument("--max-request-body-bytes", type=int, default=16 * 1024 * 1024)
-    p.add_argument("-v", "--verbose", action="count", default=0)
-    return p
-
-
-def options_from_args(args: argparse.Namespace) -> PickerOptions:
-    return PickerOptions(
-        host=args.host,
-        grpc_port=args.grpc_port,
-        health_port=args.grpc_health_port,
-        metrics_port=args.metrics_port,
-        endpoints=args.endpoints,
-        manifests=tuple(args.manifests),
-        pool_name=args.pool_name,
-        pool_namespace=args.pool_namespace,
-        config_file=args.config_file,
-        config_text=args.config_text,
-        refresh_metrics_interval_s=args.refresh_metrics_interval,
-        metrics_staleness_threshold_s=args.metrics_staleness_threshold,
-        secure_serving=args.secure_serving,
-        cert_path=args.cert_path,
-        max_request_body_bytes=args.max_request_body_bytes,
-    )
-
-
-def configure_logging(verbosity: int) -> None:
-    logfmt.configure(verbosity)
-
-
-def tune_garbage_collector() -> None:
-    """Every request allocates thousands of short-lived objects (protobuf messages, gRPC
-    frames) and almost no cycles; the default gen-0 threshold runs a collection every few
-    requests. Freeze what start-up built and collect less often."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
-
-
-async def serve(picker: Picker) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await picker.start()
-    tune_garbage_collector()
-    print(
-        f"sluice picker: ext_proc on :{picker.grpc_port}, health on :{picker.health_port}, "
-        f"metrics on :{picker.metrics_port}",
-        file=sys.stderr,
-        flush=True,
-    )
-    await stop.wait()
-    await picker.stop()
-
-
-def validate_config_file(path: Path) -> tuple[bool, str]:
-    """(valid, one line) for `--validate-config`."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        return False, f"{path}: cannot read: {getattr(error, 'strerror', None) or error}"
-    try:
-        config = loader.load_config(text)
-        flow_settings.from_config(config)  # the same checks start-up and reload make
-    except (loader.ConfigError, ValueError) as error:
-        return False, f"{path}: {error}"
-    profiles = ", ".join(config.scheduler.profiles)
-    return True, f"{path}: valid ({len(config.plugins)} plugins; profiles: {profiles})"
-
-
-def main(argv: list[str]) -> int:
-    args = build_argument_parser().parse_args(argv)
-    if args.validate_config is not None:
-        valid, line = validate_config_file(args.validate_config)
-        print(f"sluice picker: {line}", file=sys.stdout if valid else sys.stderr)
-        return 0 if valid else 1
-    configure_logging(args.verbose)
-    try:
-        picker = Picker(options_from_args(args))
-        asyncio.run(serve(picker))
-    except (sources.SourceError, loader.ConfigError, ValueError) as error:
-        print(f"sluice picker: {error}", file=sys.stderr)
-        return 1
-    return 0

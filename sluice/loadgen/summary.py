@@ -6,7 +6,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from epp.loadgen.runner import RequestResult
+from sluice.loadgen.runner import RequestResult
 
 
 def percentile(values: Sequence[float], q: float) -> float:

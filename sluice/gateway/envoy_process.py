@@ -33,7 +33,7 @@ from typing import Any
 
 import aiohttp
 
-from epp.gateway import envoy_config, settings
+from sluice.gateway import envoy_config, settings
 
 ENVOY_BIN_ENV = "SLUICE_ENVOY_BIN"
 _LOG_TAIL_LINES = 30

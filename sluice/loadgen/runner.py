@@ -18,7 +18,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 
-from epp.loadgen.workloads import RequestSpec
+from sluice.loadgen.workloads import RequestSpec
 
 
 @dataclass(frozen=True, slots=True)

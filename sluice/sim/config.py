@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from epp.sim import engine
+from sluice.sim import engine
 
 
 @dataclass(frozen=True, slots=True)

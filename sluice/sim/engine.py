@@ -3,7 +3,7 @@
 `EngineCore` is a plain state machine with no I/O and no clock of its own: `begin_step(now)`
 decides what the next forward pass does and how long it takes, `end_step(step, now)`
 applies its effects at the time it ends. Tests drive it with a fake clock; `EngineLoop`
-drives it in real time (`epp.sim.realtime`).
+drives it in real time (`sluice.sim.realtime`).
 
 One step, as in vLLM's continuous batching:
 
@@ -30,7 +30,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from epp.sim import metrics_text, prefix_cache, tokens
+from sluice.sim import metrics_text, prefix_cache, tokens
 
 
 @dataclass(frozen=True, slots=True)

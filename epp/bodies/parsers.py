@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from epp.requests.errors import bad_request
+from epp.errors import bad_request
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,8 +21,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from epp.sim import config as sim_config
-from epp.sim import engine, faults, metrics_text, openai_api, realtime, tokens
+from sluice.sim import config as sim_config
+from sluice.sim import engine, faults, metrics_text, openai_api, realtime, tokens
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ async def simulator_process(
     """Start `replicas` simulated servers in one child; yields their `ip:port` once healthy."""
     base = consecutive_free_ports(replicas)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "epp.cli", "simulate",
+        sys.executable, "-m", "sluice.cli", "simulate",
         "--replicas", str(replicas), "--port", str(base), *extra_args,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,

@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from epp.sim import tokens
+from sluice.sim import tokens
 
 _ERROR_TYPES = {
     400: "BadRequestError",

@@ -15,8 +15,8 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from epp.sim import config as sim_config
-from epp.sim import server as sim_server
+from sluice.sim import config as sim_config
+from sluice.sim import server as sim_server
 
 T = TypeVar("T")
 

@@ -21,11 +21,12 @@ from pathlib import Path
 
 import aiohttp
 
+from epp import logfmt
 from epp.datalayer import prometheus_text
-from epp.gateway import settings as gateway_settings
-from epp.gateway.envoy_process import EnvoyProcess
-from epp.runner import Picker, PickerOptions, configure_logging
-from epp.sim import child_process
+from epp.picker import Picker, PickerOptions
+from sluice.gateway import settings as gateway_settings
+from sluice.gateway.envoy_process import EnvoyProcess
+from sluice.sim import child_process
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +85,7 @@ def render_view(picker: Picker, rows: dict[str, _Row], gateway_url: str) -> str:
         f"{'pod':<8} {'endpoint':<22} {'queue':>5} {'running':>7} {'KV':>6} "
         f"{'prefix hit':>10} {'in flight':>9} {'served':>7}",
     ]
-    in_flight = picker.director.accounting.per_endpoint
+    in_flight = picker.in_flight.per_endpoint
     for endpoint in picker.reconciler.current.endpoints:
         m = picker.metrics_store.get(endpoint.key)
         row = rows.get(endpoint.target, _Row())
@@ -174,7 +175,7 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if not 1 <= args.replicas <= 64:
         p.error("--replicas must be between 1 and 64")
-    configure_logging(args.verbose)
+    logfmt.configure(args.verbose)
     options = DemoOptions(
         replicas=args.replicas,
         gateway_port=args.gateway_port,

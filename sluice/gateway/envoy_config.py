@@ -41,7 +41,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from epp.gateway.settings import (
+from sluice.gateway.settings import (
     DESTINATION_HEADER,
     LB_METADATA_NAMESPACE,
     SUBSET_HINT_KEY,

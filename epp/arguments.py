@@ -1,0 +1,65 @@
+"""Command-line argument types shared by every `sluice` command (picker, operator,
+simulator, tools), so a flag means the same thing wherever it appears.
+
+Booleans accept `--flag=false` as upstream's Go flags do; durations take Go-style values
+(`50ms`, `1m30s`); a bad value ends the command with one line that names the flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import NoReturn
+
+from epp import quantities
+
+_UNIT_SECONDS = {"ms": 1e-3, "s": 1.0}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Bad flags exit 2 with one line that names the problem (no usage dump)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def duration(text: str) -> float:
+    """Seconds from `50ms`, `2s`, `1m30s` (a plain number is seconds)."""
+    try:
+        return quantities.parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def duration_in(unit: str) -> Callable[[str], float]:
+    """A duration in `unit` ("ms" or "s"): plain numbers are taken in that unit, suffixed
+    ones (`20ms`, `1.5s`) are converted to it."""
+    scale = _UNIT_SECONDS[unit]
+
+    def parse(text: str) -> float:
+        try:
+            return float(text)
+        except ValueError:
+            return duration(text) / scale
+
+    parse.__name__ = f"duration in {unit}"  # argparse names the type in its messages
+    return parse
+
+
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be between 0 and 65535, got {value}")
+    return value
