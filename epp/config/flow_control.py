@@ -24,9 +24,10 @@
 
 `saturationDetector: {pluginRef: utilization-detector}` without a declaration gets one with
 default parameters. The saturation detector is built whether or not the gate is on:
-without flow control it still decides when sheddable requests (priority < 0) are dropped. A policy ref names a
-plugin declared under `plugins:` (so it can carry parameters) or a policy type (created
-with default parameters through the one plugin registry). When exactly one ordering (or
+without flow control it still decides when sheddable requests (priority < 0) are dropped.
+
+A policy ref names a plugin declared under `plugins:` (so it can carry parameters) or a
+policy type (created with default parameters through the one plugin registry). When exactly one ordering (or
 fairness) policy is declared under `plugins:`, bands that name none use it.
 """
 
