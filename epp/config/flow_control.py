@@ -27,8 +27,9 @@ default parameters. The saturation detector is built whether or not the gate is 
 without flow control it still decides when sheddable requests (priority < 0) are dropped.
 
 A policy ref names a plugin declared under `plugins:` (so it can carry parameters) or a
-policy type (created with default parameters through the one plugin registry). When exactly one ordering (or
-fairness) policy is declared under `plugins:`, bands that name none use it.
+policy type (created with default parameters through the one plugin registry). When
+exactly one ordering (or fairness) policy is declared under `plugins:`, bands that name
+none use it.
 """
 
 from __future__ import annotations
