@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from epp.datastore import kube_objects
@@ -39,8 +39,11 @@ class ClusterFeed:
         *,
         coalesce: bool = True,
         min_interval_s: float = 0.05,
+        call_later: Callable[[float, Callable[[], None]], object] | None = None,
     ) -> None:
         self._loop = loop
+        # How a delayed rebuild is scheduled (the loop's timer; tests pass their own).
+        self._call_later = call_later or loop.call_later
         self._reconciler = reconciler
         self._coalesce = coalesce
         self._min_interval_s = min_interval_s
@@ -123,7 +126,7 @@ class ClusterFeed:
     def _flush_when_due(self) -> None:
         wait_s = self._last_flush + self._min_interval_s - self._loop.time()
         if wait_s > 0:
-            self._loop.call_later(wait_s, self._flush)
+            self._call_later(wait_s, self._flush)
         else:
             self._flush()
 

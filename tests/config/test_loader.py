@@ -11,6 +11,7 @@ from epp.scheduling.plugins.prefix_producer import ApproxPrefixCacheProducer
 from epp.scheduling.plugins.prefix_scorer import SelfIndexingPrefixCacheScorer
 from epp.scheduling.plugins.profile_handler import SingleProfileHandler
 from tests.scheduling.builders import candidate, request
+from tests.support.text import replaced
 
 HEADER = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
 
@@ -433,7 +434,7 @@ def test_reload_default_config_keeps_default_producer() -> None:
 def test_reload_does_not_reuse_across_names_or_types() -> None:
     old = load_config(cfg(PRODUCER_CONFIG.format(params="{}", weight=3)))
     renamed = load_config(
-        cfg(PRODUCER_CONFIG.replace("fast-prefix", "slow-prefix").format(params="{}", weight=3)),
+        cfg(replaced(PRODUCER_CONFIG, "fast-prefix", "slow-prefix").format(params="{}", weight=3)),
         previous=old,
     )
     assert renamed.plugins["slow-prefix"] is not old.plugins["fast-prefix"]

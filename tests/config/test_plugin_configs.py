@@ -20,6 +20,7 @@ from epp.scheduling.plugins.metric_scorer import MetricScorer
 from epp.scheduling.plugins.profile_handler import MultiProfileHandler
 from epp.scheduling.plugins.random_pickers import WeightedRandomPicker
 from tests.config.test_loader import cfg
+from tests.support.text import replaced
 
 EVERY_SCORER = """
 plugins:
@@ -231,7 +232,7 @@ def test_reload_keeps_an_unchanged_data_layer_and_replaces_a_changed_one() -> No
         "approx-prefix-cache-producer"
     ]  # stateful scheduling plugin kept too
     changed = load_config(
-        cfg(EVERY_SCORER.replace("{path: /metrics}", "{path: /other}")), previous=same
+        cfg(replaced(EVERY_SCORER, "{path: /metrics}", "{path: /other}")), previous=same
     )
     assert changed.data_sources is not same.data_sources
     (source,) = changed.data_sources

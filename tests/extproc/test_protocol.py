@@ -20,6 +20,7 @@ from tests.support.extproc_client import (
     streamed_bodies,
 )
 from tests.support.picker import fresh_metrics, running_picker, wait_for
+from tests.support.text import replaced
 
 ADDRESSES = ["127.0.0.2", "127.0.0.3", "127.0.0.4"]
 COMPLETION = orjson.dumps({"model": "m", "prompt": "hello world"})
@@ -424,8 +425,8 @@ async def test_objective_header_sets_the_request_priority(tmp_path):
     assert after == before + 1
 
 
-SHEDDABLE_MANIFEST = OBJECTIVE_MANIFEST.replace("priority: 7", "priority: -1").replace(
-    "name: critical", "name: batch"
+SHEDDABLE_MANIFEST = replaced(
+    replaced(OBJECTIVE_MANIFEST, "priority: 7", "priority: -1"), "name: critical", "name: batch"
 )
 
 

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import orjson
 import pytest
+import yaml
 
 from epp.picker import Picker
 from sluice.gateway import envoy_config
@@ -26,23 +27,28 @@ from tests.support.picker import fresh_metrics, running_picker, wait_for
 
 pytestmark = pytest.mark.envoy
 
-CONFIG = """
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-featureGates: [flowControl]
-plugins:
-- type: workload-aware-ordering-policy
-  parameters: {slidingWindowDuration: 1s}
-saturationDetector: {queueDepthThreshold: 2, metricsStalenessThreshold: 5s}
-flowControl:
-  dispatchPollInterval: 5ms
-"""
+def flow_config(*, workload_aware: bool = True, **flow_control: object) -> str:
+    """The scenarios' EndpointPickerConfig; `flow_control` adds keys to its section."""
+    document: dict[str, object] = {
+        "apiVersion": "inference.networking.x-k8s.io/v1alpha1",
+        "kind": "EndpointPickerConfig",
+        "featureGates": ["flowControl"],
+        "saturationDetector": {"queueDepthThreshold": 2, "metricsStalenessThreshold": "5s"},
+        "flowControl": {"dispatchPollInterval": "5ms", **flow_control},
+    }
+    if workload_aware:
+        document["plugins"] = [
+            {
+                "type": "workload-aware-ordering-policy",
+                "parameters": {"slidingWindowDuration": "1s"},
+            }
+        ]
+    return yaml.safe_dump(document)
 
 
+CONFIG = flow_config()
 ONE_AT_A_TIME = 1  # waiting requests a backend reports so that dispatch goes one per scrape
-FCFS_CONFIG = CONFIG.replace(
-    "- type: workload-aware-ordering-policy\n  parameters: {slidingWindowDuration: 1s}\n", ""
-)
+FCFS_CONFIG = flow_config(workload_aware=False)
 
 
 @contextlib.asynccontextmanager
@@ -222,9 +228,7 @@ async def test_bad_headers_run_as_the_default_workload() -> None:
 
 
 async def test_full_queue_answers_429_with_retry_after() -> None:
-    config = CONFIG.replace(
-        "dispatchPollInterval: 5ms", "dispatchPollInterval: 5ms\n  maxRequests: 1\n  retryAfter: 7s"
-    )
+    config = flow_config(maxRequests=1, retryAfter="7s")
     async with (
         backends(["127.0.0.2"]) as servers,
         gateway(servers, config) as (envoy, picker),
@@ -242,9 +246,7 @@ async def test_full_queue_answers_429_with_retry_after() -> None:
 
 
 async def test_ttl_answers_503() -> None:
-    config = CONFIG.replace(
-        "dispatchPollInterval: 5ms", "dispatchPollInterval: 5ms\n  defaultRequestTTL: 300ms"
-    )
+    config = flow_config(defaultRequestTTL="300ms")
     async with (
         backends(["127.0.0.2"]) as servers,
         gateway(servers, config) as (envoy, picker),

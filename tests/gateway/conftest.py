@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -38,6 +39,7 @@ class Backend:
     bodies: list[bytes] = field(default_factory=list)
     headers: list[dict[str, str]] = field(default_factory=list)
     sse_release: asyncio.Queue[None] = field(default_factory=asyncio.Queue)
+    sse_ended_at: list[float] = field(default_factory=list)  # time.monotonic() per stream
     runner: web.AppRunner | None = None
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
@@ -66,6 +68,7 @@ class Backend:
             if index < SSE_EVENTS - 1:
                 await asyncio.wait_for(self.sse_release.get(), timeout=10)
         await response.write_eof()
+        self.sse_ended_at.append(time.monotonic())
         return response
 
 

@@ -11,6 +11,7 @@ sequence Envoy sends (`shape` renders one stream as a compact string).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -71,6 +72,15 @@ class StubPicker(pb_grpc.ExternalProcessorServicer):
         self.metadata_contexts: list[dict[str, object]] = []
         self.request_headers: list[dict[str, str]] = []
         self.closed_streams = 0
+        self.closed_at: list[float] = []  # time.monotonic() of each stream's end, in order
+        self._closed = asyncio.Condition()
+
+    async def wait_closed(self, count: int = 1, timeout_s: float = 10.0) -> None:
+        """Until `count` streams have ended."""
+        async with self._closed:
+            await asyncio.wait_for(
+                self._closed.wait_for(lambda: self.closed_streams >= count), timeout_s
+            )
 
     async def Process(
         self, requests: AsyncIterator[pb.ProcessingRequest], context: grpc.aio.ServicerContext
@@ -85,6 +95,9 @@ class StubPicker(pb_grpc.ExternalProcessorServicer):
                     return
         finally:
             self.closed_streams += 1
+            self.closed_at.append(time.monotonic())
+            async with self._closed:
+                self._closed.notify_all()
 
 
 class _Stream:

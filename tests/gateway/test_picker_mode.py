@@ -24,6 +24,7 @@ from tests.gateway import ext_proc_stub as stub
 from tests.gateway import tls
 from tests.gateway.conftest import SSE_EVENTS, Backend
 from tests.gateway.harness import gateway, post, read_sse_releasing_each
+from tests.support.picker import wait_for
 
 pytestmark = pytest.mark.envoy
 
@@ -116,7 +117,7 @@ async def test_streamed_response_passes_through_the_picker_incrementally(
     async with gateway(stub.StubBehaviour(destination=target.address)) as (envoy, picker):
         async with aiohttp.ClientSession() as session:
             events = await read_sse_releasing_each(session, envoy.url, target, {})
-        await asyncio.sleep(0.05)
+        await picker.wait_closed(1)
     assert events == [f"data: beta {i}" for i in range(SSE_EVENTS)]
     [stream] = picker.streams
     assert re.fullmatch(FULL_DUPLEX_POST, stub.shape(stream))
@@ -130,7 +131,7 @@ async def test_stream_ends_with_the_response_unless_response_body_is_skipped(
     """With response body mode NONE Envoy closes the gRPC stream right after the response
     headers answer: the picker cannot see when a streamed response ends."""
     target = backends[1]
-    for body_mode, closed_before_end in ((BodyMode.FULL_DUPLEX_STREAMED, 0), (BodyMode.NONE, 1)):
+    for body_mode in (BodyMode.FULL_DUPLEX_STREAMED, BodyMode.NONE):
         behaviour = stub.StubBehaviour(destination=target.address)
         async with (
             gateway(behaviour, response_body_mode=body_mode) as (envoy, picker),
@@ -138,11 +139,14 @@ async def test_stream_ends_with_the_response_unless_response_body_is_skipped(
             session.post(envoy.url + "/sse", data=b"{}") as response,
         ):
             assert (await response.content.readline()).startswith(b"data: beta 0")
-            await asyncio.sleep(0.2)
-            assert picker.closed_streams == closed_before_end, body_mode
+            if body_mode is BodyMode.NONE:
+                await picker.wait_closed(1)  # while the backend still holds the stream open
             for _ in range(SSE_EVENTS - 1):
                 target.sse_release.put_nowait(None)
             await response.read()
+            await picker.wait_closed(1)
+        closed_after_end = picker.closed_at[0] >= target.sse_ended_at[-1]
+        assert closed_after_end is (body_mode is BodyMode.FULL_DUPLEX_STREAMED), body_mode
         assert picker.closed_streams == 1
 
 
@@ -166,7 +170,8 @@ async def test_subset_hint_and_lb_metadata(
     hint = (backends[1].address,)
     async with gateway(behaviour, subset_hint=hint, access_log_path=str(log)) as (envoy, picker):
         await post(envoy.url + "/", b"{}")
-        await asyncio.sleep(0.2)  # the access log is flushed asynchronously
+        # Envoy flushes the access log on its own schedule: wait for the line.
+        await wait_for(lambda: log.exists() and "lb=" in log.read_text(), what="access log")
     subset = {"envoy.lb.subset_hint": {"x-gateway-destination-endpoint-subset": list(hint)}}
     assert picker.metadata_contexts[0] == subset
     # The picker's dynamic metadata in envoy.lb was accepted (receiving_namespaces).
@@ -210,16 +215,13 @@ async def test_mode_override_skips_the_response_body_in_buffered_mode(
     ):
         async with session.post(envoy.url + "/sse", data=b"{}") as response:
             assert (await response.content.readline()).startswith(b"data: alpha 0")
-            await asyncio.sleep(0.2)
-            assert picker.closed_streams == 0
             for _ in range(SSE_EVENTS - 1):
                 target.sse_release.put_nowait(None)
             assert (await response.read()).endswith(b"data: alpha 2\n\n")
-        for _ in range(100):
-            if picker.closed_streams:
-                break
-            await asyncio.sleep(0.02)
+        await picker.wait_closed(1)
+    # The stream ended only after the backend had ended the response.
     assert picker.closed_streams == 1
+    assert picker.closed_at[0] >= target.sse_ended_at[-1]
     assert stub.shape(picker.streams[0]) == "request_headers request_body! response_headers"
 
 
