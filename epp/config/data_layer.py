@@ -33,6 +33,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from epp import parameters
+from epp.config import document
 from epp.config.document import ConfigError, PluginSpec
 from epp.datalayer import interfaces
 
@@ -61,13 +62,6 @@ def is_extractor(plugin: object) -> bool:
     return isinstance(plugin, interfaces.Extractor) and not is_source(plugin)
 
 
-def _check_keys(entry: Mapping[str, object], allowed: Sequence[str], where: str) -> None:
-    for key in entry:
-        if key not in allowed:
-            hint = parameters.did_you_mean(str(key), allowed) or f" (allowed: {', '.join(allowed)})"
-            raise ConfigError(f"unknown key {key!r} in {where}{hint}")
-
-
 def _ref(item: object, path: str) -> str:
     if not isinstance(item, Mapping):
         raise ConfigError(f"{path}: must be a mapping with 'pluginRef', got {item!r}")
@@ -76,7 +70,7 @@ def _ref(item: object, path: str) -> str:
 
 def parse_section(raw: Mapping[str, object], key: str) -> tuple[SourceWiring, ...]:
     """The section's wiring, shape-checked (references are resolved by `build`)."""
-    _check_keys(raw, ("sources",), key)
+    document.check_keys(raw, ("sources",), key)
     items = raw.get("sources")
     if items is None:
         items = []
@@ -87,7 +81,7 @@ def parse_section(raw: Mapping[str, object], key: str) -> tuple[SourceWiring, ..
         path = f"{key}.sources[{i}]"
         if not isinstance(item, Mapping):
             raise ConfigError(f"{path}: must be a mapping, got {item!r}")
-        _check_keys(item, ("pluginRef", "extractors"), path)
+        document.check_keys(item, ("pluginRef", "extractors"), path)
         source = _ref(item, path)
         if not source or not isinstance(item.get("pluginRef"), str):
             raise ConfigError(f"{path}.pluginRef: required, the name of a declared data source")
@@ -101,7 +95,7 @@ def parse_section(raw: Mapping[str, object], key: str) -> tuple[SourceWiring, ..
         for j, extractor in enumerate(extractors):
             ref_path = f"{path}.extractors[{j}]"
             if isinstance(extractor, Mapping):
-                _check_keys(extractor, ("pluginRef",), ref_path)
+                document.check_keys(extractor, ("pluginRef",), ref_path)
             name = _ref(extractor, ref_path)
             if not name:
                 raise ConfigError(f"{ref_path}.pluginRef: required, the name of an extractor")

@@ -134,15 +134,16 @@ def _string(value: object, path: str) -> str:
     return value
 
 
-def _check_keys(mapping: Mapping[str, object], allowed: Sequence[str], where: str) -> None:
+def check_keys(mapping: Mapping[str, object], allowed: Sequence[str], where: str) -> None:
+    """Every key of a section is a string it allows (`parameters.unknown_key` words the
+    hint the same way for every strict reader)."""
     for key in mapping:
         if not isinstance(key, str):
             raise ConfigError(f"{where}: keys must be strings, got {key!r}")
-        if key not in allowed:
-            hint = parameters.did_you_mean(key, allowed)
-            if not hint:
-                hint = f" (allowed: {', '.join(allowed)})"
-            raise ConfigError(f"unknown key {key!r} in {where}{hint}")
+    unknown = parameters.unknown_key(mapping, allowed)
+    if unknown is not None:
+        key, hint = unknown
+        raise ConfigError(f"unknown key {key!r} in {where}{hint}")
 
 
 def parse(text: str | None) -> Document:
@@ -163,7 +164,7 @@ def parse(text: str | None) -> Document:
 
 
 def _document(raw: Mapping[str, object]) -> Document:
-    _check_keys(raw, _TOP_LEVEL_KEYS, KIND)
+    check_keys(raw, _TOP_LEVEL_KEYS, KIND)
 
     api_version = raw.get("apiVersion")
     if api_version not in API_VERSIONS:
@@ -215,7 +216,7 @@ def _parser_ref(value: object) -> str | None:
     if value is None:
         return None
     section = _mapping(value, "parser")
-    _check_keys(section, ("pluginRef",), "parser")
+    check_keys(section, ("pluginRef",), "parser")
     return _string(section.get("pluginRef"), "parser.pluginRef")
 
 
@@ -225,7 +226,7 @@ def _plugins(value: object) -> tuple[PluginSpec, ...]:
     for i, item in enumerate(_list(value, "plugins")):
         path = f"plugins[{i}]"
         entry = _mapping(item, path)
-        _check_keys(entry, ("name", "type", "parameters"), path)
+        check_keys(entry, ("name", "type", "parameters"), path)
         if "type" not in entry:
             raise ConfigError(f"{path}: missing required key 'type'")
         type_name = _string(entry["type"], f"{path}.type")
@@ -252,7 +253,7 @@ def _profiles(value: object) -> tuple[ProfileSpec, ...]:
     for i, item in enumerate(items):
         path = f"schedulingProfiles[{i}]"
         entry = _mapping(item, path)
-        _check_keys(entry, ("name", "plugins"), path)
+        check_keys(entry, ("name", "plugins"), path)
         if "name" not in entry:
             raise ConfigError(f"{path}: missing required key 'name'")
         name = _string(entry["name"], f"{path}.name")
@@ -264,7 +265,7 @@ def _profiles(value: object) -> tuple[ProfileSpec, ...]:
         for j, ref_item in enumerate(_list(entry.get("plugins"), f"{path}.plugins")):
             ref_path = f"{path}.plugins[{j}]"
             ref = _mapping(ref_item, ref_path)
-            _check_keys(ref, ("pluginRef", "weight"), ref_path)
+            check_keys(ref, ("pluginRef", "weight"), ref_path)
             if "pluginRef" not in ref:
                 raise ConfigError(f"{ref_path}: missing required key 'pluginRef'")
             plugin = _string(ref["pluginRef"], f"{ref_path}.pluginRef")

@@ -128,8 +128,7 @@ class Director:
             hold=hold,
             received_at=inbound.received_at,
         )
-        self.pre_request(pipeline, request, result)
-        return routed
+        return self.pre_request(pipeline, routed, result)
 
     def route_header_only(self, inbound: InboundRequest) -> RoutedRequest:
         """A request without a body (e.g. GET): any ready endpoint will do."""
@@ -159,8 +158,7 @@ class Director:
             hold=NOTHING_HELD,
             received_at=inbound.received_at,
         )
-        self.pre_request(pipeline, request, result)
-        return routed
+        return self.pre_request(pipeline, routed, result)
 
     def parse(self, pipeline: RequestPipeline, inbound: InboundRequest) -> ParsedBody:
         return pipeline.parser.parse(inbound.path, inbound.body)
@@ -262,9 +260,11 @@ class Director:
         return request, result
 
     def pre_request(
-        self, pipeline: RequestPipeline, request: SchedulingRequest, result: SchedulingResult
-    ) -> None:
-        pipeline.lifecycle.pre_request(request, result)
+        self, pipeline: RequestPipeline, routed: RoutedRequest, result: SchedulingResult
+    ) -> RoutedRequest:
+        """The target is chosen: the pre-request plugins hear of it; the request is routed."""
+        pipeline.lifecycle.pre_request(routed.scheduling_request, result)
+        return routed
 
     # ---- errors ---------------------------------------------------------------------
 
