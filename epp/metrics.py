@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from epp.histograms import BucketCounts, FastHistogram
+
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 _OBJECTIVE_LABELS = ("model_name", "target_model_name", "priority")
@@ -101,21 +103,21 @@ request_error_total = Counter(
     (*_OBJECTIVE_LABELS, "error_code"),
     registry=REGISTRY,
 )
-request_duration_seconds = Histogram(
+request_duration_seconds = FastHistogram(
     "inference_objective_request_duration_seconds",
     "End-to-end request latency seen by the picker.",
     _OBJECTIVE_LABELS,
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
-input_tokens = Histogram(
+input_tokens = FastHistogram(
     "inference_objective_input_tokens",
     "Prompt tokens per request, from the response's usage.",
     _OBJECTIVE_LABELS,
     buckets=_TOKEN_BUCKETS,
     registry=REGISTRY,
 )
-output_tokens = Histogram(
+output_tokens = FastHistogram(
     "inference_objective_output_tokens",
     "Completion tokens per request, from the response's usage.",
     _OBJECTIVE_LABELS,
@@ -128,14 +130,14 @@ running_requests = Gauge(
     ("model_name",),
     registry=REGISTRY,
 )
-request_ttft_seconds = Histogram(
+request_ttft_seconds = FastHistogram(
     "inference_objective_request_ttft_seconds",
     "Time to first token of streamed responses.",
     _OBJECTIVE_LABELS,
     buckets=_LATENCY_BUCKETS,
     registry=REGISTRY,
 )
-request_tpot_seconds = Histogram(
+request_tpot_seconds = FastHistogram(
     "inference_objective_request_tpot_seconds",
     "Time per output token after the first.",
     _OBJECTIVE_LABELS,
@@ -160,13 +162,13 @@ pool_ready_pods = Gauge(
     ("name",),
     registry=REGISTRY,
 )
-scheduler_e2e_duration_seconds = Histogram(
+scheduler_e2e_duration_seconds = FastHistogram(
     "inference_extension_scheduler_e2e_duration_seconds",
     "Time spent in one scheduling cycle.",
     buckets=_FAST_BUCKETS,
     registry=REGISTRY,
 )
-plugin_duration_seconds = Histogram(
+plugin_duration_seconds = FastHistogram(
     "inference_extension_plugin_duration_seconds",
     "Time spent in one plugin call.",
     ("extension_point", "plugin_type", "plugin_name"),
@@ -190,7 +192,7 @@ scrape_total = Counter(
 
 
 # `labels()` costs microseconds per call; the hot path looks children up here instead.
-_plugin_children: dict[tuple[str, str, str], Histogram] = {}
+_plugin_children: dict[tuple[str, str, str], BucketCounts] = {}
 
 
 def observe_plugin_duration(
@@ -208,11 +210,11 @@ class ObjectiveSeries:
     """The per-(model, target model, priority) children a request records into."""
 
     requests: Counter
-    duration: Histogram
-    input_tokens: Histogram
-    output_tokens: Histogram
-    ttft: Histogram
-    tpot: Histogram
+    duration: BucketCounts
+    input_tokens: BucketCounts
+    output_tokens: BucketCounts
+    ttft: BucketCounts
+    tpot: BucketCounts
 
 
 _objective_children: dict[tuple[str, str, str], ObjectiveSeries] = {}

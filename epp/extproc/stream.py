@@ -25,6 +25,7 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from epp import errors
+from epp.bodies.rewrite import ModelNameRestorer
 from epp.bodies.usage import SSEUsageReader, usage_from_json
 from epp.extproc import messages
 from epp.requestcontrol.director import Director
@@ -67,9 +68,11 @@ class RequestStream:
         "_request_mode",
         "_response_buffer",
         "_response_mode",
+        "_restorer",
         "_routed",
         "_sse",
         "_subset",
+        "_wants_chunks",
         "phase",
     )
 
@@ -86,39 +89,41 @@ class RequestStream:
         self._body_chunks: list[bytes] = []
         self._body_size = 0
         self._routed: RoutedRequest | None = None
+        self._restorer: ModelNameRestorer | None = None  # the routed request's, if any
+        self._wants_chunks = False  # some lifecycle plugin reads response chunks
         self._progress = ResponseProgress()
         self._response_buffer: list[bytes] = []
         self._sse: SSEUsageReader | None = None
         self.phase = Phase.START
 
     async def handle(self, message: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
-        responses = await self._dispatch(message)
-        if self.phase is Phase.DONE or self.phase is Phase.FAILED:
-            self._release()  # the response ended: release now, not when Envoy closes
-        return responses
-
-    async def _dispatch(self, message: pb.ProcessingRequest) -> list[pb.ProcessingResponse]:
         kind = message.WhichOneof("request")
         try:
-            if kind == "request_headers":
-                return self._on_request_headers(message)
-            if kind == "request_body":
-                return await self._on_request_body(message.request_body)
-            if kind == "request_trailers":
-                return await self._on_request_trailers()
-            if kind == "response_headers":
-                return self._on_response_headers(message.response_headers)
+            # Most frequent first: a streamed response is mostly body chunks.
             if kind == "response_body":
-                return self._on_response_body(message.response_body)
-            if kind == "response_trailers":
-                return self._on_response_trailers()
-            raise errors.bad_request("ext_proc message carries no request phase")
+                responses = self._on_response_body(message.response_body)
+            elif kind == "request_headers":
+                responses = self._on_request_headers(message)
+            elif kind == "request_body":
+                responses = await self._on_request_body(message.request_body)
+            elif kind == "response_headers":
+                responses = self._on_response_headers(message.response_headers)
+            elif kind == "request_trailers":
+                responses = await self._on_request_trailers()
+            elif kind == "response_trailers":
+                responses = self._on_response_trailers()
+            else:
+                raise errors.bad_request("ext_proc message carries no request phase")
         except errors.InferenceError as error:
             if self.phase is not Phase.FAILED:  # the director counts the errors it raises
                 routed = self._routed
                 self._director.count_error(error, routed.labels if routed is not None else None)
             self.phase = Phase.FAILED
+            self._release()
             return [messages.immediate_response(error)]
+        if self.phase is Phase.DONE:
+            self._release()  # the response ended: release now, not when Envoy closes
+        return responses
 
     def close(self) -> None:
         """The gRPC stream ended (normally, cancelled, or broken): if the request has not
@@ -178,6 +183,7 @@ class RequestStream:
                 self.phase = Phase.FAILED
                 raise
             self._routed = routed
+            self._wants_chunks = routed.wants_chunks
             self.phase = Phase.UPSTREAM
             return [
                 messages.request_headers_response(
@@ -224,6 +230,8 @@ class RequestStream:
             self.phase = Phase.FAILED
             raise
         self._routed = routed
+        self._restorer = routed.restorer
+        self._wants_chunks = routed.wants_chunks
         self.phase = Phase.UPSTREAM
         body_out = routed.body
         mutation = messages.routing_mutation(
@@ -270,10 +278,9 @@ class RequestStream:
             if not progress.first_chunk_at:
                 progress.first_chunk_at = now
             progress.last_chunk_at = now
-        routed = self._routed
-        if routed is not None and routed.wants_chunks:
-            routed.response_chunk(chunk, body.end_of_stream)
-        restorer = routed.restorer if routed is not None else None
+        if self._wants_chunks and self._routed is not None:
+            self._routed.response_chunk(chunk, body.end_of_stream)
+        restorer = self._restorer
         if self._response_mode != FULL_DUPLEX:
             return [self._finish_buffered_response(chunk)]
         if self._sse is not None:
@@ -298,7 +305,7 @@ class RequestStream:
         whole = b"".join(self._response_buffer)
         self._response_buffer = []
         self._progress.usage = usage_from_json(whole)
-        restorer = self._routed.restorer if self._routed is not None else None
+        restorer = self._restorer
         return restorer.restore(whole) if restorer is not None else whole
 
     def _finish_buffered_response(self, chunk: bytes) -> pb.ProcessingResponse:
@@ -308,7 +315,7 @@ class RequestStream:
             progress.usage = self._sse.finish()
         else:
             progress.usage = usage_from_json(chunk)
-        restorer = self._routed.restorer if self._routed is not None else None
+        restorer = self._restorer
         replaced = restorer.restore(chunk) if restorer is not None else chunk
         self.phase = Phase.DONE
         return messages.buffered_body_response(
