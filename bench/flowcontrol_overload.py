@@ -28,7 +28,7 @@ from collections import deque
 from pathlib import Path
 
 from epp.config import flow_control as flow_section
-from epp.datalayer.endpoint_metrics import EndpointMetrics
+from epp.datalayer.endpoint_metrics import EndpointLoad, EndpointMetrics
 from epp.flowcontrol.controller import FlowController, FlowRequest
 from epp.flowcontrol.outcomes import Rejection
 from epp.flowcontrol.workload import WorkloadContext, WorkloadId
@@ -44,15 +44,15 @@ class Pool:
         self.running = 0
         self.waiting: deque[float] = deque()  # service times of requests waiting at servers
         self.finishing: list[float] = []
-        self.snapshot: list[EndpointMetrics] = []
+        self.snapshot: list[EndpointLoad] = []
         self.scrape()
 
     def scrape(self) -> None:
         per_endpoint = len(self.waiting) // self.endpoints
         m = EndpointMetrics(waiting_queue_size=per_endpoint, updated_at=time.monotonic())
-        self.snapshot = [m] * self.endpoints
+        self.snapshot = [EndpointLoad(m)] * self.endpoints
 
-    def __call__(self) -> list[EndpointMetrics]:
+    def __call__(self) -> list[EndpointLoad]:
         return self.snapshot
 
     def start(self, now: float, service_s: float) -> None:

@@ -32,7 +32,7 @@ import tracemalloc
 from pathlib import Path
 
 from epp.config import flow_control as flow_section
-from epp.datalayer.endpoint_metrics import EndpointMetrics
+from epp.datalayer.endpoint_metrics import EndpointLoad, EndpointMetrics
 from epp.flowcontrol import workload as workload_context
 from epp.flowcontrol.controller import FlowController, FlowRequest
 from epp.flowcontrol.interfaces import QueueItem
@@ -145,7 +145,7 @@ def measure(workloads: int, queued: int, ops: int) -> dict[str, float]:
 
 
 async def _fast_path(requests: int) -> list[float]:
-    pool = [EndpointMetrics(updated_at=time.monotonic())] * 2
+    pool = [EndpointLoad(EndpointMetrics(updated_at=time.monotonic()))] * 2
     settings = flow_section.settings(
         {"defaultPriorityBand": {"orderingPolicyRef": "workload-aware-ordering-policy"}},
         flow_section.detector({"metricsStalenessThreshold": "1h"}, {}),

@@ -21,7 +21,7 @@ from epp import metrics
 from epp.config import loader
 from epp.config import watch as config_watch
 from epp.datalayer import collector as collecting
-from epp.datalayer.endpoint_metrics import EndpointMetrics, MetricsStore
+from epp.datalayer.endpoint_metrics import EndpointLoad, MetricsStore
 from epp.datastore import sources
 from epp.datastore.reconciler import Reconciler
 from epp.datastore.snapshot import Snapshot
@@ -228,9 +228,9 @@ class Picker:
                 current.start()
         return admission.FlowControlAdmission(current)
 
-    def _pool_metrics(self) -> list[EndpointMetrics]:
-        get = self.metrics_store.get
-        return [get(e.key) for e in self.reconciler.current.endpoints]
+    def _pool_metrics(self) -> list[EndpointLoad]:
+        load = self.metrics_store.load
+        return [load(e.key) for e in self.reconciler.current.endpoints]
 
     def _workload_view(self, workload_id: str) -> WorkloadView | None:
         if self.flow_controller is None:

@@ -96,11 +96,10 @@ def load_config(text: str | None, *, previous: PickerConfig | None = None) -> Pi
     parser_ref = doc.parser_ref or DEFAULT_PARSER
     parser_type = _parser_type(plugins, parser_ref)
     detector = _saturation_detector(plugins, doc)
-    flow = (
-        flow_control.settings(doc.flow_control, detector, plugins.instances)
-        if FLOW_CONTROL_GATE in doc.feature_gates
-        else None
-    )
+    flow = None
+    if FLOW_CONTROL_GATE in doc.feature_gates:
+        flow = flow_control.settings(doc.flow_control, detector, plugins.instances)
+        scheduler = profiles.with_saturation_filter(scheduler, detector)
     in_flight = plugins.default(IN_FLIGHT_TRACKER, IN_FLIGHT_TRACKER)
     assert isinstance(in_flight, InFlightTracker)
     return PickerConfig(

@@ -216,3 +216,29 @@ def _wire_producer(
         )
     if producer not in producers:
         producers.append(producer)
+
+
+def with_saturation_filter(
+    scheduler: framework.Scheduler, detector: object
+) -> framework.Scheduler:
+    """With flow control on, every profile first keeps the endpoints with room (the
+    detector's filter face), so a request the gate let go because some endpoint had room
+    goes to one that has it. Profiles that already name the detector keep their order."""
+    profiles = {}
+    for name, profile in scheduler.profiles.items():
+        named = any(
+            isinstance(f, saturation_filter.SaturationFilter) and f.detector is detector
+            for f in profile.filters
+        )
+        filters = profile.filters if named else (
+            saturation_filter.SaturationFilter(detector),  # type: ignore[arg-type]
+            *profile.filters,
+        )
+        profiles[name] = framework.SchedulingProfile(
+            name,
+            picker=profile.picker,
+            filters=filters,
+            scorers=profile.scorers,
+            producers=profile.producers,
+        )
+    return framework.Scheduler(profiles, scheduler.handler)

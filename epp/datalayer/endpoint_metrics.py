@@ -1,10 +1,19 @@
-"""What the scheduler knows about an endpoint's load, and the store that holds it."""
+"""What the scheduler knows about an endpoint's load, and the store that holds it.
+
+Scraped metrics lag: a request the picker routes to an endpoint shows in its metrics only
+at the next scrape (50 ms by default). So the store also keeps a ledger of what the picker
+routed to each endpoint since that endpoint's last scrape (`EndpointLoad.dispatched`); a
+new scrape starts the count again. Saturation detection, filters, scorers and the latency
+predictor add it to the scraped queue, so a burst does not herd onto the endpoint that
+looked emptiest at the last scrape.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
 from epp.datastore.snapshot import EndpointKey
 
@@ -39,14 +48,48 @@ class EndpointMetrics:
 NEVER_SCRAPED = EndpointMetrics()
 
 
+class EndpointLoad(NamedTuple):
+    """An endpoint's metrics plus what the picker routed there since they were scraped."""
+
+    metrics: EndpointMetrics
+    dispatched: int = 0  # requests
+    dispatched_tokens: int = 0  # their estimated prompt tokens
+
+
+class _Ledger:
+    __slots__ = ("requests", "scrape", "tokens")
+
+    def __init__(self, scrape: float) -> None:
+        self.scrape = scrape  # the `updated_at` these counts started after
+        self.requests = 0
+        self.tokens = 0
+
+
 class MetricsStore:
     """Latest metrics per endpoint. Writers replace whole values, so readers never lock."""
 
     def __init__(self) -> None:
         self._metrics: dict[EndpointKey, EndpointMetrics] = {}
+        self._ledgers: dict[EndpointKey, _Ledger] = {}
 
     def get(self, key: EndpointKey) -> EndpointMetrics:
         return self._metrics.get(key, NEVER_SCRAPED)
+
+    def load(self, key: EndpointKey) -> EndpointLoad:
+        metrics = self._metrics.get(key, NEVER_SCRAPED)
+        ledger = self._ledgers.get(key)
+        if ledger is None or ledger.scrape != metrics.updated_at:
+            return EndpointLoad(metrics)
+        return EndpointLoad(metrics, ledger.requests, ledger.tokens)
+
+    def record_dispatch(self, key: EndpointKey, tokens: int = 0) -> None:
+        """The picker routed a request to `key` (counted until its next scrape)."""
+        scrape = self._metrics.get(key, NEVER_SCRAPED).updated_at
+        ledger = self._ledgers.get(key)
+        if ledger is None or ledger.scrape != scrape:
+            ledger = self._ledgers[key] = _Ledger(scrape)
+        ledger.requests += 1
+        ledger.tokens += tokens
 
     def put(self, key: EndpointKey, metrics: EndpointMetrics) -> None:
         self._metrics[key] = metrics
@@ -56,6 +99,8 @@ class MetricsStore:
         keep = set(keys)
         for key in [k for k in self._metrics if k not in keep]:
             del self._metrics[key]
+        for key in [k for k in self._ledgers if k not in keep]:
+            del self._ledgers[key]
 
     def items(self) -> list[tuple[EndpointKey, EndpointMetrics]]:
         return list(self._metrics.items())

@@ -1,16 +1,17 @@
-"""How many queued requests may leave before the next scrape shows their effect.
+"""How many queued requests may leave now: the room left below a band's ceiling, summed
+over the endpoints that have any.
 
-Saturation comes from scraped metrics, which lag: requests dispatched since the last
-scrape are invisible to it. So each request dispatched from a queue counts as
-`detector.request_load(n) / scale` of extra saturation until the next scrape lands, and a
-dip below the ceiling lets a measured batch through in priority order instead of the whole
-queue (which would pile up at the servers, first come first served, for a long time).
+Flow control is work-conserving: it dispatches while *some* endpoint has room, not while
+the pool's mean saturation is below the ceiling (a mean lets one hot endpoint hold the
+whole pool back while others sit idle). An endpoint's saturation counts what the picker
+routed there since its last scrape (`EndpointLoad.dispatched`), and each request adds
+`detector.request_load()` to it, so the room of endpoint e in requests is
+(ceiling - saturation_e) / request_load. The scheduler sees the same per-endpoint
+saturation (the detector's filter face runs first in every profile while flow control is
+on), so a dispatched request goes where the room is.
 
-The estimate is pessimistic (it assumes every request waits at a server), so `scale`
-starts at 1 and doubles at each scrape that finds the pool below saturation 0.5 after the
-previous batch used its whole budget: the pool had more room than estimated, and e.g. a
-queue built while a scrape was late drains within a few scrapes rather than at a few
-requests per scrape. A scrape showing saturation >= 0.5 puts `scale` back to 1.
+Between a dispatch and the moment its request is routed (the waiting task resumes on the
+next turn of the loop), the request is in neither count: `in_transit` covers that gap.
 """
 
 from __future__ import annotations
@@ -18,45 +19,36 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from epp.datalayer.endpoint_metrics import EndpointMetrics
+from epp.datalayer.endpoint_metrics import EndpointLoad
 from epp.flowcontrol.interfaces import SaturationDetector
-
-MAX_SCALE = 1024.0
-# Below this measured saturation, a batch that used its whole budget means there was room.
-ROOM = 0.5
 
 
 class DispatchBudget:
     def __init__(self) -> None:
-        self._scrape_mark = -1.0
-        self._pending = 0  # dispatched from queues since the last scrape
-        self._scale = 1.0
-        self._used_up = False
-        self._load = 0.0
-        self.saturation = 0.0
+        self._saturations: list[float] = []
+        self._load = 1.0
+        self.saturation = 0.0  # the pool's mean, for the gauge
+        self.in_transit = 0  # dispatched from a queue, not routed yet
 
-    def measure(self, detector: SaturationDetector, endpoints: Sequence[EndpointMetrics]) -> float:
-        """The pool's saturation now; a new scrape starts a new budget."""
-        value = detector.saturation(endpoints, time.monotonic())
-        newest = max((m.updated_at for m in endpoints), default=0.0)
-        if newest != self._scrape_mark:
-            self._scrape_mark = newest
-            self._pending = 0
-            if value >= ROOM:
-                self._scale = 1.0
-            elif self._used_up:
-                self._scale = min(self._scale * 2.0, MAX_SCALE)
-            self._used_up = False
-        self._load = detector.request_load(len(endpoints)) / self._scale
-        self.saturation = value
-        return value
+    def measure(self, detector: SaturationDetector, endpoints: Sequence[EndpointLoad]) -> float:
+        """Take the endpoints' saturations now; returns the pool's mean."""
+        now = time.monotonic()
+        self._saturations = [
+            detector.endpoint_saturation(load.metrics, now, load.dispatched)
+            for load in endpoints
+        ]
+        self._load = detector.request_load()
+        self.saturation = detector.saturation(endpoints, now)
+        return self.saturation
+
+    def room(self, ceiling: float) -> float:
+        """Requests that fit below `ceiling`, over every endpoint, minus those in transit."""
+        total = 0.0
+        for saturation in self._saturations:
+            if saturation < ceiling:
+                total += (ceiling - saturation) / self._load
+        return total - self.in_transit
 
     def allows(self, ceiling: float) -> bool:
         """Whether one more queued request may go under a band's saturation ceiling."""
-        if self.saturation + self._pending * self._load < ceiling:
-            return True
-        self._used_up = self.saturation < ceiling
-        return False
-
-    def spend(self) -> None:
-        self._pending += 1
+        return self.room(ceiling) > 0

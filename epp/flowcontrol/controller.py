@@ -10,8 +10,8 @@ returning or raising; the caller releases a handed-out one with `release` (exact
 a second release is counted, never applied).
 
 One dispatcher task runs while requests wait. Bands go strictly from high to low priority;
-a band whose ceiling is reached stops dispatch for itself and every lower band; how many
-queued requests may go before the next scrape is the `budget` module's business.
+a band stops dispatch for itself and every lower band when no endpoint has room below its
+ceiling; how many queued requests fit in that room is the `budget` module's business.
 
 Time for ordering and TTLs comes from `clock` (injectable, so tests need no sleeps); the
 detector's staleness check uses `time.monotonic`, the clock metrics are stamped with.
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from prometheus_client import Histogram
 
 from epp import metrics
-from epp.datalayer.endpoint_metrics import EndpointMetrics
+from epp.datalayer.endpoint_metrics import EndpointLoad
 from epp.flowcontrol import budget, limits
 from epp.flowcontrol.interfaces import BandQueue, QueueItem
 from epp.flowcontrol.outcomes import Rejection, RejectReason
@@ -42,7 +42,6 @@ from epp.flowcontrol.workload import WorkloadContext
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-_MAX_SCALE = 1024.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +96,7 @@ class FlowController:
         self,
         settings: FlowControlSettings,
         *,
-        pool: Callable[[], Sequence[EndpointMetrics]],
+        pool: Callable[[], Sequence[EndpointLoad]],
         clock: Clock = time.monotonic,
     ) -> None:
         self.settings = settings
@@ -183,6 +182,10 @@ class FlowController:
             self._order.sort(key=lambda b: -b.priority)
         return band
 
+    def _has_room(self, ceiling: float) -> bool:
+        self._saturation()
+        return self._budget.allows(ceiling)
+
     def _saturation(self) -> float:
         value = self._budget.measure(self.settings.detector, self._pool())
         metrics.flow_control_pool_saturation.set(value)
@@ -226,7 +229,7 @@ class FlowController:
             self._reject(label)
             return rejected
         ceiling = self.settings.band(request.priority).saturation_ceiling
-        if not self._waiting_at_or_above(request.priority) and self._saturation() < ceiling:
+        if not self._waiting_at_or_above(request.priority) and self._has_room(ceiling):
             immediate = self._immediate.get(request.priority)
             if immediate is None:  # labels() costs more than the observation itself
                 immediate = metrics.flow_control_request_queue_duration_seconds.labels(
@@ -301,6 +304,10 @@ class FlowController:
                 self._unqueue(item, current)
                 self._observe(item, "cancelled")
             raise
+        finally:
+            if item.in_transit:  # dispatched: the caller routes it before yielding again
+                item.in_transit = False
+                self._budget.in_transit -= 1
 
     def _reject(self, label: str) -> None:
         metrics.flow_control_request_queue_duration_seconds.labels(label, "rejected").observe(0)
@@ -377,7 +384,8 @@ class FlowController:
                     # has not run its cleanup yet: not a dispatch.
                     self._finish(item, band, "cancelled", None)
                     continue
-                self._budget.spend()
+                item.in_transit = True
+                self._budget.in_transit += 1
                 dispatched += 1
                 if item.ticket is not None:
                     self.registry.record_wait(item.ticket, now - item.enqueued_at)

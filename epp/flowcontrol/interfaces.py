@@ -13,7 +13,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from epp.datalayer.endpoint_metrics import EndpointMetrics
+from epp.datalayer.endpoint_metrics import EndpointLoad, EndpointMetrics
 from epp.flowcontrol.workload import WorkloadId
 
 if TYPE_CHECKING:
@@ -30,6 +30,7 @@ class QueueItem:
         "enqueued_at",
         "fairness_id",
         "future",
+        "in_transit",
         "priority",
         "removed",
         "request_id",
@@ -66,6 +67,7 @@ class QueueItem:
         # Resolved by the dispatcher: None = go, a Rejection = do not.
         self.future: asyncio.Future[Rejection | None] | None = None
         self.removed = False
+        self.in_transit = False  # dispatched, its caller not yet resumed
 
     def __repr__(self) -> str:
         return (
@@ -129,16 +131,19 @@ class SaturationDetector(Protocol):
     type_name: str
     name: str
 
-    def saturation(self, endpoints: Sequence[EndpointMetrics], now: float) -> float:
-        """Pool saturation; >= 1.0 means full. No endpoints counts as full."""
+    def saturation(self, endpoints: Sequence[EndpointLoad], now: float) -> float:
+        """Pool saturation (the mean); >= 1.0 means full. No endpoints counts as full."""
         ...
 
-    def endpoint_saturation(self, metrics: EndpointMetrics, now: float) -> float:
-        """One endpoint's saturation; >= 1.0 means it is full (or its metrics are stale)."""
+    def endpoint_saturation(
+        self, metrics: EndpointMetrics, now: float, dispatched: int = 0
+    ) -> float:
+        """One endpoint's saturation, counting `dispatched` requests routed there since
+        its metrics were scraped; >= 1.0 means it is full (or its metrics are stale)."""
         ...
 
-    def request_load(self, endpoint_count: int) -> float:
-        """What one more request dispatched from the queue adds to saturation until the next
-        scrape shows it (so a drop below the ceiling lets a measured amount through, not
-        the whole queue at once)."""
+    def request_load(self) -> float:
+        """What one more request adds to its endpoint's saturation until the next scrape
+        shows it (so room below the ceiling lets a measured number through, not the whole
+        queue at once)."""
         ...

@@ -1,7 +1,9 @@
 """`utilization-detector`: is the pool full?
 
-Saturation = mean over endpoints of max(waiting / queueDepthThreshold,
-kvCacheUsage / kvCacheUtilThreshold); an endpoint whose metrics are older than
+An endpoint's saturation = max((waiting + dispatched) / queueDepthThreshold,
+kvCacheUsage / kvCacheUtilThreshold), where `dispatched` counts what the picker routed
+there since the scrape; the pool's (a gauge, and the shedding rule without flow control)
+is the mean over endpoints; an endpoint whose metrics are older than
 `metricsStalenessThreshold` counts 1.0 (it may be full for all we know), and a pool with no
 endpoints counts as full, so requests wait for the first endpoint (scale from zero).
 
@@ -15,7 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 
 from epp import parameters
-from epp.datalayer.endpoint_metrics import EndpointMetrics
+from epp.datalayer.endpoint_metrics import EndpointLoad, EndpointMetrics
 
 
 class UtilizationDetector:
@@ -58,22 +60,24 @@ class UtilizationDetector:
             and other.metrics_staleness_threshold_s == self.metrics_staleness_threshold_s
         )
 
-    def endpoint_saturation(self, metrics: EndpointMetrics, now: float) -> float:
+    def endpoint_saturation(
+        self, metrics: EndpointMetrics, now: float, dispatched: int = 0
+    ) -> float:
         if metrics.is_stale(now, self.metrics_staleness_threshold_s):
             return 1.0
         return max(
-            metrics.waiting_queue_size / self.queue_depth_threshold,
+            (metrics.waiting_queue_size + dispatched) / self.queue_depth_threshold,
             metrics.kv_cache_usage / self.kv_cache_util_threshold,
         )
 
-    def saturation(self, endpoints: Sequence[EndpointMetrics], now: float) -> float:
+    def saturation(self, endpoints: Sequence[EndpointLoad], now: float) -> float:
         if not endpoints:
             return math.inf
         total = 0.0
-        for metrics in endpoints:
-            total += self.endpoint_saturation(metrics, now)
+        for load in endpoints:
+            total += self.endpoint_saturation(load.metrics, now, load.dispatched)
         return total / len(endpoints)
 
-    def request_load(self, endpoint_count: int) -> float:
-        # Worst case: the request waits on one endpoint, one more in its waiting queue.
-        return 1.0 / (self.queue_depth_threshold * max(endpoint_count, 1))
+    def request_load(self) -> float:
+        # Worst case: the request waits, one more in its endpoint's waiting queue.
+        return 1.0 / self.queue_depth_threshold

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from epp import errors
-from epp.datalayer.endpoint_metrics import EndpointMetrics
+from epp.datalayer.endpoint_metrics import EndpointLoad
 from epp.flowcontrol import controller as flow
 from epp.flowcontrol import workload
 from epp.flowcontrol.interfaces import SaturationDetector
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
 DEFAULT_FLOW = "default-flow"
 
-PoolMetrics = Callable[[], Sequence[EndpointMetrics]]
+PoolMetrics = Callable[[], Sequence[EndpointLoad]]
 
 
 class _NothingHeld:

@@ -224,15 +224,15 @@ class Director:
             if not endpoints:
                 raise errors.unavailable("no pool endpoint matches the subset hint")
         now = time.monotonic()
-        get, threshold = self._metrics.get, self._staleness_s
+        load, threshold = self._metrics.load, self._staleness_s
         fresh: list[Candidate] = []
         stale: list[Candidate] = []
         for endpoint in endpoints:
-            m = get(endpoint.key)
+            m, dispatched, tokens = load(endpoint.key)
             if m.is_stale(now, threshold):
-                stale.append(Candidate(endpoint, m, True))
+                stale.append(Candidate(endpoint, m, True, dispatched, tokens))
             else:
-                fresh.append(Candidate(endpoint, m, False))
+                fresh.append(Candidate(endpoint, m, False, dispatched, tokens))
         # Endpoints whose metrics went stale get nothing while a fresh one exists.
         return fresh or stale
 
@@ -262,8 +262,11 @@ class Director:
     def pre_request(
         self, pipeline: RequestPipeline, routed: RoutedRequest, result: SchedulingResult
     ) -> RoutedRequest:
-        """The target is chosen: the pre-request plugins hear of it; the request is routed."""
-        pipeline.lifecycle.pre_request(routed.scheduling_request, result)
+        """The target is chosen: the data layer's ledger and the pre-request plugins hear of
+        it; the request is routed."""
+        request = routed.scheduling_request
+        self._metrics.record_dispatch(routed.targets[0].endpoint.key, request.input_tokens)
+        pipeline.lifecycle.pre_request(request, result)
         return routed
 
     # ---- errors ---------------------------------------------------------------------

@@ -18,16 +18,21 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from epp.datalayer.endpoint_metrics import EndpointMetrics
-from epp.datastore.snapshot import Endpoint
+from epp.datastore.snapshot import Endpoint, SloTargets
+
+CHARS_PER_TOKEN = 4
 
 
 @dataclass(frozen=True, slots=True)
 class Candidate:
-    """An endpoint with the metrics it had when this request was scheduled."""
+    """An endpoint with the metrics it had when this request was scheduled, and what the
+    picker routed there since those metrics were scraped."""
 
     endpoint: Endpoint
     metrics: EndpointMetrics
     stale: bool = False
+    dispatched: int = 0  # requests routed here since the scrape
+    dispatched_tokens: int = 0  # their estimated prompt tokens
 
 
 @dataclass(slots=True)
@@ -44,7 +49,17 @@ class SchedulingRequest:
     cache_salt: str = ""
     headers: Mapping[str, str] = field(default_factory=dict)
     priority: int = 0
+    # Latency objectives (headers or the workload's WorkloadClass); None: no SLO.
+    slo: SloTargets | None = None
+    # Output tokens the client allows (`max_tokens`); 0: not given.
+    max_output_tokens: int = 0
     plugin_data: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def input_tokens(self) -> int:
+        """The prompt's length in tokens, estimated as the prefix index does (4 characters
+        a token): the picker does not tokenize."""
+        return len(self.prompt_text) // CHARS_PER_TOKEN
 
 
 @dataclass(frozen=True, slots=True)

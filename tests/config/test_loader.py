@@ -100,7 +100,8 @@ def test_design_example() -> None:
     assert config.feature_enabled("flowControl")
     assert _shape(config) == {
         "default": {
-            "filters": [],
+            # With flowControl on, profiles first keep the endpoints with room.
+            "filters": ["utilization-detector"],
             "scorers": [
                 ("queue-scorer", 2.0),
                 ("kv-cache-utilization-scorer", 2.0),

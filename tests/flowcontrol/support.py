@@ -8,7 +8,7 @@ import time
 from collections.abc import Mapping
 
 from epp.config import flow_control as flow_section
-from epp.datalayer.endpoint_metrics import EndpointMetrics
+from epp.datalayer.endpoint_metrics import EndpointLoad, EndpointMetrics
 from epp.flowcontrol.controller import Admission, FlowController, FlowRequest
 from epp.flowcontrol.outcomes import Rejection
 from epp.flowcontrol.workload import WorkloadContext, WorkloadId
@@ -30,19 +30,31 @@ class FakeClock:
 
 
 class FakePool:
-    """Endpoints' metrics; `scrape()` stamps a new scrape, as the collector would."""
+    """Endpoints' metrics; `scrape()` stamps a new scrape, as the collector would, and
+    `route()` records a request routed to an endpoint since it (the data layer's ledger)."""
 
     _stamps = itertools.count(1)
 
     def __init__(self, endpoints: int = 1, waiting: int = 0) -> None:
         self.endpoints = endpoints
         self.waiting = waiting
+        self.waiting_each: list[int] | None = None  # per endpoint; overrides `waiting`
         self.kv = 0.0
         self.updated_at = 0.0
+        self.dispatched: list[int] = [0] * endpoints
         self.scrape()
 
     def scrape(self) -> None:
         self.updated_at = time.monotonic() + next(self._stamps) * 1e-6
+        self.dispatched = [0] * self.endpoints
+
+    def route(self) -> None:
+        """A dispatched request reached an endpoint: the least loaded one, as the
+        saturation filter would choose."""
+        if self.endpoints:
+            waiting = self.waiting_each or [self.waiting] * self.endpoints
+            i = min(range(self.endpoints), key=lambda e: waiting[e] + self.dispatched[e])
+            self.dispatched[i] += 1
 
     def saturate(self) -> None:
         self.waiting = 10
@@ -52,11 +64,19 @@ class FakePool:
         self.waiting = 0
         self.scrape()
 
-    def __call__(self) -> list[EndpointMetrics]:
-        m = EndpointMetrics(
-            waiting_queue_size=self.waiting, kv_cache_usage=self.kv, updated_at=self.updated_at
-        )
-        return [m] * self.endpoints
+    def __call__(self) -> list[EndpointLoad]:
+        if len(self.dispatched) != self.endpoints:
+            self.dispatched = [0] * self.endpoints
+        waiting = self.waiting_each or [self.waiting] * self.endpoints
+        return [
+            EndpointLoad(
+                EndpointMetrics(
+                    waiting_queue_size=w, kv_cache_usage=self.kv, updated_at=self.updated_at
+                ),
+                d,
+            )
+            for w, d in zip(waiting, self.dispatched, strict=True)
+        ]
 
 
 def controller(
@@ -120,8 +140,9 @@ async def until(condition: object, what: str = "condition", turns: int = 1000) -
 class Recorder:
     """Admits requests as tasks and records the order they are let through."""
 
-    def __init__(self, flow: FlowController) -> None:
+    def __init__(self, flow: FlowController, pool: FakePool | None = None) -> None:
         self.flow = flow
+        self.pool = pool  # when given, each admitted request is routed into it
         self.order: list[str] = []
         self.admissions: dict[str, Admission] = {}
         self.tasks: dict[str, asyncio.Task[None]] = {}
@@ -129,6 +150,8 @@ class Recorder:
     def start(self, req: FlowRequest) -> asyncio.Task[None]:
         async def run() -> None:
             admission = await admit(self.flow, req)
+            if self.pool is not None:
+                self.pool.route()
             self.order.append(req.request_id)
             self.admissions[req.request_id] = admission
 

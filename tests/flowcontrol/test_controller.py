@@ -246,31 +246,42 @@ async def test_workload_class_rate_limit_is_a_token_bucket() -> None:
     assert flow.registry.total_active() == 0
 
 
-async def test_dispatch_is_metered_until_the_next_scrape() -> None:
-    flow, pool, _ = controller()  # one endpoint, queueDepthThreshold 5
+async def test_dispatch_fills_each_endpoints_room_until_the_next_scrape() -> None:
+    pool = FakePool(endpoints=2)
+    flow, _, _ = controller(pool=pool)  # queueDepthThreshold 5
     pool.saturate()
-    rec = Recorder(flow)
+    rec = Recorder(flow, pool)
     for i in range(50):
         await rec.enqueue(request(f"r{i}"))
-    pool.waiting = 3  # saturation 0.6: room for two more at 1/5 each
+    pool.waiting = 3  # each endpoint at saturation 0.6: room for two more at 1/5 each
     pool.scrape()
-    assert flow.dispatch_ready() == 2
-    assert flow.dispatch_ready() == 0
+    assert flow.dispatch_ready() == 4
+    assert flow.dispatch_ready() == 0  # dispatched, not routed yet: in transit
+    await until(lambda: len(rec.order) == 4)
+    assert flow.dispatch_ready() == 0  # routed since the scrape: counted on their endpoints
     pool.scrape()
-    assert flow.dispatch_ready() == 2
-    # Saturation 0 after a batch that used its whole budget: the estimate was too
-    # pessimistic, so each such scrape doubles what a batch may take.
-    sizes = []
-    for _ in range(4):
-        pool.free()
-        sizes.append(flow.dispatch_ready())
-    assert sizes == [10, 20, 16, 0]  # the batch at 0.6 had used its whole budget too
+    assert flow.dispatch_ready() == 4
+    await until(lambda: len(rec.order) == 8)
+    pool.free()
+    assert flow.dispatch_ready() == 10  # 5 each
+    rec.release_all()
+
+
+async def test_one_full_endpoint_does_not_hold_back_an_idle_one() -> None:
+    """Work-conserving: the gate dispatches while some endpoint has room, although the
+    pool's mean saturation is at the ceiling."""
+    pool = FakePool(endpoints=2)
+    flow, _, _ = controller(pool=pool)
     pool.saturate()
+    rec = Recorder(flow, pool)
     for i in range(10):
-        await rec.enqueue(request(f"s{i}"))
-    pool.waiting = 3  # a scrape at saturation >= 0.5 resets the batch size
+        await rec.enqueue(request(f"r{i}"))
+    pool.waiting_each = [10, 0]  # mean saturation 1.0; the second endpoint is idle
     pool.scrape()
-    assert flow.dispatch_ready() == 2
+    assert flow.dispatch_ready() == 5
+    await until(lambda: len(rec.order) == 5)
+    assert flow.dispatch_ready() == 0
+    rec.release_all()
 
 
 async def test_round_robin_fairness_takes_turns_between_flows() -> None:

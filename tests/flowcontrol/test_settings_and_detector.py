@@ -8,7 +8,7 @@ import time
 import pytest
 
 from epp.config import loader
-from epp.datalayer.endpoint_metrics import EndpointMetrics
+from epp.datalayer.endpoint_metrics import EndpointLoad, EndpointMetrics
 from epp.datastore.snapshot import Endpoint, EndpointKey
 from epp.flowcontrol import settings
 from epp.flowcontrol.fairness import RoundRobinFairnessPolicy
@@ -150,11 +150,16 @@ def metrics(waiting: int = 0, kv: float = 0.0, age_s: float = 0.0) -> EndpointMe
 def test_saturation_is_the_mean_of_the_worse_ratio() -> None:
     d = UtilizationDetector()  # Q 5, KV 0.8, staleness 200 ms
     now = time.monotonic()
+    def pool(*items: EndpointMetrics) -> list[EndpointLoad]:
+        return [EndpointLoad(m) for m in items]
+
     assert d.saturation([], now) == math.inf
-    assert d.saturation([metrics(waiting=5)], now) == 1.0
-    assert d.saturation([metrics(waiting=1, kv=0.4), metrics(waiting=0)], now) == 0.25
-    assert d.saturation([metrics(), metrics(age_s=5.0)], now) == 0.5  # stale counts 1.0
-    assert d.saturation([EndpointMetrics()], now) == 1.0  # never scraped
+    assert d.saturation(pool(metrics(waiting=5)), now) == 1.0
+    assert d.saturation(pool(metrics(waiting=1, kv=0.4), metrics(waiting=0)), now) == 0.25
+    assert d.saturation(pool(metrics(), metrics(age_s=5.0)), now) == 0.5  # stale counts 1.0
+    assert d.saturation(pool(EndpointMetrics()), now) == 1.0  # never scraped
+    # What the picker routed there since the scrape counts as waiting.
+    assert d.saturation([EndpointLoad(metrics(waiting=2), 3)], now) == 1.0
 
 
 def test_detector_as_a_scheduling_filter() -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import random
 
 import pytest
 
 from epp import parameters
-from epp.datalayer.endpoint_metrics import EndpointMetrics
+from epp.datalayer.endpoint_metrics import EndpointMetrics, MetricsStore
+from epp.datastore.snapshot import EndpointKey
 from epp.scheduling import framework
 from epp.scheduling.interfaces import Candidate, ProfileResult, SchedulingResult
 from epp.scheduling.plugins.header_filter import HeaderBasedTestingFilter
@@ -229,20 +231,25 @@ def test_queue_scorer_rejects_unknown_parameters() -> None:
 
 
 def test_pending_aware_queue_scorer_counts_dispatches_the_metrics_have_not_seen() -> None:
-    now = [10.0]
     scorer = QueueScorer.from_parameters("q", {"countPendingDispatches": True})
     assert isinstance(scorer, PendingAwareQueueScorer)
-    scorer.clock = lambda: now[0]
     a, b = candidate("a", updated_at=9.0), candidate("b", waiting_queue_size=1, updated_at=9.0)
     assert scorer.score(request(), [a, b]) == [1.0, 0.0]
-    for _ in range(3):  # three requests routed to a within one scrape interval
-        scorer.pre_request(request(), SchedulingResult({"p": ProfileResult((a,))}, "p"))
-    assert scorer.score(request(), [a, b]) == [0.0, 1.0]  # a: 0 + 3 pending > b: 1
-    now[0] = 11.0
-    scorer.pre_request(request(), SchedulingResult({"p": ProfileResult((a,))}, "p"))
-    scraped = candidate("a", waiting_queue_size=1, updated_at=10.5)  # saw the first three
-    assert scorer.score(request(), [scraped, b]) == [0.0, 1.0]  # 1 + 1 pending vs 1
-    later = candidate("a", waiting_queue_size=1, updated_at=11.5)
-    assert scorer.score(request(), [later, b]) == [1.0, 1.0]
-    scorer.retain([b.endpoint.key])
-    assert scorer.score(request(), [a, b]) == [1.0, 0.0]
+    # Three requests routed to a within one scrape interval: a counts 0 + 3 > b's 1.
+    routed = dataclasses.replace(a, dispatched=3)
+    assert scorer.score(request(), [routed, b]) == [0.0, 1.0]
+
+
+def test_the_ledger_counts_dispatches_until_the_next_scrape() -> None:
+    store = MetricsStore()
+    key = EndpointKey("a")
+    store.put(key, EndpointMetrics(waiting_queue_size=1, updated_at=9.0))
+    for _ in range(3):
+        store.record_dispatch(key, tokens=100)
+    assert store.load(key) == (EndpointMetrics(waiting_queue_size=1, updated_at=9.0), 3, 300)
+    store.put(key, EndpointMetrics(waiting_queue_size=4, updated_at=10.0))  # a new scrape
+    assert store.load(key).dispatched == 0
+    store.record_dispatch(key)
+    assert store.load(key)[1:] == (1, 0)
+    store.retain([])
+    assert store.load(key).dispatched == 0

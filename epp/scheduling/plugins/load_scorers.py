@@ -7,17 +7,13 @@ be overloaded for all we know (DESIGN §6).
 
 from __future__ import annotations
 
-import collections
-import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from epp import parameters
-from epp.datastore.snapshot import EndpointKey
-from epp.scheduling.interfaces import Candidate, SchedulingRequest, SchedulingResult
+from epp.scheduling.interfaces import Candidate, SchedulingRequest
 
 # A bound on remembered dispatches per endpoint: an endpoint whose metrics stopped
 # updating is stale (scored 0) anyway, and this keeps its memory flat meanwhile.
-_MAX_PENDING = 4096
 
 
 def _min_max_lower_is_better(values: list[int], candidates: Sequence[Candidate]) -> list[float]:
@@ -72,48 +68,21 @@ class PendingAwareQueueScorer:
 
     Metrics are up to one scrape interval old. Within that window every request sees the
     same numbers, so the least-loaded endpoint of the last scrape wins them all and a
-    burst herds onto it. This scorer remembers when it routed to each endpoint (as a
-    pre-request hook) and adds the dispatches newer than the endpoint's `updated_at` to
-    its waiting queue: the next scrape will show them (queued or running), until then
-    they are assumed queued. State is at most one scrape interval of timestamps per
-    endpoint, so it is not kept across config reloads.
+    burst herds onto it. This scorer adds what the picker routed to each endpoint since
+    its `updated_at` (`Candidate.dispatched`, kept by the data layer's ledger) to its
+    waiting queue: the next scrape will show them (queued or running), until then they
+    are assumed queued.
     """
 
     type_name = QueueScorer.type_name
 
-    def __init__(self, name: str = type_name, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, name: str = type_name) -> None:
         self.name = name
-        self.clock = clock  # the collector's clock: EndpointMetrics.updated_at is monotonic
-        self._dispatched: dict[EndpointKey, collections.deque[float]] = {}
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
-        dispatched = self._dispatched
-        queues: list[int] = []
-        for c in candidates:
-            q = c.metrics.waiting_queue_size
-            times = dispatched.get(c.endpoint.key)
-            if times:
-                seen = c.metrics.updated_at
-                while times and times[0] <= seen:
-                    times.popleft()  # the scrape at `seen` already counted it
-                q += len(times)
-            queues.append(q)
-        return _min_max_lower_is_better(queues, candidates)
-
-    def pre_request(self, request: SchedulingRequest, result: SchedulingResult) -> None:
-        primary = result.primary
-        if primary is None or not primary.targets:
-            return
-        key = primary.targets[0].endpoint.key
-        times = self._dispatched.get(key)
-        if times is None:
-            times = self._dispatched[key] = collections.deque(maxlen=_MAX_PENDING)
-        times.append(self.clock())
-
-    def retain(self, keys: Iterable[EndpointKey]) -> None:
-        keep = keys if isinstance(keys, set | frozenset) else set(keys)
-        for key in [k for k in self._dispatched if k not in keep]:
-            del self._dispatched[key]
+        return _min_max_lower_is_better(
+            [c.metrics.waiting_queue_size + c.dispatched for c in candidates], candidates
+        )
 
 
 class KvCacheUtilizationScorer:

@@ -31,8 +31,6 @@ import xxhash
 
 from epp.datastore.snapshot import EndpointKey
 
-CHARS_PER_TOKEN = 4
-
 _xxh64 = xxhash.xxh64_intdigest
 
 

@@ -26,7 +26,12 @@ from dataclasses import dataclass
 from epp import parameters
 from epp.datalayer.endpoint_metrics import EndpointMetrics
 from epp.datastore.snapshot import EndpointKey
-from epp.scheduling.interfaces import Candidate, SchedulingRequest, SchedulingResult
+from epp.scheduling.interfaces import (
+    CHARS_PER_TOKEN,
+    Candidate,
+    SchedulingRequest,
+    SchedulingResult,
+)
 from epp.scheduling.plugins import prefix_index
 
 DEFAULT_BLOCK_SIZE_TOKENS = 16
@@ -41,7 +46,7 @@ _MAX_PREFIX_BLOCKS = 1 << 20
 
 @dataclass(frozen=True, slots=True)
 class PrefixSettings:
-    block_chars: int = DEFAULT_BLOCK_SIZE_TOKENS * prefix_index.CHARS_PER_TOKEN
+    block_chars: int = DEFAULT_BLOCK_SIZE_TOKENS * CHARS_PER_TOKEN
     max_blocks: int = DEFAULT_MAX_PREFIX_BLOCKS
     lru_capacity: int = DEFAULT_LRU_CAPACITY_PER_SERVER
     auto_tune: bool = True
@@ -59,8 +64,8 @@ class PrefixSettings:
         tokens = reader.integer(
             "blockSizeTokens", DEFAULT_BLOCK_SIZE_TOKENS, minimum=1, maximum=_MAX_BLOCK_SIZE_TOKENS
         )
-        block_chars = tokens * prefix_index.CHARS_PER_TOKEN
-        max_chars = _MAX_BLOCK_SIZE_TOKENS * prefix_index.CHARS_PER_TOKEN
+        block_chars = tokens * CHARS_PER_TOKEN
+        max_chars = _MAX_BLOCK_SIZE_TOKENS * CHARS_PER_TOKEN
         for key in char_keys:
             block_chars = reader.integer(key, block_chars, minimum=1, maximum=max_chars)
         return cls(
@@ -82,7 +87,7 @@ class PrefixSettings:
         if self.auto_tune and metrics.cache_num_blocks > 0:
             if metrics.cache_block_size > 0:
                 tokens = metrics.cache_num_blocks * metrics.cache_block_size
-                return max(1, tokens * prefix_index.CHARS_PER_TOKEN // self.block_chars)
+                return max(1, tokens * CHARS_PER_TOKEN // self.block_chars)
             return metrics.cache_num_blocks
         return self.lru_capacity
 

@@ -1,8 +1,9 @@
 """The saturation detector's filter face: named in a scheduling profile, a detector such as
 `utilization-detector` keeps the endpoints it does not consider full.
 
-It keeps every endpoint below saturation 1.0 (fresh metrics, queue and KV cache under the
-detector's thresholds); when none is, it keeps them all, because shedding load is flow
+It keeps every endpoint below saturation 1.0 (fresh metrics, queue — counting what the
+picker routed there since the scrape — and KV cache under the detector's thresholds);
+when none is, it keeps them all, because shedding load is flow
 control's decision, not the scheduler's. The detector itself belongs to flow control; this
 plugin only asks it about one endpoint at a time, so scheduling never depends on flow
 control.
@@ -22,7 +23,9 @@ class EndpointSaturation(Protocol):
     type_name: str
     name: str
 
-    def endpoint_saturation(self, metrics: EndpointMetrics, now: float) -> float: ...
+    def endpoint_saturation(
+        self, metrics: EndpointMetrics, now: float, dispatched: int = 0
+    ) -> float: ...
 
 
 class SaturationFilter:
@@ -39,7 +42,7 @@ class SaturationFilter:
     ) -> Sequence[Candidate]:
         now = time.monotonic()
         saturation = self.detector.endpoint_saturation
-        kept = [c for c in candidates if saturation(c.metrics, now) < 1.0]
+        kept = [c for c in candidates if saturation(c.metrics, now, c.dispatched) < 1.0]
         return kept or candidates
 
 
