@@ -26,7 +26,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 try:  # the module moved; measure either version of the tree
     from epp.picker import Picker, PickerOptions
 except ImportError:  # pragma: no cover
-    from epp.runner import Picker, PickerOptions  # type: ignore[no-redef]
+    from epp.runner import Picker, PickerOptions  # type: ignore[no-redef,import-not-found]
 from epp.extproc.stream import RequestStream
 
 

@@ -43,7 +43,6 @@ from epp.config import loader
 from epp.datalayer.endpoint_metrics import EndpointMetrics
 from epp.datastore.snapshot import Endpoint, EndpointKey
 from epp.scheduling.interfaces import Candidate, SchedulingRequest
-from epp.scheduling.plugins.load_scorers import PendingAwareQueueScorer
 from epp.scheduling.plugins.prefix_producer import PrefixMatch
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -214,9 +213,7 @@ class _Fleet:
         self.seq = 0
         self.snapshot = [EndpointMetrics(updated_at=0.0)] * SERVERS
         self.now = 0.0
-        for plugin in config.plugins.values():
-            if isinstance(plugin, PendingAwareQueueScorer):
-                plugin.clock = lambda: self.now  # simulated time, as updated_at is
+        self.dispatched = [0] * SERVERS  # routed since each server's scrape (the ledger)
         self.next_scrape = 0.0
         self.waiting_since: list[list[float]] = [[] for _ in range(SERVERS)]
         self.reset_stats()
@@ -242,6 +239,7 @@ class _Fleet:
                     kv_cache_usage=min(1.0, s.running / SLOTS * 0.9),
                     updated_at=self.next_scrape,
                 )
+                self.dispatched[i] = 0
             self.next_scrape += self.scrape_s
 
     def advance(self, until: float) -> None:
@@ -260,13 +258,17 @@ class _Fleet:
     def route(self, n: int, now: float, prompt: str, active: int) -> None:
         self.advance(now)
         self.now = now
-        candidates = [Candidate(self.endpoints[i], self.snapshot[i]) for i in range(active)]
+        candidates = [
+            Candidate(self.endpoints[i], self.snapshot[i], False, self.dispatched[i])
+            for i in range(active)
+        ]
         request = SchedulingRequest(str(n), "m", prompt_text=prompt)
         result = self.scheduler.schedule(request, candidates)
         self.lifecycle.pre_request(request, result)
         assert result.primary is not None
         chosen = result.primary.targets[0].endpoint
         i = self.endpoints.index(chosen)
+        self.dispatched[i] += 1
         match = request.plugin_data.get("approx-prefix-cache-producer")
         assert isinstance(match, PrefixMatch)
         hit = match.matched_blocks.get(chosen.key, 0)
