@@ -269,6 +269,12 @@ workload_context_invalid_total = Counter(
     ("reason",),
     registry=REGISTRY,
 )
+slo_header_invalid_total = Counter(
+    "inference_extension_slo_header_invalid_total",
+    "Requests whose latency-objective header was unusable (treated as absent).",
+    ("header",),
+    registry=REGISTRY,
+)
 flow_control_queue_size = Gauge(
     "inference_extension_flow_control_queue_size",
     "Requests waiting in flow control, by priority band.",

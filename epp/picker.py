@@ -204,6 +204,7 @@ class Picker:
             admission=self._admission(config),
             scheduler=config.scheduler,
             lifecycle=config.lifecycle,
+            default_criticality=config.default_criticality,
         )
 
     def _admission(self, config: loader.PickerConfig) -> AdmissionController:

@@ -22,6 +22,7 @@ class ParsedBody:
     prompt_text: str  # what prefix-cache affinity hashes
     stream: bool = False
     cache_salt: str = ""
+    max_tokens: int = 0  # output tokens the client allows; 0: not given
     document: dict[str, Any] | None = None
 
 
@@ -129,12 +130,18 @@ class OpenAIParser:
             raise bad_request("'model' must be a non-empty string")
         api, prompt = _api_for(path, document)
         salt = document.get("cache_salt")
+        limit = (
+            document.get("max_tokens")
+            or document.get("max_completion_tokens")
+            or document.get("max_output_tokens")
+        )
         return ParsedBody(
             api=api,
             model=model,
             prompt_text=prompt(document),
             stream=document.get("stream") is True,
             cache_salt=salt if isinstance(salt, str) else "",
+            max_tokens=limit if isinstance(limit, int) and not isinstance(limit, bool) else 0,
             document=document,
         )
 

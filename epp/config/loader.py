@@ -39,6 +39,7 @@ from epp.datastore.snapshot import EndpointKey
 from epp.flowcontrol.interfaces import SaturationDetector
 from epp.flowcontrol.settings import FEATURE_GATE as FLOW_CONTROL_GATE
 from epp.flowcontrol.settings import FlowControlSettings
+from epp.flowcontrol.workload import DEFAULT_CRITICALITY
 from epp.requestcontrol.inflight import InFlightTracker
 from epp.requestcontrol.lifecycle import Lifecycle
 from epp.scheduling import framework
@@ -60,6 +61,8 @@ class PickerConfig:
     in_flight: InFlightTracker
     # Set when the flowControl gate is on.
     flow_control: FlowControlSettings | None = None
+    # For requests whose X-Workload-Context claims none (workload-aware policy setting).
+    default_criticality: int = DEFAULT_CRITICALITY
     feature_gates: frozenset[str] = frozenset()
     # Every plugin instance by name, declared or created by default.
     plugins: Mapping[str, object] = field(default_factory=dict)
@@ -109,6 +112,9 @@ def load_config(text: str | None, *, previous: PickerConfig | None = None) -> Pi
         saturation_detector=detector,
         in_flight=in_flight,
         flow_control=flow,
+        default_criticality=(
+            flow.workload.default_criticality if flow is not None else DEFAULT_CRITICALITY
+        ),
         feature_gates=doc.feature_gates,
         plugins=MappingProxyType(dict(plugins.instances)),
         data_layer=doc.data_layer,

@@ -62,6 +62,7 @@ def _source_factory(type_name: str) -> PluginFactory:
 ORDERING_POLICIES: dict[str, PluginFactory] = {
     "fcfs-ordering-policy": ordering.FcfsOrderingPolicy.from_parameters,
     "edf-ordering-policy": ordering.EdfOrderingPolicy.from_parameters,
+    "slo-deadline-ordering-policy": ordering.SloDeadlineOrderingPolicy.from_parameters,
     "workload-aware-ordering-policy": workload_aware.WorkloadAwareOrderingPolicy.from_parameters,
 }
 FAIRNESS_POLICIES: dict[str, PluginFactory] = {

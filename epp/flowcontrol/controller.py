@@ -56,6 +56,8 @@ class FlowRequest:
     max_concurrent: int | None = None
     requests_per_second: float | None = None
     burst: int | None = None
+    # The request's time-to-first-token objective (None: none), for SLO-aware ordering.
+    ttft_slo_s: float | None = None
 
 
 class Admission:
@@ -271,6 +273,7 @@ class FlowController:
             size_bytes=request.size_bytes,
             enqueued_at=now,
             deadline=now + ttl if ttl > 0 else math.inf,
+            slo_deadline=now + request.ttft_slo_s if request.ttft_slo_s else math.inf,
             seq=self._seq,
             ticket=ticket,
         )

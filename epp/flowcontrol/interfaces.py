@@ -10,6 +10,7 @@ middle of a queue (client gone, TTL) costs O(1).
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -36,6 +37,7 @@ class QueueItem:
         "request_id",
         "seq",
         "size_bytes",
+        "slo_deadline",
         "ticket",
         "workload_id",
     )
@@ -52,6 +54,7 @@ class QueueItem:
         enqueued_at: float,
         deadline: float,
         seq: int,
+        slo_deadline: float = math.inf,
         ticket: Ticket | None = None,
     ) -> None:
         self.request_id = request_id
@@ -62,6 +65,7 @@ class QueueItem:
         self.size_bytes = size_bytes
         self.enqueued_at = enqueued_at
         self.deadline = deadline  # math.inf: no TTL
+        self.slo_deadline = slo_deadline  # enqueue + TTFT objective; math.inf: no SLO
         self.seq = seq  # arrival order; breaks every tie so dispatch is deterministic
         self.ticket = ticket
         # Resolved by the dispatcher: None = go, a Rejection = do not.

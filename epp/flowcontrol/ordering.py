@@ -1,5 +1,7 @@
-"""`fcfs-ordering-policy` (oldest first) and `edf-ordering-policy` (earliest deadline first,
-deadline = enqueue time + TTL; items without a deadline go last, oldest first)."""
+"""`fcfs-ordering-policy` (oldest first), `edf-ordering-policy` (earliest deadline first,
+deadline = enqueue time + TTL) and `slo-deadline-ordering-policy` (deadline = enqueue time +
+the request's TTFT objective, so that a saturated pool serves first the requests whose
+objective can still be met). Items without a deadline go last, oldest first."""
 
 from __future__ import annotations
 
@@ -50,9 +52,10 @@ class FifoQueue:
 
 
 class DeadlineQueue:
-    __slots__ = ("_heap", "_live")
+    __slots__ = ("_attribute", "_heap", "_live")
 
-    def __init__(self) -> None:
+    def __init__(self, attribute: str = "deadline") -> None:
+        self._attribute = attribute  # the QueueItem field that holds the deadline
         self._heap: list[tuple[float, int, QueueItem]] = []
         self._live = 0
 
@@ -60,7 +63,7 @@ class DeadlineQueue:
         return self._live
 
     def push(self, item: QueueItem, now: float) -> None:
-        heapq.heappush(self._heap, (item.deadline, item.seq, item))
+        heapq.heappush(self._heap, (getattr(item, self._attribute), item.seq, item))
         self._live += 1
 
     def remove(self, item: QueueItem) -> None:
@@ -114,3 +117,20 @@ class EdfOrderingPolicy:
 
     def new_queue(self, registry: WorkloadRegistry) -> DeadlineQueue:
         return DeadlineQueue()
+
+
+class SloDeadlineOrderingPolicy:
+    type_name = "slo-deadline-ordering-policy"
+
+    def __init__(self, name: str = type_name) -> None:
+        self.name = name
+
+    @classmethod
+    def from_parameters(
+        cls, name: str, params: Mapping[str, object] | None
+    ) -> SloDeadlineOrderingPolicy:
+        parameters.ParameterReader(params).finish()
+        return cls(name)
+
+    def new_queue(self, registry: WorkloadRegistry) -> DeadlineQueue:
+        return DeadlineQueue("slo_deadline")

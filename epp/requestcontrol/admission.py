@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable, Sequence
 
@@ -22,8 +21,6 @@ from epp.flowcontrol import workload
 from epp.flowcontrol.interfaces import SaturationDetector
 from epp.flowcontrol.outcomes import Rejection
 from epp.requestcontrol.interfaces import AdmissionRequest, Hold
-
-log = logging.getLogger(__name__)
 
 FAIRNESS_HEADER = "x-gateway-inference-fairness-id"
 DEFAULT_FLOW = "default-flow"
@@ -67,29 +64,14 @@ class FlowControlAdmission:
         self.controller = controller
 
     async def admit(self, request: AdmissionRequest) -> Hold:
-        controller = self.controller
-        classes = request.snapshot.workload_classes
-        context = workload.extract(
-            request.headers.get(workload.HEADER),
-            classes,
-            controller.settings.workload.default_criticality,
-        )
-        if log.isEnabledFor(logging.DEBUG):
-            log.debug(
-                "workload context",
-                extra={
-                    "request_id": request.request_id,
-                    "workload_id": context.workload_id,
-                    "criticality": context.criticality,
-                    "header_problem": context.problem.value,
-                },
-            )
+        context = request.workload
         fairness_id = request.headers.get(FAIRNESS_HEADER) or (
             context.workload_id if context.problem is workload.HeaderProblem.NONE else DEFAULT_FLOW
         )
-        workload_class = classes.get(context.workload_id)
+        workload_class = request.snapshot.workload_classes.get(context.workload_id)
         limits = workload_class.limits if workload_class is not None else None
-        outcome = await controller.admit(
+        ttft_ms = request.slo.ttft_ms if request.slo is not None else None
+        outcome = await self.controller.admit(
             flow.FlowRequest(
                 request_id=request.request_id,
                 workload=context,
@@ -99,6 +81,7 @@ class FlowControlAdmission:
                 max_concurrent=limits.max_concurrent_requests if limits else None,
                 requests_per_second=limits.requests_per_second if limits else None,
                 burst=limits.burst if limits else None,
+                ttft_slo_s=ttft_ms / 1000 if ttft_ms is not None else None,
             )
         )
         if isinstance(outcome, Rejection):

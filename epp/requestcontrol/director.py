@@ -1,6 +1,6 @@
 """The director runs the named stages of the request path for one request.
 
-    parse -> rewrite -> objective -> admit -> candidates -> schedule -> pre_request   (route)
+    parse -> rewrite -> objectives -> admit -> candidates -> schedule -> pre_request (route)
     ... upstream answers; the protocol stream owns the `RoutedRequest` ...
     RoutedRequest.finish: metrics -> response-complete plugins -> release
 
@@ -28,6 +28,8 @@ from epp.bodies.parsers import BodyParser, ParsedBody
 from epp.bodies.rewrite import ModelNameRestorer, replace_model
 from epp.datalayer.endpoint_metrics import MetricsStore
 from epp.datastore.snapshot import Snapshot
+from epp.flowcontrol.workload import DEFAULT_CRITICALITY
+from epp.requestcontrol import objectives as request_objectives
 from epp.requestcontrol.admission import NOTHING_HELD
 from epp.requestcontrol.interfaces import AdmissionController, AdmissionRequest, Hold
 from epp.requestcontrol.lifecycle import Lifecycle
@@ -43,7 +45,6 @@ from epp.scheduling.interfaces import (
 log = logging.getLogger(__name__)
 
 MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
-OBJECTIVE_HEADER = "x-gateway-inference-objective"
 HEADER_ONLY_PROFILE = "header-only"
 _NO_LABELS: ObjectiveLabels = ("", "", "0")
 
@@ -61,6 +62,7 @@ class RequestPipeline:
     admission: AdmissionController
     scheduler: Scheduler
     lifecycle: Lifecycle
+    default_criticality: int = DEFAULT_CRITICALITY  # for requests that claim none
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,18 +100,18 @@ class Director:
             self.count_error(error)
             raise
         rewrite = self.rewrite(inbound, parsed, snapshot)
-        priority = self.objective(inbound, snapshot)
-        labels = (parsed.model, rewrite.target_model, str(priority))
+        objectives = self.objectives(pipeline, inbound, snapshot)
+        labels = (parsed.model, rewrite.target_model, str(objectives.priority))
         series = metrics.objective_series(*labels)
         series.requests.inc()
         try:
-            hold = await self.admit(pipeline, inbound, priority, snapshot)
+            hold = await self.admit(pipeline, inbound, objectives, snapshot)
             try:
                 # It may have waited in a queue (e.g. for the pool's first endpoint): route
                 # over the endpoints there are now.
                 candidates = self.candidates(inbound.subset, self._datastore.current)
                 request, result = self.schedule(
-                    pipeline, inbound, parsed, rewrite, priority, candidates
+                    pipeline, inbound, parsed, rewrite, objectives, candidates
                 )
             except BaseException:
                 hold.release()
@@ -186,26 +188,40 @@ class Director:
             ModelNameRestorer(parsed.model, target),
         )
 
-    def objective(self, inbound: InboundRequest, snapshot: Snapshot) -> int:
-        """The InferenceObjective the client named gives the request its priority (else 0)."""
-        name = inbound.headers.get(OBJECTIVE_HEADER, "")
-        objective = snapshot.objectives.get(name) if name else None
-        return objective.priority if objective is not None else 0
+    def objectives(
+        self, pipeline: RequestPipeline, inbound: InboundRequest, snapshot: Snapshot
+    ) -> request_objectives.Objectives:
+        """Priority (InferenceObjective), workload and latency objectives (see
+        `objectives`)."""
+        found = request_objectives.read(inbound.headers, snapshot, pipeline.default_criticality)
+        if log.isEnabledFor(logging.DEBUG):
+            context = found.workload
+            log.debug(
+                "workload context: request %s workload %r criticality %d (header: %s)",
+                inbound.request_id,
+                context.workload_id,
+                context.criticality,
+                context.problem.value,
+                extra={"request_id": inbound.request_id, "slo": found.slo},
+            )
+        return found
 
     async def admit(
         self,
         pipeline: RequestPipeline,
         inbound: InboundRequest,
-        priority: int,
+        objectives: request_objectives.Objectives,
         snapshot: Snapshot,
     ) -> Hold:
         return await pipeline.admission.admit(
             AdmissionRequest(
                 request_id=inbound.request_id,
                 headers=inbound.headers,
-                priority=priority,
+                priority=objectives.priority,
                 size_bytes=len(inbound.body),
                 snapshot=snapshot,
+                workload=objectives.workload,
+                slo=objectives.slo,
             )
         )
 
@@ -242,7 +258,7 @@ class Director:
         inbound: InboundRequest,
         parsed: ParsedBody,
         rewrite: Rewrite,
-        priority: int,
+        objectives: request_objectives.Objectives,
         candidates: Sequence[Candidate],
     ) -> tuple[SchedulingRequest, SchedulingResult]:
         request = SchedulingRequest(
@@ -251,7 +267,9 @@ class Director:
             prompt_text=parsed.prompt_text,
             cache_salt=parsed.cache_salt,
             headers=inbound.headers,
-            priority=priority,
+            priority=objectives.priority,
+            slo=objectives.slo,
+            max_output_tokens=parsed.max_tokens,
         )
         result = pipeline.scheduler.schedule(request, candidates)
         primary = result.primary

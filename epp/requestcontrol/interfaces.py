@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from epp.bodies.usage import Usage
-from epp.datastore.snapshot import Snapshot
+from epp.datastore.snapshot import SloTargets, Snapshot
+from epp.flowcontrol.workload import WorkloadContext
 from epp.scheduling.interfaces import Candidate, SchedulingRequest, SchedulingResult
 
 # ---- admission ---------------------------------------------------------------------------
@@ -35,6 +36,8 @@ class AdmissionRequest:
     priority: int
     size_bytes: int
     snapshot: Snapshot
+    workload: WorkloadContext
+    slo: SloTargets | None
 
 
 class Hold(Protocol):
