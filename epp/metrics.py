@@ -299,3 +299,81 @@ flow_control_pool_saturation = Gauge(
     "Pool saturation as the flow controller's detector sees it (>= 1: saturated).",
     registry=REGISTRY,
 )
+
+# ---- SLO-aware routing and the latency predictor (DESIGN §8) ----------------------------
+
+scheduler_profile_total = Counter(
+    "inference_extension_scheduler_profile_total",
+    "Requests by the scheduling profile whose result routed them.",
+    ("profile",),
+    registry=REGISTRY,
+)
+latency_predicted_ttft_seconds = FastHistogram(
+    "inference_extension_latency_predicted_ttft_seconds",
+    "Predicted time to first token of requests that got a measured one (warm predictor).",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+latency_actual_ttft_seconds = FastHistogram(
+    "inference_extension_latency_actual_ttft_seconds",
+    "Measured time to first token, as the latency predictor learns it.",
+    buckets=_LATENCY_BUCKETS,
+    registry=REGISTRY,
+)
+latency_predicted_tpot_seconds = FastHistogram(
+    "inference_extension_latency_predicted_tpot_seconds",
+    "Predicted time per output token of requests that got a measured one (warm predictor).",
+    buckets=_FAST_BUCKETS,
+    registry=REGISTRY,
+)
+latency_actual_tpot_seconds = FastHistogram(
+    "inference_extension_latency_actual_tpot_seconds",
+    "Measured time per output token, as the latency predictor learns it.",
+    buckets=_FAST_BUCKETS,
+    registry=REGISTRY,
+)
+latency_prediction_duration_seconds = FastHistogram(
+    "inference_extension_latency_prediction_duration_seconds",
+    "Time to predict every candidate of one request.",
+    buckets=_FAST_BUCKETS,
+    registry=REGISTRY,
+)
+slo_violations_total = Counter(
+    "inference_extension_slo_violations_total",
+    "Requests that carried a latency objective and missed it, by objective (ttft, tpot).",
+    ("type",),
+    registry=REGISTRY,
+)
+latency_fallback_total = Counter(
+    "inference_extension_latency_fallback_total",
+    "Requests a latency or SLO scorer scored with the cold-start fallback (queue, KV cache "
+    "and prefix), because its predictor had too few samples.",
+    ("plugin",),
+    registry=REGISTRY,
+)
+# Set by the trainer thread: prometheus_client's own types, which lock.
+latency_predictor_samples = Gauge(
+    "inference_extension_latency_predictor_samples",
+    "Samples the latency predictor has learned from.",
+    ("predictor",),
+    registry=REGISTRY,
+)
+latency_predictor_warm = Gauge(
+    "inference_extension_latency_predictor_warm",
+    "1 when the latency predictor has enough samples to be used, else 0 (cold start).",
+    ("predictor",),
+    registry=REGISTRY,
+)
+latency_predictor_training_seconds = Histogram(
+    "inference_extension_latency_predictor_training_seconds",
+    "Time one training round of the latency predictor took (off the request path).",
+    ("predictor",),
+    buckets=_FAST_BUCKETS,
+    registry=REGISTRY,
+)
+latency_predictor_last_training = Gauge(
+    "inference_extension_latency_predictor_last_training_timestamp_seconds",
+    "When the latency predictor last swapped in a new model (Unix time).",
+    ("predictor",),
+    registry=REGISTRY,
+)

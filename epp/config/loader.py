@@ -103,6 +103,7 @@ def load_config(text: str | None, *, previous: PickerConfig | None = None) -> Pi
     if FLOW_CONTROL_GATE in doc.feature_gates:
         flow = flow_control.settings(doc.flow_control, detector, plugins.instances)
         scheduler = profiles.with_saturation_filter(scheduler, detector)
+    _bind(plugins)
     in_flight = plugins.default(IN_FLIGHT_TRACKER, IN_FLIGHT_TRACKER)
     assert isinstance(in_flight, InFlightTracker)
     return PickerConfig(
@@ -123,6 +124,36 @@ def load_config(text: str | None, *, previous: PickerConfig | None = None) -> Pi
         data_sources=sources,
         data_layer_fingerprint=fingerprint,
     )
+
+
+def _bind(plugins: PluginSet) -> None:
+    """Plugins that work with another plugin instance (the SLO tracker and profile handler
+    with their latency predictor) get it by name through `bind(lookup)`; one named by its
+    type and not declared is created with default parameters."""
+    for name, plugin in list(plugins.instances.items()):
+        bind = getattr(plugin, "bind", None)
+        if not callable(bind):
+            continue
+
+        def lookup(wanted: str, kind: type, *, user: str = name) -> object:
+            found = plugins.instances.get(wanted)
+            if found is None and registry.factory(wanted) is not None:
+                found = plugins.default(wanted, wanted)
+            if found is None:
+                hint = parameters.did_you_mean(wanted, plugins.instances)
+                raise ConfigError(
+                    f"{plugins.where[user]}: {user!r} needs plugin {wanted!r}, which is not "
+                    f"declared under plugins{hint}"
+                )
+            if not isinstance(found, kind):
+                raise ConfigError(
+                    f"{plugins.where[user]}: {user!r} needs {wanted!r} to be a "
+                    f"{getattr(kind, 'type_name', kind.__name__)}, but it is a "
+                    f"{getattr(found, 'type_name', '?')}"
+                )
+            return found
+
+        bind(lookup)
 
 
 def _saturation_detector(plugins: PluginSet, doc: document.Document) -> SaturationDetector:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import cast
 
 from epp import parameters
-from epp.config import document
+from epp.config import document, registry
 from epp.config.document import ConfigError
 from epp.config.plugin_set import PluginSet
 from epp.scheduling import framework
@@ -30,7 +30,6 @@ from epp.scheduling.plugins import saturation_filter
 DEFAULT_PROFILE = "default"
 DEFAULT_PICKER = "max-score-picker"
 DEFAULT_HANDLER = "single-profile-handler"
-DEFAULT_PREFIX_PRODUCER = "approx-prefix-cache-producer"
 # (plugin name = type, weight) of the built-in default profile's scorers.
 DEFAULT_SCORERS = (
     ("queue-scorer", 2.0),
@@ -194,26 +193,35 @@ def _profile(plugins: PluginSet, spec: document.ProfileSpec) -> framework.Schedu
 
 def _wire_producer(
     plugins: PluginSet,
-    scorer: object, ref: document.PluginRef, producers: list[DataProducer]
+    scorer: object,
+    ref: document.PluginRef,
+    producers: list[DataProducer],
+    depth: int = 0,
 ) -> None:
-    """Put the producer a scorer reads into the profile, creating the default one."""
+    """Put the producer a plugin reads into the profile, after the producers it reads in
+    turn (the latency predictor reads the prefix producer); an undeclared producer named
+    by its type is created with default parameters."""
     needed = getattr(scorer, "required_producer", None)
     if not isinstance(needed, str):
         return
+    if depth > 8:
+        raise ConfigError(f"{ref.path}: producers read each other in a cycle through {needed!r}")
     producer = plugins.instances.get(needed)
     if producer is None:
-        if needed != DEFAULT_PREFIX_PRODUCER:
+        if registry.factory(needed) is None:
             hint = parameters.did_you_mean(needed, plugins.instances)
             raise ConfigError(
                 f"{plugins.where.get(ref.plugin, ref.path)}: {ref.plugin!r} reads data from "
                 f"producer {needed!r}, which is not declared under plugins{hint}"
             )
-        producer = plugins.default(needed, DEFAULT_PREFIX_PRODUCER)
+        producer = plugins.default(needed, needed)
     if not isinstance(producer, DataProducer):
         raise ConfigError(
             f"{plugins.where.get(ref.plugin, ref.path)}: {ref.plugin!r} reads data from "
             f"{needed!r}, which is not a data producer ({_kinds(producer)})"
         )
+    if producer is not scorer:
+        _wire_producer(plugins, producer, ref, producers, depth + 1)
     if producer not in producers:
         producers.append(producer)
 

@@ -27,6 +27,9 @@ from epp.scheduling.plugins import (
     profile_handler,
     random_pickers,
 )
+from epp.slo import predictor, tracker
+from epp.slo import profile_handler as slo_profile_handler
+from epp.slo import scorers as slo_scorers
 
 PluginFactory = Callable[[str, Mapping[str, object] | None], object]
 
@@ -100,6 +103,12 @@ _FACTORIES: dict[str, PluginFactory] = {
     "utilization-detector": saturation.UtilizationDetector.from_parameters,
     # request lifecycle
     "in-flight-tracker": inflight.InFlightTracker.from_parameters,
+    # SLO-aware and predicted-latency routing
+    "latency-predictor": predictor.LatencyPredictor.from_parameters,
+    "slo-request-tracker": tracker.SloRequestTracker.from_parameters,
+    "latency-scorer": slo_scorers.LatencyScorer.from_parameters,
+    "slo-scorer": slo_scorers.SloScorer.from_parameters,
+    "slo-profile-handler": slo_profile_handler.SloProfileHandler.from_parameters,
     # request body parsers
     **{type_name: _parser_factory(type_name) for type_name in parsers.PARSERS},
 }

@@ -30,6 +30,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from time import perf_counter
 
+from prometheus_client import Counter
+
 from epp import metrics
 from epp.scheduling.interfaces import (
     Candidate,
@@ -178,6 +180,7 @@ class Scheduler:
         self.handler = handler
         self._pick_labels = _labels("ProfilePicker", handler)
         self._process_labels = _labels("ProcessProfilesResults", handler)
+        self._served: dict[str, Counter] = {}
 
     def schedule(
         self, request: SchedulingRequest, candidates: Sequence[Candidate]
@@ -208,6 +211,12 @@ class Scheduler:
                 results[name], t = profile._run(request, candidates, t, produced, timings)
 
         result = self.handler.process_results(request, results)
+        served = self._served.get(result.primary_profile)
+        if served is None:  # profile names come from the config: a bounded set
+            served = self._served[result.primary_profile] = (
+                metrics.scheduler_profile_total.labels(result.primary_profile)
+            )
+        served.inc()
         end = perf_counter()
         timings.append((self._process_labels, end - t))
         metrics.observe_scheduler_duration(end - start)

@@ -12,9 +12,6 @@ from collections.abc import Mapping, Sequence
 from epp import parameters
 from epp.scheduling.interfaces import Candidate, SchedulingRequest
 
-# A bound on remembered dispatches per endpoint: an endpoint whose metrics stopped
-# updating is stale (scored 0) anyway, and this keeps its memory flat meanwhile.
-
 
 def _min_max_lower_is_better(values: list[int], candidates: Sequence[Candidate]) -> list[float]:
     """(max - v) / (max - min) over fresh candidates; all equal -> 1.0; stale -> 0.0."""

@@ -1,0 +1,101 @@
+"""The latency model: ridge regression per endpoint, shrunk towards a pooled model.
+
+Why this family (measured in `bench/latency_predictor.py`, figures in bench/README.md):
+time to first token on a continuous-batching server is, to first order, linear in the work
+ahead of the request — queued requests, the prompt's uncached tokens, the running batch —
+with coefficients that are the server's speed. A linear model per endpoint therefore fits
+a heterogeneous pool (a slow server simply has larger coefficients), trains in closed form
+from sufficient statistics (XᵀX, Xᵀy) that an online stream updates cheaply, and predicts
+every candidate with one multiply-and-sum.
+
+Endpoints with few samples borrow strength from the pool: each endpoint's coefficients
+solve (XₑᵀXₑ + λₑI) β = Xₑᵀyₑ + λₑ β_pool, so a new endpoint starts at the pool's
+model and moves to its own as its samples arrive. Old samples fade (each training round
+multiplies the statistics by `decay` per sample seen), so the model follows a pool whose
+load or hardware changes.
+
+Everything here is pure: `LatencyModel` is immutable once built and safe to read from the
+event loop while the trainer builds the next one on another thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[np.float64]
+
+RIDGE = 1e-3  # keeps the pooled solve well-posed when a feature never varies
+PRIOR_WEIGHT = 20.0  # how many samples' worth an endpoint's pull towards the pool is
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Coefficients per endpoint (rows of `features.TTFT_FEATURES` width) and the pool's."""
+
+    pooled: Array
+    per_endpoint: Mapping[Hashable, Array] = field(default_factory=dict)
+    samples: int = 0
+
+    def coefficients(self, keys: Iterable[Hashable]) -> Array:
+        """One row per key: its own coefficients, or the pool's for an unknown endpoint."""
+        get, pooled = self.per_endpoint.get, self.pooled
+        return np.array([get(key, pooled) for key in keys])
+
+    def predict(self, keys: Iterable[Hashable], features: Array) -> Array:
+        """Predictions for every row of `features` (one row per key), in one call."""
+        return np.einsum("ij,ij->i", features, self.coefficients(keys))
+
+
+class SufficientStatistics:
+    """XᵀX and Xᵀy per endpoint, fading with `decay` per sample. Owned by one trainer."""
+
+    def __init__(self, width: int, decay: float) -> None:
+        self.width = width
+        self.decay = decay
+        self.xtx: dict[Hashable, Array] = {}
+        self.xty: dict[Hashable, Array] = {}
+        self.count: dict[Hashable, float] = {}  # effective samples per endpoint
+        self.seen = 0
+
+    def add(self, key: Hashable, rows: Array, targets: Array) -> None:
+        xtx = self.xtx.get(key)
+        if xtx is None:
+            xtx = self.xtx[key] = np.zeros((self.width, self.width))
+            self.xty[key] = np.zeros(self.width)
+            self.count[key] = 0.0
+        fade = self.decay ** len(rows)
+        xtx *= fade
+        self.xty[key] *= fade
+        self.count[key] = self.count[key] * fade + len(rows)
+        xtx += rows.T @ rows
+        self.xty[key] += rows.T @ targets
+        self.seen += len(rows)
+
+    def retain(self, keys: frozenset[Hashable]) -> None:
+        for key in [k for k in self.xtx if k not in keys]:
+            del self.xtx[key], self.xty[key], self.count[key]
+
+    def solve(self) -> LatencyModel:
+        width = self.width
+        eye = np.eye(width)
+        if not self.xtx:
+            return LatencyModel(np.zeros(width))
+        pooled_xtx = np.sum(list(self.xtx.values()), axis=0)
+        pooled_xty = np.sum(list(self.xty.values()), axis=0)
+        pooled = _solve(pooled_xtx + RIDGE * eye, pooled_xty)
+        per_endpoint = {
+            key: _solve(xtx + PRIOR_WEIGHT * eye, self.xty[key] + PRIOR_WEIGHT * pooled)
+            for key, xtx in self.xtx.items()
+        }
+        return LatencyModel(pooled, per_endpoint, self.seen)
+
+
+def _solve(a: Array, b: Array) -> Array:
+    try:
+        return np.asarray(np.linalg.solve(a, b), dtype=np.float64)
+    except np.linalg.LinAlgError:
+        return np.asarray(np.linalg.lstsq(a, b, rcond=None)[0], dtype=np.float64)

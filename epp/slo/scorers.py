@@ -1,0 +1,154 @@
+"""Scorers over the latency predictor's predictions.
+
+`latency-scorer` (any request): predicted latency = TTFT + TPOT x the request's output
+tokens (`max_tokens`, when the request gives it and `countOutputTokens` is true); the
+fastest candidate scores 1 and every other one fastest/its own, so a candidate twice as
+slow scores 0.5. Prefix affinity is inside the prediction (uncached tokens cost prefill
+time), weighed against the queueing it would cause, not by a fixed weight.
+
+`slo-scorer` (requests with latency objectives; the others score 0 everywhere): headroom
+= objective - prediction, for TTFT and TPOT, relative to the objective. Candidates that
+meet every objective score 0.2 + 0.8 x their headroom over the largest (so more room
+scores higher); candidates that miss score at most 0.01, the least-bad highest, so when
+every candidate misses the one closest to meeting it wins.
+
+Both read `request.plugin_data[<predictor>]` (parameter `predictorName`, default
+`latency-predictor`; the loader puts the predictor in the profile). While the predictor
+is cold they score as the default profile would — 2 x queue + 2 x KV cache + 3 x prefix,
+over 7 — and count that in `inference_extension_latency_fallback_total{plugin}`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from epp import metrics, parameters
+from epp.scheduling.interfaces import Candidate, SchedulingRequest
+from epp.scheduling.plugins import load_scorers, prefix_scorer
+from epp.scheduling.plugins.prefix_producer import ApproxPrefixCacheProducer
+from epp.slo.predictor import LatencyPrediction, LatencyPredictor
+
+MEETS_FLOOR = 0.2  # every candidate that meets the objectives scores at least this
+MISS_CEILING = 0.01  # and every one that misses at most this (but more than 0)
+
+
+def composite_scores(
+    request: SchedulingRequest, candidates: Sequence[Candidate], prefix_producer: str
+) -> list[float]:
+    """The default profile's blend, for a cold predictor."""
+    queue = load_scorers.QueueScorer().score(request, candidates)
+    kv = load_scorers.KvCacheUtilizationScorer().score(request, candidates)
+    prefix = prefix_scorer.PrefixCacheScorer(producer_name=prefix_producer).score(
+        request, candidates
+    )
+    return [(2 * q + 2 * k + 3 * p) / 7 for q, k, p in zip(queue, kv, prefix, strict=True)]
+
+
+class _PredictionScorer:
+    type_name = ""
+
+    def __init__(self, name: str, predictor_name: str) -> None:
+        self.name = name
+        self.required_producer = predictor_name  # the loader wires it into the profile
+        self._fallback = metrics.latency_fallback_total.labels(name)
+
+    def _prediction(self, request: SchedulingRequest) -> LatencyPrediction | None:
+        prediction = request.plugin_data.get(self.required_producer)
+        if isinstance(prediction, LatencyPrediction) and prediction.warm:
+            return prediction
+        return None
+
+    def _fallback_scores(
+        self, request: SchedulingRequest, candidates: Sequence[Candidate]
+    ) -> list[float]:
+        self._fallback.inc()
+        prediction = request.plugin_data.get(self.required_producer)
+        prefix = (
+            prediction.predictor.settings.prefix_producer
+            if isinstance(prediction, LatencyPrediction)
+            else ApproxPrefixCacheProducer.type_name
+        )
+        return composite_scores(request, candidates, prefix)
+
+
+class LatencyScorer(_PredictionScorer):
+    type_name = "latency-scorer"
+
+    def __init__(
+        self,
+        name: str = type_name,
+        predictor_name: str = LatencyPredictor.type_name,
+        *,
+        count_output_tokens: bool = True,
+    ) -> None:
+        super().__init__(name, predictor_name)
+        self.count_output_tokens = count_output_tokens
+
+    @classmethod
+    def from_parameters(cls, name: str, params: Mapping[str, object] | None) -> LatencyScorer:
+        reader = parameters.ParameterReader(params)
+        predictor = reader.string("predictorName", LatencyPredictor.type_name)
+        count_output = reader.boolean("countOutputTokens", True)
+        reader.finish()
+        return cls(name, predictor, count_output_tokens=count_output)
+
+    def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
+        prediction = self._prediction(request)
+        if prediction is None:
+            return self._fallback_scores(request, candidates)
+        latency = prediction.ttft_s
+        if self.count_output_tokens and request.max_output_tokens > 1:
+            latency = latency + prediction.tpot_s * (request.max_output_tokens - 1)
+        scores = float(latency.min()) / latency
+        return [0.0 if c.stale else float(s) for c, s in zip(candidates, scores, strict=True)]
+
+
+class SloScorer(_PredictionScorer):
+    type_name = "slo-scorer"
+
+    @classmethod
+    def from_parameters(cls, name: str, params: Mapping[str, object] | None) -> SloScorer:
+        reader = parameters.ParameterReader(params)
+        predictor = reader.string("predictorName", LatencyPredictor.type_name)
+        reader.finish()
+        return cls(name, predictor)
+
+    def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
+        slo = request.slo
+        if slo is None or (slo.ttft_ms is None and slo.tpot_ms is None):
+            return [0.0] * len(candidates)
+        prediction = self._prediction(request)
+        if prediction is None:
+            return self._fallback_scores(request, candidates)
+        # Relative headroom per objective; the request's is the tighter one.
+        headroom = np.full(len(candidates), np.inf)
+        if slo.ttft_ms is not None:
+            target = slo.ttft_ms / 1000
+            headroom = np.minimum(headroom, (target - prediction.ttft_s) / target)
+        if slo.tpot_ms is not None:
+            target = slo.tpot_ms / 1000
+            headroom = np.minimum(headroom, (target - prediction.tpot_s) / target)
+        return [
+            0.0 if c.stale else float(s)
+            for c, s in zip(candidates, headroom_scores(headroom), strict=True)
+        ]
+
+
+def headroom_scores(headroom: np.ndarray) -> np.ndarray:
+    """Scores from relative headroom (>= 0: meets the objectives)."""
+    scores = np.empty(len(headroom))
+    meets = headroom >= 0
+    if meets.any():
+        best = float(headroom[meets].max())
+        scores[meets] = MEETS_FLOOR + (1 - MEETS_FLOOR) * (
+            headroom[meets] / best if best > 0 else 1.0
+        )
+    misses = ~meets
+    if misses.any():
+        deficit = -headroom[misses]
+        worst = float(deficit.max())
+        # In (0, MISS_CEILING]: the smallest deficit gets the most.
+        scores[misses] = MISS_CEILING * (1.0 - 0.9 * deficit / worst) if worst > 0 else 0.0
+    return scores
