@@ -36,6 +36,7 @@ class DemoOptions:
     model: str = "sim-model"
     time_scale: float = 1.0
     max_num_seqs: int = 8
+    replica_speeds: str = "1"  # `sluice simulate --replica-speeds`: a heterogeneous pool
     view: bool = True
     config_file: str | None = None
 
@@ -46,6 +47,7 @@ async def simulators(options: DemoOptions) -> AsyncIterator[list[str]]:
         "--model", options.model,
         "--time-scale", str(options.time_scale),
         "--max-num-seqs", str(options.max_num_seqs),
+        "--replica-speeds", options.replica_speeds,
     ]  # fmt: skip
     async with child_process.simulator_process(options.replicas, args) as addresses:
         yield addresses
@@ -169,6 +171,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--model", default="sim-model")
     p.add_argument("--time-scale", type=float, default=1.0, help="simulated time multiplier")
     p.add_argument("--max-num-seqs", type=int, default=8, help="batch size of each server")
+    p.add_argument(
+        "--replica-speeds",
+        default="1",
+        metavar="S,S,...",
+        help="speed of each server, cycled (e.g. 1,0.5: every other server half as fast)",
+    )
     p.add_argument("--config-file", default=None, help="EndpointPickerConfig for the picker")
     p.add_argument("--no-view", dest="view", action="store_false", help="no live pool view")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -182,6 +190,7 @@ def main(argv: list[str]) -> int:
         model=args.model,
         time_scale=args.time_scale,
         max_num_seqs=args.max_num_seqs,
+        replica_speeds=args.replica_speeds,
         view=args.view,
         config_file=args.config_file,
     )

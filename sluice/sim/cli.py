@@ -21,6 +21,28 @@ from sluice.sim import engine, fleet
 _PROG = "sluice simulate"
 
 
+def _speeds(text: str) -> tuple[float, ...]:
+    try:
+        speeds = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected speeds like 1,1,0.5, got {text!r}") from None
+    if not speeds or not all(0 < s < 1000 for s in speeds):
+        raise argparse.ArgumentTypeError(f"speeds must be positive numbers, got {text!r}")
+    return speeds
+
+
+def replica_configs(
+    cfg: sim_config.SimConfig, replicas: int, speeds: tuple[float, ...]
+) -> list[sim_config.SimConfig]:
+    """One config per replica, its performance scaled by its speed (cycled)."""
+    configs = []
+    for i in range(replicas):
+        speed = speeds[i % len(speeds)]
+        scaled = cfg.replace(performance=cfg.performance.scaled(speed))
+        configs.append(cfg if speed == 1.0 else scaled)
+    return configs
+
+
 def _lora_names(values: list[str]) -> tuple[str, ...]:
     """Accepts vLLM's forms: `name`, `name=path`, JSON `{"name": ..., "path": ...}`, and
     comma-separated lists of names. Paths are shown in /v1/models only as the name."""
@@ -46,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     a("--port", type=int, default=8000, help="first port; replica i uses port+i")
     a("--replicas", type=int, default=1, help="servers in this process (default 1)")
+    a("--replica-speeds", type=_speeds, default=(1.0,), metavar="S,S,...",
+      help="speed of each replica, cycled (2 = every modelled time halves): "
+           "a heterogeneous pool, e.g. 1,1,0.5,0.5 (default 1)")
     a("--pod-name-prefix", default=None,
       help="pods are named <prefix>-<i> (default sim; a single replica uses $POD_NAME if set)")
     a("--max-num-seqs", type=int, default=m.max_num_seqs, help="batch size limit")
@@ -132,14 +157,16 @@ async def _serve(args: argparse.Namespace, cfg: sim_config.SimConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         async with fleet.run_fleet(
-            [cfg] * args.replicas,
+            replica_configs(cfg, args.replicas, args.replica_speeds),
             host=args.host,
             base_port=args.port,
             pod_names=_pod_names(args),
             access_log=args.access_log,
         ) as servers:
-            for s in servers:
-                print(f"{_PROG}: {s.pod_name} serving {cfg.names[0]!r} on {s.url}", flush=True)
+            for i, s in enumerate(servers):
+                speed = args.replica_speeds[i % len(args.replica_speeds)]
+                at = f" at speed {speed:g}" if speed != 1.0 else ""
+                print(f"{_PROG}: {s.pod_name} serving {cfg.names[0]!r} on {s.url}{at}", flush=True)
             await stop.wait()
             print(f"{_PROG}: shutting down", flush=True)
     except OSError as e:

@@ -25,6 +25,7 @@ One step, as in vLLM's continuous batching:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -46,6 +47,16 @@ class PerformanceModel:
     decode_batch_factor: float = 0.02
     max_loras: int = 1
     lora_load_ms: float = 0.0
+
+    def scaled(self, speed: float) -> PerformanceModel:
+        """The same server `speed` times as fast (2.0: every modelled time halves)."""
+        return dataclasses.replace(
+            self,
+            ttft_ms=self.ttft_ms / speed,
+            prefill_ms_per_token=self.prefill_ms_per_token / speed,
+            itl_ms=self.itl_ms / speed,
+            lora_load_ms=self.lora_load_ms / speed,
+        )
 
     def blocks_for(self, num_tokens: int) -> int:
         return max(1, -(-num_tokens // self.block_size))
