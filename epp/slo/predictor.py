@@ -155,7 +155,13 @@ class LatencyPredictor:
 
     @property
     def samples(self) -> int:
+        """Samples the model in force learned from."""
         return self._ttft.samples
+
+    @property
+    def buffered(self) -> list[Sample]:
+        """Samples waiting for the next training round."""
+        return list(self._buffer)
 
     def produce(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> None:
         started = perf_counter()

@@ -108,6 +108,11 @@ class LatencyScorer(_PredictionScorer):
 class SloScorer(_PredictionScorer):
     type_name = "slo-scorer"
 
+    def __init__(
+        self, name: str = type_name, predictor_name: str = LatencyPredictor.type_name
+    ) -> None:
+        super().__init__(name, predictor_name)
+
     @classmethod
     def from_parameters(cls, name: str, params: Mapping[str, object] | None) -> SloScorer:
         reader = parameters.ParameterReader(params)
@@ -150,5 +155,5 @@ def headroom_scores(headroom: np.ndarray) -> np.ndarray:
         deficit = -headroom[misses]
         worst = float(deficit.max())
         # In (0, MISS_CEILING]: the smallest deficit gets the most.
-        scores[misses] = MISS_CEILING * (1.0 - 0.9 * deficit / worst) if worst > 0 else 0.0
+        scores[misses] = MISS_CEILING * (1.0 - 0.9 * (deficit / worst))
     return scores
