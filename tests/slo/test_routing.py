@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 
@@ -103,7 +104,7 @@ def test_headroom_scores_keep_meeting_above_missing(headroom: list[float]) -> No
     for h, s in zip(headroom, scores, strict=True):
         assert (0.2 <= s <= 1.0) if h >= 0 else (0 < s <= 0.01)
     order = sorted(range(len(headroom)), key=lambda i: headroom[i])
-    assert all(scores[a] <= scores[b] + 1e-12 for a, b in zip(order, order[1:], strict=False))
+    assert all(scores[a] <= scores[b] + 1e-12 for a, b in itertools.pairwise(order))
 
 
 def test_cold_predictor_falls_back_to_the_default_blend_and_says_so() -> None:
