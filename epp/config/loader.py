@@ -43,6 +43,8 @@ from epp.flowcontrol.workload import DEFAULT_CRITICALITY
 from epp.requestcontrol.inflight import InFlightTracker
 from epp.requestcontrol.lifecycle import Lifecycle
 from epp.scheduling import framework
+from epp.slo.predictor import LatencyPredictor
+from epp.slo.tracker import SloRequestTracker
 
 __all__ = ["ConfigError", "PickerConfig", "StatefulPlugin", "load_config"]
 
@@ -103,6 +105,7 @@ def load_config(text: str | None, *, previous: PickerConfig | None = None) -> Pi
     if FLOW_CONTROL_GATE in doc.feature_gates:
         flow = flow_control.settings(doc.flow_control, detector, plugins.instances)
         scheduler = profiles.with_saturation_filter(scheduler, detector)
+    _add_trackers(plugins)
     _bind(plugins)
     in_flight = plugins.default(IN_FLIGHT_TRACKER, IN_FLIGHT_TRACKER)
     assert isinstance(in_flight, InFlightTracker)
@@ -124,6 +127,22 @@ def load_config(text: str | None, *, previous: PickerConfig | None = None) -> Pi
         data_sources=sources,
         data_layer_fingerprint=fingerprint,
     )
+
+
+def _add_trackers(plugins: PluginSet) -> None:
+    """A latency predictor learns only from a `slo-request-tracker`: give every predictor
+    that no declared tracker feeds one with default settings."""
+    fed = {p.predictor_name for p in plugins.instances.values() if isinstance(p, SloRequestTracker)}
+    for name, plugin in list(plugins.instances.items()):
+        if not isinstance(plugin, LatencyPredictor) or name in fed:
+            continue
+        tracker = SloRequestTracker.type_name
+        tracker_name = tracker if name == LatencyPredictor.type_name else f"{name}-tracker"
+        plugins.create(
+            document.PluginSpec(
+                tracker_name, tracker, {"predictorName": name}, f"default {tracker_name}"
+            )
+        )
 
 
 def _bind(plugins: PluginSet) -> None:

@@ -41,12 +41,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criticality-mix", type=_mix, default=(), help="e.g. 1:0.3,3:0.5,5:0.2")
     p.add_argument("--slo-ttft-ms", type=float)
     p.add_argument("--slo-tpot-ms", type=float)
+    p.add_argument(
+        "--slo-fraction", type=float, default=1.0, help="share of requests with the SLO headers"
+    )
+    p.add_argument(
+        "--prefix-skew", type=float, default=0.0,
+        help="Zipf exponent of prefix-group popularity (0 = uniform; 1 = skewed)",
+    )
     p.add_argument("--no-stream", dest="stream", action="store_false")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write per-request JSON lines here")
     p.add_argument("--summarise", type=Path, nargs="+", help="summarise earlier JSON-lines runs")
     p.add_argument("--plot", type=Path, help="write a PNG of the run(s)")
     return p
+
+
+def _spec(args: argparse.Namespace) -> workloads.WorkloadSpec:
+    return workloads.WorkloadSpec(
+        kind=args.workload,
+        model=args.model,
+        groups=args.groups,
+        prefix_tokens=args.prefix_tokens,
+        question_tokens=args.question_tokens,
+        max_tokens=args.max_tokens,
+        loras=tuple(args.loras.split(",")) if args.loras else (),
+        criticality_mix=args.criticality_mix,
+        slo_ttft_ms=args.slo_ttft_ms,
+        slo_tpot_ms=args.slo_tpot_ms,
+        slo_fraction=args.slo_fraction,
+        prefix_skew=args.prefix_skew,
+        stream=args.stream,
+        seed=args.seed,
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -57,20 +83,11 @@ def main(argv: list[str]) -> int:
         if not args.url:
             print("sluice bench: --url is required unless --summarise is given", file=sys.stderr)
             return 2
-        spec = workloads.WorkloadSpec(
-            kind=args.workload,
-            model=args.model,
-            groups=args.groups,
-            prefix_tokens=args.prefix_tokens,
-            question_tokens=args.question_tokens,
-            max_tokens=args.max_tokens,
-            loras=tuple(args.loras.split(",")) if args.loras else (),
-            criticality_mix=args.criticality_mix,
-            slo_ttft_ms=args.slo_ttft_ms,
-            slo_tpot_ms=args.slo_tpot_ms,
-            stream=args.stream,
-            seed=args.seed,
-        )
+        try:
+            spec = _spec(args)
+        except ValueError as error:
+            print(f"sluice bench: {error}", file=sys.stderr)
+            return 2
         plan = runner.LoadPlan(
             url=args.url.rstrip("/"),
             requests=args.requests,

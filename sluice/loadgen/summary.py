@@ -33,6 +33,7 @@ class Summary:
     latency_p50_s: float
     latency_p99_s: float
     goodput_rps: float  # successful requests per second that met their SLOs
+    slo_attainment: float | None  # of requests carrying an SLO, the share that met it
     prefix_hit_rate: float  # cached prompt tokens / prompt tokens
     per_pod: dict[str, int]
 
@@ -45,6 +46,13 @@ def _met_slo(r: RequestResult) -> bool:
     return not (
         r.slo_tpot_ms is not None and r.tpot_s is not None and r.tpot_s * 1000 > r.slo_tpot_ms
     )
+
+
+def _attainment(results: Sequence[RequestResult]) -> float | None:
+    with_slo = [r for r in results if r.slo_ttft_ms is not None or r.slo_tpot_ms is not None]
+    if not with_slo:
+        return None
+    return sum(1 for r in with_slo if _met_slo(r)) / len(with_slo)
 
 
 def summarise(results: Sequence[RequestResult]) -> Summary:
@@ -69,6 +77,7 @@ def summarise(results: Sequence[RequestResult]) -> Summary:
         latency_p50_s=percentile([r.latency_s for r in ok], 0.5),
         latency_p99_s=percentile([r.latency_s for r in ok], 0.99),
         goodput_rps=sum(1 for r in results if _met_slo(r)) / duration,
+        slo_attainment=_attainment(results),
         prefix_hit_rate=sum(r.cached_tokens for r in ok) / prompt if prompt else 0.0,
         per_pod=dict(sorted(Counter(r.pod for r in ok).items())),
     )
@@ -77,9 +86,9 @@ def summarise(results: Sequence[RequestResult]) -> Summary:
 def table(rows: Sequence[tuple[str, Summary]]) -> str:
     header = (
         "| run | ok/total | req/s | tok/s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms "
-        "| TPOT p50 ms | e2e p99 ms | goodput req/s | prefix hit |"
+        "| TPOT p50 ms | e2e p99 ms | goodput req/s | SLO met | prefix hit |"
     )
-    lines = [header, "|" + "---|" * 11]
+    lines = [header, "|" + "---|" * 12]
     for name, s in rows:
         cells = [
             name,
@@ -92,6 +101,7 @@ def table(rows: Sequence[tuple[str, Summary]]) -> str:
             f"{s.tpot_p50_s * 1000:.1f}",
             f"{s.latency_p99_s * 1000:.0f}",
             f"{s.goodput_rps:.1f}",
+            "-" if s.slo_attainment is None else f"{s.slo_attainment:.0%}",
             f"{s.prefix_hit_rate:.0%}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

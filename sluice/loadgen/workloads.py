@@ -79,6 +79,8 @@ class WorkloadSpec:
     workload_ids: int = 4  # distinct workload ids when criticality_mix is set
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
+    slo_fraction: float = 1.0  # share of requests that carry the SLO headers
+    prefix_skew: float = 0.0  # Zipf exponent of group popularity; 0 = uniform
     stream: bool = True
     seed: int = 0  # request order, questions, headers
     prefix_seed: int = 0  # the shared prefixes: keep it fixed so runs share warm caches
@@ -88,6 +90,10 @@ class WorkloadSpec:
             raise ValueError(f"unknown workload kind {self.kind!r}")
         if self.groups < 1 or self.max_tokens < 1:
             raise ValueError("groups and max_tokens must be at least 1")
+        if not 0.0 <= self.slo_fraction <= 1.0:
+            raise ValueError("slo_fraction must be between 0 and 1")
+        if self.prefix_skew < 0:
+            raise ValueError("prefix_skew must be >= 0")
 
 
 def generate(spec: WorkloadSpec) -> Iterator[RequestSpec]:
@@ -99,8 +105,14 @@ def generate(spec: WorkloadSpec) -> Iterator[RequestSpec]:
     ]
     rng = random.Random(spec.seed)
     conversations: list[list[dict[str, str]]] = [[] for _ in range(spec.groups)]
+    # Group g is drawn with weight 1/(g+1)^skew: with skew 1 the first group is as
+    # popular as the next two together, so one prefix can need several servers.
+    popularity = [1.0 / (g + 1) ** spec.prefix_skew for g in range(spec.groups)]
+    all_groups = range(spec.groups)
     while True:
-        group = rng.randrange(spec.groups)
+        group = rng.choices(all_groups, popularity)[0] if spec.prefix_skew else rng.randrange(
+            spec.groups
+        )
         question = text_of_tokens(rng, spec.question_tokens)
         model = spec.model
         if spec.loras:
@@ -113,10 +125,13 @@ def generate(spec: WorkloadSpec) -> Iterator[RequestSpec]:
             headers["x-workload-context"] = orjson.dumps(
                 {"workload_id": workload, "criticality": criticality}
             ).decode()
-        if spec.slo_ttft_ms is not None:
-            headers["x-slo-ttft-ms"] = f"{spec.slo_ttft_ms:g}"
-        if spec.slo_tpot_ms is not None:
-            headers["x-slo-tpot-ms"] = f"{spec.slo_tpot_ms:g}"
+        with_slo = spec.slo_fraction >= 1.0 or rng.random() < spec.slo_fraction
+        slo_ttft = spec.slo_ttft_ms if with_slo else None
+        slo_tpot = spec.slo_tpot_ms if with_slo else None
+        if slo_ttft is not None:
+            headers["x-slo-ttft-ms"] = f"{slo_ttft:g}"
+        if slo_tpot is not None:
+            headers["x-slo-tpot-ms"] = f"{slo_tpot:g}"
         document: dict[str, object] = {"model": model, "max_tokens": spec.max_tokens}
         if spec.stream:
             document["stream"] = True
@@ -141,6 +156,6 @@ def generate(spec: WorkloadSpec) -> Iterator[RequestSpec]:
             body=orjson.dumps(document),
             headers=headers,
             group=f"g{group}",
-            slo_ttft_ms=spec.slo_ttft_ms,
-            slo_tpot_ms=spec.slo_tpot_ms,
+            slo_ttft_ms=slo_ttft,
+            slo_tpot_ms=slo_tpot,
         )
