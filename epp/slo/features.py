@@ -1,13 +1,15 @@
 """Features of a (request, endpoint) pair, built for all candidates at once.
 
-Time to first token (`TTFT_FEATURES`):
-  the prompt's uncached and cached tokens on that endpoint (from the prefix producer's
-  match; a 4-characters-a-token estimate, as everywhere in the picker), the requests
-  queued there (scraped waiting + routed by the picker since the scrape), the running
-  batch, KV-cache usage, and the prompt tokens of the picker's requests in flight there.
+Time to first token (`TTFT_FEATURES`), what a continuous-batching server makes a new
+request wait for:
+  its own prefill (the prompt's tokens the endpoint has not cached, from the prefix
+  producer's match; 4 characters a token, as everywhere in the picker), the prefills
+  ahead of it (uncached tokens of the picker's requests there that are still expected to
+  be prefilling), the requests queued there (scraped waiting + routed by the picker since
+  the scrape), and the picker's requests in flight there (they hold batch slots).
 Time per output token (`TPOT_FEATURES`):
-  the batch the request will decode in (running + routed since the scrape), KV-cache
-  usage, and the picker's requests in flight there.
+  the batch it will decode in (the picker's requests in flight there, or the scraped
+  running batch plus what was routed since, whichever is larger) and KV-cache usage.
 
 Token counts are in thousands so every column is of order one, which keeps the ridge
 penalty fair across columns. Which endpoint it is (its speed) is not a feature: each
@@ -25,45 +27,51 @@ from epp.scheduling.interfaces import CHARS_PER_TOKEN, Candidate
 from epp.scheduling.plugins.prefix_producer import PrefixMatch
 from epp.slo.model import Array
 
-TTFT_FEATURES = (
-    "bias",
-    "uncached_ktokens",
-    "cached_ktokens",
-    "queued",
-    "running",
-    "kv_usage",
-    "in_flight_ktokens",
-)
-TPOT_FEATURES = ("bias", "batch", "kv_usage", "in_flight")
+TTFT_FEATURES = ("bias", "uncached_ktokens", "prefill_ahead_ktokens", "queued", "in_flight")
+TPOT_FEATURES = ("bias", "batch", "kv_usage")
 
 
 class InFlight:
-    """The picker's requests in flight per endpoint: how many, and their prompt tokens.
+    """The picker's requests in flight per endpoint, with the prompt tokens each must
+    prefill there and until when that prefill is expected to last.
 
     Kept by `slo-request-tracker` (added before a request is sent, removed when it ends,
     on every path) and read by the predictor."""
 
-    __slots__ = ("requests", "tokens")
+    __slots__ = ("_entries",)
 
     def __init__(self) -> None:
-        self.requests: dict[EndpointKey, int] = {}
-        self.tokens: dict[EndpointKey, int] = {}
+        # endpoint -> request -> (uncached tokens, expected end of its prefill). Requests
+        # are told apart by a token of the tracker's (x-request-id comes from clients).
+        self._entries: dict[EndpointKey, dict[int, tuple[int, float]]] = {}
 
-    def add(self, key: EndpointKey, tokens: int) -> None:
-        self.requests[key] = self.requests.get(key, 0) + 1
-        self.tokens[key] = self.tokens.get(key, 0) + tokens
+    def add(self, key: EndpointKey, request: int, uncached: int, prefill_until: float) -> None:
+        self._entries.setdefault(key, {})[request] = (uncached, prefill_until)
 
-    def remove(self, key: EndpointKey, tokens: int) -> None:
-        left = self.requests.get(key, 0) - 1
-        if left > 0:
-            self.requests[key] = left
-            self.tokens[key] = self.tokens.get(key, 0) - tokens
-        else:
-            self.requests.pop(key, None)
-            self.tokens.pop(key, None)
+    def remove(self, key: EndpointKey, request: int) -> None:
+        entries = self._entries.get(key)
+        if entries is None:
+            return
+        entries.pop(request, None)
+        if not entries:
+            del self._entries[key]
+
+    def requests(self, key: EndpointKey) -> int:
+        entries = self._entries.get(key)
+        return len(entries) if entries else 0
+
+    def prefill_ahead(self, key: EndpointKey, now: float) -> int:
+        """Uncached tokens of requests there whose prefill is expected to be running."""
+        entries = self._entries.get(key)
+        if not entries:
+            return 0
+        return sum(tokens for tokens, until in entries.values() if until > now)
 
     def is_empty(self) -> bool:
-        return not self.requests
+        return not self._entries
+
+    def total(self) -> int:
+        return sum(len(e) for e in self._entries.values())
 
 
 def matched_tokens(match: object, candidates: Sequence[Candidate]) -> list[int]:
@@ -76,35 +84,33 @@ def matched_tokens(match: object, candidates: Sequence[Candidate]) -> list[int]:
 
 
 def ttft_features(
-    input_tokens: int, candidates: Sequence[Candidate], cached: Sequence[int], load: InFlight
+    input_tokens: int,
+    candidates: Sequence[Candidate],
+    cached: Sequence[int],
+    load: InFlight,
+    now: float,
 ) -> Array:
-    tokens = load.tokens
     rows = []
     for c, hit in zip(candidates, cached, strict=True):
-        m = c.metrics
-        hit = min(hit, input_tokens)
+        key = c.endpoint.key
         rows.append(
             (
                 1.0,
-                (input_tokens - hit) / 1000.0,
-                hit / 1000.0,
-                m.waiting_queue_size + c.dispatched,
-                m.running_requests,
-                m.kv_cache_usage,
-                tokens.get(c.endpoint.key, 0) / 1000.0,
+                max(input_tokens - hit, 0) / 1000.0,
+                load.prefill_ahead(key, now) / 1000.0,
+                c.metrics.waiting_queue_size + c.dispatched,
+                load.requests(key),
             )
         )
     return np.array(rows, dtype=np.float64).reshape(len(rows), len(TTFT_FEATURES))
 
 
 def tpot_features(candidates: Sequence[Candidate], load: InFlight) -> Array:
-    requests = load.requests
     rows = [
         (
             1.0,
-            c.metrics.running_requests + c.dispatched,
+            max(c.metrics.running_requests + c.dispatched, load.requests(c.endpoint.key)),
             c.metrics.kv_cache_usage,
-            requests.get(c.endpoint.key, 0),
         )
         for c in candidates
     ]

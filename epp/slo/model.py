@@ -2,8 +2,11 @@
 
 Why this family (measured in `bench/latency_predictor.py`, figures in bench/README.md):
 time to first token on a continuous-batching server is, to first order, linear in the work
-ahead of the request — queued requests, the prompt's uncached tokens, the running batch —
-with coefficients that are the server's speed. A linear model per endpoint therefore fits
+ahead of the request — queued requests, prefills in progress, the prompt's uncached
+tokens, the running batch — with coefficients that are the server's speed. Coefficients
+are kept non-negative (more work never makes a request faster): the samples a healthy
+pool produces are mostly prefix-cache hits, and an unconstrained fit extrapolates to
+nonsense for the misses it rarely sees. A linear model per endpoint therefore fits
 a heterogeneous pool (a slow server simply has larger coefficients), trains in closed form
 from sufficient statistics (XᵀX, Xᵀy) that an online stream updates cheaply, and predicts
 every candidate with one multiply-and-sum.
@@ -86,12 +89,30 @@ class SufficientStatistics:
             return LatencyModel(np.zeros(width))
         pooled_xtx = np.sum(list(self.xtx.values()), axis=0)
         pooled_xty = np.sum(list(self.xty.values()), axis=0)
-        pooled = _solve(pooled_xtx + RIDGE * eye, pooled_xty)
+        pooled = _solve_non_negative(pooled_xtx + RIDGE * eye, pooled_xty)
         per_endpoint = {
-            key: _solve(xtx + PRIOR_WEIGHT * eye, self.xty[key] + PRIOR_WEIGHT * pooled)
+            key: _solve_non_negative(
+                xtx + PRIOR_WEIGHT * eye, self.xty[key] + PRIOR_WEIGHT * pooled
+            )
             for key, xtx in self.xtx.items()
         }
         return LatencyModel(pooled, per_endpoint, self.seen)
+
+
+def _solve_non_negative(a: Array, b: Array) -> Array:
+    """β >= 0 minimising the quadratic whose normal equations are a β = b: solve, pin the
+    most negative coefficient at 0, solve the rest again (a is small and positive
+    definite, so this active-set loop ends within its width)."""
+    free = list(range(len(b)))
+    beta = np.zeros(len(b))
+    while free:
+        solution = _solve(a[np.ix_(free, free)], b[free])
+        worst = int(np.argmin(solution))
+        if solution[worst] >= 0:
+            beta[free] = solution
+            break
+        del free[worst]
+    return beta
 
 
 def _solve(a: Array, b: Array) -> Array:

@@ -168,7 +168,9 @@ class LatencyPredictor:
         cached = features.matched_tokens(
             request.plugin_data.get(self.settings.prefix_producer), candidates
         )
-        ttft_rows = features.ttft_features(request.input_tokens, candidates, cached, self.in_flight)
+        ttft_rows = features.ttft_features(
+            request.input_tokens, candidates, cached, self.in_flight, time.monotonic()
+        )
         tpot_rows = features.tpot_features(candidates, self.in_flight)
         keys = [c.endpoint.key for c in candidates]
         ttft_model, tpot_model = self._ttft, self._tpot  # one whole model each
@@ -186,10 +188,14 @@ class LatencyPredictor:
         cached = features.matched_tokens(
             request.plugin_data.get(self.settings.prefix_producer), [candidate]
         )
-        return (
-            features.ttft_features(request.input_tokens, [candidate], cached, self.in_flight)[0],
-            features.tpot_features([candidate], self.in_flight)[0],
+        ttft = features.ttft_features(
+            request.input_tokens, [candidate], cached, self.in_flight, time.monotonic()
         )
+        return ttft[0], features.tpot_features([candidate], self.in_flight)[0]
+
+    def predict_ttft(self, key: EndpointKey, row: Array) -> float:
+        """The model in force's TTFT for one feature row (0 before any training)."""
+        return max(float(self._ttft.predict([key], row.reshape(1, -1))[0]), MIN_TTFT_S)
 
     def predict_tpot(self, key: EndpointKey, row: Array) -> float | None:
         if not self.warm:

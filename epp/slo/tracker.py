@@ -18,6 +18,7 @@ Parameter `predictorName` (default `latency-predictor`) names the predictor it f
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -25,10 +26,12 @@ from epp import metrics, parameters
 from epp.datastore.snapshot import EndpointKey
 from epp.requestcontrol.interfaces import ResponseSummary
 from epp.scheduling.interfaces import Candidate, SchedulingRequest, SchedulingResult
+from epp.slo.features import TTFT_FEATURES
 from epp.slo.model import Array
 from epp.slo.predictor import LatencyPrediction, LatencyPredictor, Sample
 
 PluginLookup = Callable[[str, type], object]
+UNCACHED = TTFT_FEATURES.index("uncached_ktokens")
 
 
 @dataclass(slots=True)
@@ -37,7 +40,6 @@ class _Tracked:
 
     predictor: LatencyPredictor
     key: EndpointKey
-    tokens: int
     ttft_row: Array
     tpot_row: Array
     predicted_ttft_s: float | None
@@ -87,13 +89,13 @@ class SloRequestTracker:
             predicted = (float(prediction.ttft_s[row]), float(prediction.tpot_s[row]))
         else:  # this request's profile did not predict: take the features now
             ttft_row, tpot_row = predictor.features_for(request, target)
-            warm, predicted = False, (0.0, 0.0)
-        tokens = request.input_tokens
-        predictor.in_flight.add(key, tokens)
+            warm, predicted = False, (predictor.predict_ttft(key, ttft_row), 0.0)
+        uncached = int(ttft_row[UNCACHED] * 1000)
+        # Until its predicted first token, its prefill is work ahead of later requests.
+        predictor.in_flight.add(key, id(request), uncached, time.monotonic() + predicted[0])
         request.plugin_data[self.name] = _Tracked(
             predictor,
             key,
-            tokens,
             ttft_row,
             tpot_row,
             predicted[0] if warm else None,
@@ -107,7 +109,7 @@ class SloRequestTracker:
         if not isinstance(tracked, _Tracked):
             return
         predictor = tracked.predictor
-        predictor.in_flight.remove(tracked.key, tracked.tokens)
+        predictor.in_flight.remove(tracked.key, id(request))
         if not (response.completed and 200 <= response.status < 300):
             return
         ttft, tpot = _measured(response, predictor, tracked)

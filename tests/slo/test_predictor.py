@@ -44,11 +44,11 @@ def test_per_endpoint_models_learn_a_heterogeneous_pool() -> None:
         rows, targets = [], []
         for _ in range(300):
             uncached, queued = rng.uniform(0, 4), rng.randrange(0, 8)
-            rows.append([1.0, uncached, 0.0, queued, 0, 0.0, 0.0])
+            rows.append([1.0, uncached, 0.0, queued, 0])
             targets.append(true_ttft(name, uncached, queued))
         stats.add(endpoint(name).key, np.array(rows), np.array(targets))
     model = stats.solve()
-    probe = np.array([[1.0, 2.0, 0.0, 4, 0, 0.0, 0.0]] * 2)
+    probe = np.array([[1.0, 2.0, 0.0, 4, 0]] * 2)
     fast, slow = model.predict([endpoint("fast").key, endpoint("slow").key], probe)
     assert fast == pytest.approx(true_ttft("fast", 2.0, 4), rel=0.02)
     assert slow == pytest.approx(true_ttft("slow", 2.0, 4), rel=0.02)

@@ -1,0 +1,137 @@
+"""SLO attainment and goodput on a heterogeneous pool: default vs slo-aware vs
+predicted-latency pickers, same pool, same run.
+
+Four simulated vLLM servers in one process, two of them at 0.4x speed (`--replica-speeds`),
+KV caches too small for every shared prefix, a shared-prefix workload whose requests carry
+a TTFT objective (`x-slo-ttft-ms`), open-loop Poisson load at fractions of the pool's
+capacity (measured first, in the same run, closed loop through the default picker).
+Each picker gets the same warm-up pass first (it warms the servers' caches and trains the
+latency predictor), then the load levels in increasing order.
+
+    .venv/bin/python -m bench.slo_routing            # ~12 minutes
+    .venv/bin/python -m bench.slo_routing --quick    # ~5 minutes, noisier
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from contextlib import AsyncExitStack
+from dataclasses import asdict
+from pathlib import Path
+
+from bench.harness import picker, simulators
+from sluice.gateway import settings as gateway_settings
+from sluice.gateway.envoy_process import EnvoyProcess
+from sluice.loadgen import plots, runner, summary, workloads
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CONFIGS = HERE.parent / "docs" / "configs"
+
+SIM_ARGS = [
+    "--max-num-seqs", "4",
+    "--time-to-first-token", "20",
+    "--prefill-time-per-token", "0.5",
+    "--inter-token-latency", "20",
+    "--kv-cache-size", "600",
+    "--block-size", "16",
+    "--replica-speeds", "1,0.4",
+]  # fmt: skip
+PICKERS = {
+    "default": None,
+    "predicted-latency": CONFIGS / "predicted-latency.yaml",
+    "slo-aware": CONFIGS / "slo-aware.yaml",
+}
+
+
+def workload(seed: int, slo_ttft_ms: float) -> workloads.WorkloadSpec:
+    return workloads.WorkloadSpec(
+        kind="shared-prefix",
+        groups=16,
+        prefix_tokens=600,
+        question_tokens=40,
+        max_tokens=16,
+        slo_ttft_ms=slo_ttft_ms,
+        seed=seed,
+    )
+
+
+async def measure(
+    url: str, requests: int, rate: float | None, seed: int, slo_ms: float, concurrency: int = 64
+) -> list[runner.RequestResult]:
+    plan = runner.LoadPlan(
+        url=url, requests=requests, rate=rate, concurrency=concurrency, seed=seed
+    )
+    return await runner.run_load(plan, workloads.generate(workload(seed, slo_ms)))
+
+
+async def run(args: argparse.Namespace) -> dict[str, object]:
+    loads = [0.5, 0.8, 1.0, 1.2]
+    out: dict[str, object] = {"loads": loads, "sim_args": SIM_ARGS, "slo_ttft_ms": args.slo_ms}
+    async with AsyncExitStack() as stack:
+        backends = await stack.enter_async_context(simulators(4, SIM_ARGS))
+        urls = {}
+        for name, config in PICKERS.items():
+            extra = ["--config-file", str(config)] if config else []
+            _, port = await stack.enter_async_context(picker(backends, extra))
+            envoy = EnvoyProcess(gateway_settings.GatewayOptions(picker_port=port))
+            urls[name] = (await stack.enter_async_context(envoy)).url
+        calibration = summary.summarise(
+            await measure(urls["default"], args.calibration_requests, None, 99, args.slo_ms)
+        )
+        capacity = calibration.throughput_rps
+        out["capacity_rps"] = capacity
+        print(f"pool capacity (closed loop, default picker): {capacity:.1f} req/s", flush=True)
+        series: dict[str, list[tuple[float, summary.Summary]]] = {name: [] for name in urls}
+        rows = []
+        for name, url in urls.items():
+            # Warm-up: the servers' caches, and the latency predictor's first samples.
+            await measure(url, args.warmup_requests, None, 7, args.slo_ms, concurrency=8)
+            for load in loads:
+                rate = capacity * load
+                requests = max(50, int(rate * args.seconds))
+                results = await measure(url, requests, rate, int(load * 100), args.slo_ms)
+                runner.write_jsonl(results, RESULTS / f"slo_{name}_{int(load * 100)}.jsonl")
+                s = summary.summarise(results)
+                series[name].append((load, s))
+                rows.append((f"{name} @ {load:.0%}", s))
+                print(summary.table([rows[-1]]).splitlines()[-1], flush=True)
+        out["runs"] = {
+            name: [{"load": load, **asdict(s)} for load, s in points]
+            for name, points in series.items()
+        }
+        table = summary.table(rows)
+        out["table"] = table
+        print(table)
+        at_80 = {name: dict(points)[0.8] for name, points in series.items()}
+        for name, s in at_80.items():
+            print(f"at 80% load: {name} SLO attainment {s.slo_attainment:.0%}, "
+                  f"goodput {s.goodput_rps:.1f} req/s, TTFT p90 {s.ttft_p90_s * 1000:.0f} ms")
+        try:
+            plots.plot_comparison(
+                series, RESULTS / "slo_routing.png", "Heterogeneous pool (2 fast, 2 at 0.4x)"
+            )
+        except RuntimeError as error:
+            print(f"no plot: {error}")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=40.0, help="per load level and picker")
+    parser.add_argument("--calibration-requests", type=int, default=400)
+    parser.add_argument("--warmup-requests", type=int, default=250)
+    parser.add_argument("--slo-ms", type=float, default=300.0, help="TTFT objective")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds, args.calibration_requests = 15.0, 200
+    results = asyncio.run(run(args))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "slo_routing.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
