@@ -39,3 +39,20 @@ def test_every_registered_plugin_type_has_a_section():
 @pytest.mark.parametrize("example", EXAMPLES)
 def test_every_example_is_a_valid_config(example):
     loader.load_config(example)  # every section, flowControl included
+
+
+CONFIGS = sorted((DOCS / "configs").glob("*.yaml"))
+CHART_FILES = DOCS.parent / "charts" / "sluice" / "files"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load_and_the_chart_ships_the_same(path: Path) -> None:
+    loader.load_config(path.read_text(encoding="utf-8"))
+    chart_copy = CHART_FILES / f"config-{path.name}"
+    assert chart_copy.read_text(encoding="utf-8") == path.read_text(encoding="utf-8"), (
+        f"copy {path} to {chart_copy}: the chart's configPreset ships it"
+    )
+
+
+def test_there_are_shipped_configs() -> None:
+    assert {p.stem for p in CONFIGS} == {"predicted-latency", "slo-aware"}
