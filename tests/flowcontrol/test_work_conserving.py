@@ -2,8 +2,9 @@
 
 Three tenants, each behind its own shared system prompt (so prefix affinity pulls each
 tenant towards one server, and one server has no tenant of its own), overload a pool of
-four single-slot servers at about three times its capacity. With the documented workload-aware config and the gate on, while
-requests wait in the picker's queue no server may sit idle (the gate dispatches while
+four single-slot servers at about three times its capacity. With the documented
+workload-aware config and the gate on, while requests wait (in the picker's queue or a
+server's) no server may sit idle (the gate dispatches while
 any endpoint has room, and the scheduler sends the request where the room is), and the
 mean latency stays within 15% of the same burst with the gate off.
 """
@@ -109,13 +110,15 @@ async def burst(url: str, picker: Picker, fleet: BackgroundFleet) -> tuple[list[
     samples = idle_samples = 0
     done = asyncio.Event()
 
+    servers = fleet.fleet.servers
+
     async def sample() -> None:
         nonlocal samples, idle_samples
         while not done.is_set():
             flow = picker.flow_controller
             queued = flow.queued() if flow is not None else 0
             states = fleet.call(
-                lambda: [(s.engine.core.num_running, s.engine.core.num_waiting) for s in fleet.fleet]
+                lambda: [(s.engine.core.num_running, s.engine.core.num_waiting) for s in servers]
             )
             if queued + sum(w for _, w in states) > 0:
                 samples += 1
