@@ -59,23 +59,23 @@ async def gateway(fleet: BackgroundFleet, config: str | None) -> AsyncIterator[t
 
 
 async def run(url: str, requests: int, seed: int) -> summary.Summary:
-    plan = runner.LoadPlan(url=url, requests=requests, rate=8.0, seed=seed)
+    plan = runner.LoadPlan(url=url, requests=requests, rate=12.0, seed=seed)
     return summary.summarise(await runner.run_load(plan, workloads.generate(workload(seed))))
 
 
 async def test_slo_aware_meets_more_objectives_than_the_default_profile():
     config = replaced(SLO_AWARE, "- type: latency-predictor", "- type: latency-predictor\n"
-                      "  parameters: {minSamples: 40, retrainSamples: 20}")
+                      "  parameters: {minSamples: 30, retrainSamples: 10}")
     with BackgroundFleet([FAST, SLOW]) as fleet:
         async with gateway(fleet, None) as (url, _):
-            default = await run(url, 120, seed=2)
+            default = await run(url, 60, seed=2)
         async with gateway(fleet, config) as (url, picker):
-            await run(url, 60, seed=1)  # warm-up: the predictor learns both servers
+            await run(url, 40, seed=1)  # warm-up: the predictor learns both servers
             predictor = picker.config.plugins["latency-predictor"]  # type: ignore[attr-defined]
             assert isinstance(predictor, LatencyPredictor)
             predictor.train_now()
             assert predictor.warm
-            slo_aware = await run(url, 120, seed=2)
+            slo_aware = await run(url, 60, seed=2)
     assert default.slo_attainment is not None and slo_aware.slo_attainment is not None
     assert slo_aware.slo_attainment >= default.slo_attainment + 0.2, (
         default.slo_attainment,
