@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 
 import orjson
@@ -88,6 +89,17 @@ def test_goodput_counts_only_requests_meeting_their_slo():
     assert s.goodput_rps == pytest.approx(0.5)
     assert s.prefix_hit_rate == pytest.approx(0.5)
     assert s.per_pod == {"p": 3}
+    assert s.slo_attainment == pytest.approx(1 / 3)  # of the three that carried an SLO
+
+
+def test_slo_fraction_and_skewed_prefix_popularity():
+    spec = workloads.WorkloadSpec(groups=10, slo_ttft_ms=100, slo_fraction=0.5, prefix_skew=1.2)
+    requests = list(itertools.islice(workloads.generate(spec), 2000))
+    with_slo = sum(1 for r in requests if "x-slo-ttft-ms" in r.headers)
+    assert 800 < with_slo < 1200
+    counts = collections.Counter(r.group for r in requests)
+    assert counts["g0"] > 3 * counts["g9"]  # the hottest group draws far more than the coldest
+    assert sum(1 for r in requests if r.slo_ttft_ms is not None) == with_slo
 
 
 FAST = sim_config.SimConfig(time_scale=0.05)

@@ -114,6 +114,17 @@ def test_flags_build_the_config() -> None:
     assert cfg.slow_start_s == 0.5
 
 
+def test_replica_speeds_make_a_heterogeneous_pool() -> None:
+    args = cli.build_parser().parse_args(
+        ["--replicas", "4", "--replica-speeds", "1,0.5", "--time-to-first-token", "20"]
+    )
+    configs = cli.replica_configs(cli.config_from_args(args), 4, args.replica_speeds)
+    assert [c.performance.ttft_ms for c in configs] == [20.0, 40.0, 20.0, 40.0]
+    assert configs[1].performance.itl_ms == 2 * configs[0].performance.itl_ms
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["--replica-speeds", "1,0"])
+
+
 def _cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
