@@ -8,6 +8,10 @@ This isolates what the picker's code costs from the gRPC floor that
 machine (run both in the same session, alternating).
 
     .venv/bin/python -m bench.request_path_cost --requests 3000 --rounds 3
+    .venv/bin/python -m bench.request_path_cost --configs docs/configs/predicted-latency.yaml
+
+With `--configs`, each config (and the default) runs in the same process, so the cost of
+a profile (e.g. the latency predictor's) is read as a ratio against the default's.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import random
 import string
 import time
+from pathlib import Path
 
 import orjson
 from envoy.config.core.v3 import base_pb2
@@ -97,10 +102,15 @@ async def run_shape(picker: Picker, shape: list[pb.ProcessingRequest], requests:
     return (time.process_time() - start) / requests * 1e6
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, list[float]]:
+async def main_async(
+    args: argparse.Namespace, configs: dict[str, str | None]
+) -> dict[str, dict[str, list[float]]]:
     endpoints = ",".join(f"127.0.0.{i + 2}:8000" for i in range(args.endpoints))
-    picker = Picker(PickerOptions(endpoints=endpoints, secure_serving=False))
-    picker.reconciler.mark_synced()
+    pickers = {}
+    for name, text in configs.items():
+        picker = Picker(PickerOptions(endpoints=endpoints, secure_serving=False, config_text=text))
+        picker.reconciler.mark_synced()
+        pickers[name] = picker
     rng = random.Random(1)
     shapes = {
         "1 KB, not streamed": messages(1_000, 0, rng),
@@ -108,10 +118,13 @@ async def main_async(args: argparse.Namespace) -> dict[str, list[float]]:
         "1 KB, 64 chunks": messages(1_000, 64, rng),
         "200 KB, not streamed": messages(200_000, 0, rng),
     }
-    results: dict[str, list[float]] = {name: [] for name in shapes}
+    results: dict[str, dict[str, list[float]]] = {
+        config: {name: [] for name in shapes} for config in pickers
+    }
     for _ in range(args.rounds):
-        for name, shape in shapes.items():
-            results[name].append(await run_shape(picker, shape, args.requests))
+        for config, picker in pickers.items():
+            for name, shape in shapes.items():
+                results[config][name].append(await run_shape(picker, shape, args.requests))
     return results
 
 
@@ -120,13 +133,22 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--endpoints", type=int, default=8)
+    parser.add_argument("--configs", nargs="*", default=[], help="EndpointPickerConfig files")
     args = parser.parse_args()
-    results = asyncio.run(main_async(args))
-    for name, samples in results.items():
-        print(json.dumps({"shape": name, "cpu_us_per_request": sorted(samples)}))
-    print("\n| shape | picker CPU µs/request (min of rounds) |\n|---|---|")
-    for name, samples in results.items():
-        print(f"| {name} | {min(samples):.0f} |")
+    configs: dict[str, str | None] = {"default": None}
+    for path in args.configs:
+        configs[Path(path).stem] = Path(path).read_text()
+    results = asyncio.run(main_async(args, configs))
+    for config, shapes in results.items():
+        for name, samples in shapes.items():
+            print(json.dumps({"config": config, "shape": name, "cpu_us": sorted(samples)}))
+    print("\npicker CPU µs per request (lowest of the rounds)\n")
+    names = list(results)
+    print("| shape | " + " | ".join(names) + " |")
+    print("|---" * (len(names) + 1) + "|")
+    for name in results["default"]:
+        cells = [f"{min(results[c][name]):.0f}" for c in names]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
