@@ -61,9 +61,10 @@ def sglang_router_binary() -> str | None:
 async def sglang_router(backends: Sequence[str]) -> AsyncIterator[str]:
     binary = sglang_router_binary()
     assert binary is not None
-    port = free_tcp_port()
+    port, metrics_port = free_tcp_port(), free_tcp_port()
     async with child(
         binary, "launch", "--host", "127.0.0.1", "--port", str(port),
+        "--prometheus-host", "127.0.0.1", "--prometheus-port", str(metrics_port),
         "--policy", "cache_aware",
         "--worker-urls", *(f"http://{b}" for b in backends),
     ):  # fmt: skip
