@@ -32,7 +32,7 @@ import numpy.typing as npt
 Array = npt.NDArray[np.float64]
 
 RIDGE = 1e-3  # keeps the pooled solve well-posed when a feature never varies
-PRIOR_WEIGHT = 20.0  # how many samples' worth an endpoint's pull towards the pool is
+PRIOR_WEIGHT = 5.0  # how many samples' worth an endpoint's pull towards the pool is
 
 
 @dataclass(frozen=True)
