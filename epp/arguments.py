@@ -55,6 +55,17 @@ def duration_in(unit: str) -> Callable[[str], float]:
     return parse
 
 
+def fraction(text: str) -> float:
+    """A number from 0 to 1 (a share, a sample rate)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text!r}")
+    return value
+
+
 def port(text: str) -> int:
     try:
         value = int(text)

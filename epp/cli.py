@@ -53,6 +53,13 @@ def build_argument_parser(prog: str = "sluice picker") -> argparse.ArgumentParse
         "--cert-path", type=Path, default=None, help="directory with tls.crt and tls.key"
     )
     p.add_argument("--max-request-body-bytes", type=int, default=16 * 1024 * 1024)
+    p.add_argument(
+        "--response-sample-rate",
+        type=arguments.fraction,
+        default=0.1,
+        help="share of responses whose body is read for latency and token metrics and the "
+        "latency predictor when nothing else needs it (0-1; default 0.1)",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
 
@@ -74,6 +81,7 @@ def options_from_args(args: argparse.Namespace) -> PickerOptions:
         secure_serving=args.secure_serving,
         cert_path=args.cert_path,
         max_request_body_bytes=args.max_request_body_bytes,
+        response_sample_rate=args.response_sample_rate,
     )
 
 

@@ -54,6 +54,9 @@ class PickerOptions:
     secure_serving: bool = True
     cert_path: Path | None = None
     max_request_body_bytes: int = 16 * 1024 * 1024
+    # Share of responses whose body the picker reads (timing, usage) when nothing else
+    # needs it: the latency metrics' and the latency predictor's sample.
+    response_sample_rate: float = 0.1
     manifest_poll_interval_s: float = 0.5
     config_poll_interval_s: float = 0.5
     pool_gauge_interval_s: float = 1.0
@@ -105,6 +108,7 @@ class Picker:
             metrics_store=self.metrics_store,
             pipeline=self._pipeline(self.config),
             staleness_threshold_s=options.metrics_staleness_threshold_s,
+            response_sample_rate=options.response_sample_rate,
         )
         tls = load_or_create_tls(options.cert_path) if options.secure_serving else None
         self.server = PickerServer(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
@@ -98,8 +99,19 @@ def buffered_body_response(body: bytes | None, *, response_side: bool) -> pb.Pro
     return pb.ProcessingResponse(request_body=body_response)
 
 
-def response_headers_response() -> pb.ProcessingResponse:
-    return pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_SKIP_RESPONSE_BODY = processing_mode_pb2.ProcessingMode(
+    response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+    response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+)
+
+
+def response_headers_response(*, skip_body: bool = False) -> pb.ProcessingResponse:
+    """Answer to the response headers; `skip_body` asks Envoy (ext_proc `mode_override`,
+    honoured when neither direction is full duplex) not to send the response body."""
+    response = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+    if skip_body:
+        response.mode_override.CopyFrom(_SKIP_RESPONSE_BODY)
+    return response
 
 
 def trailers_response(*, response_side: bool) -> pb.ProcessingResponse:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from epp.extproc.stream import RequestStream
@@ -27,25 +28,44 @@ _GRPC_OPTIONS = [
 ]
 
 
-class ExternalProcessor(pb_grpc.ExternalProcessorServicer):
+class ExternalProcessor:
+    """The `Process` method, registered with raw-bytes (de)serializers: most messages are
+    decoded into protobuf objects here, but a full-duplex response chunk that nothing
+    needs is answered from its bytes (`RequestStream.pass_through`)."""
+
     def __init__(self, director: Director, max_body_bytes: int) -> None:
         self._director = director
         self._max_body_bytes = max_body_bytes
         self.open_streams = 0
 
+    def handler(self) -> grpc.GenericRpcHandler:
+        method = grpc.stream_stream_rpc_method_handler(self.Process)  # bytes in, bytes out
+        return grpc.method_handlers_generic_handler(EXT_PROC_SERVICE, {"Process": method})
+
     async def Process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         stream = RequestStream(self._director, self._max_body_bytes)
         self.open_streams += 1
+        ended = False
+        parse = pb.ProcessingRequest.FromString
         try:
             while True:
-                message = await context.read()
-                if message is grpc.aio.EOF:
+                raw = await context.read()
+                if raw is grpc.aio.EOF:
+                    ended = True
                     return
+                answer = stream.pass_through(raw)
+                if answer is not None:
+                    await context.write(answer)
+                    continue
+                try:
+                    message = parse(raw)
+                except DecodeError:
+                    message = pb.ProcessingRequest()  # no phase: answered with a clear 400
                 for response in await stream.handle(message):
-                    await context.write(response)
+                    await context.write(response.SerializeToString())
         finally:
             # Runs on normal end, on client cancellation (CancelledError) and on errors.
-            stream.close()
+            stream.close(ended=ended)
             self.open_streams -= 1
 
 
@@ -126,7 +146,7 @@ class PickerServer:
 
     async def start(self) -> None:
         self._server = grpc.aio.server(options=_GRPC_OPTIONS)
-        pb_grpc.add_ExternalProcessorServicer_to_server(self.processor, self._server)
+        self._server.add_generic_rpc_handlers((self.processor.handler(),))
         address = f"{self._host}:{self._grpc_port}"
         if self._tls is not None:
             credentials = grpc.ssl_server_credentials(

@@ -27,12 +27,15 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from epp import errors
 from epp.bodies.rewrite import ModelNameRestorer
 from epp.bodies.usage import SSEUsageReader, usage_from_json
-from epp.extproc import messages
+from epp.extproc import messages, wire
 from epp.requestcontrol.director import Director
 from epp.requestcontrol.request import InboundRequest, ResponseProgress, RoutedRequest
 
 FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 BUFFERED = processing_mode_pb2.ProcessingMode.BUFFERED
+STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+# Response body modes in which Envoy honours a mode_override that skips the body.
+_SKIPPABLE = (BUFFERED, STREAMED)
 
 # Headers the picker owns: never echoed back from the client's request.
 _SYSTEM_PREFIXES = ("x-gateway-destination-endpoint", "x-gateway-inference-")
@@ -58,9 +61,11 @@ class RequestStream:
     __slots__ = (
         "_body_chunks",
         "_body_size",
+        "_body_skipped",
         "_director",
         "_headers",
         "_max_body_bytes",
+        "_observe",
         "_path",
         "_progress",
         "_received_at",
@@ -91,6 +96,8 @@ class RequestStream:
         self._routed: RoutedRequest | None = None
         self._restorer: ModelNameRestorer | None = None  # the routed request's, if any
         self._wants_chunks = False  # some lifecycle plugin reads response chunks
+        self._observe = True  # time chunks, read usage: see RoutedRequest.observe
+        self._body_skipped = False  # mode_override told Envoy not to send the response body
         self._progress = ResponseProgress()
         self._response_buffer: list[bytes] = []
         self._sse: SSEUsageReader | None = None
@@ -125,10 +132,34 @@ class RequestStream:
             self._release()  # the response ended: release now, not when Envoy closes
         return responses
 
-    def close(self) -> None:
-        """The gRPC stream ended (normally, cancelled, or broken): if the request has not
-        ended yet, it ends here, cut off."""
+    def close(self, *, ended: bool = False) -> None:
+        """The gRPC stream ended: `ended` when Envoy closed it cleanly (the HTTP stream is
+        over), else it was cancelled or broke. A request not yet finished ends here: cut
+        off, unless its response body was skipped and the stream ended cleanly — then the
+        response completed without the picker seeing its body."""
+        if ended and self._body_skipped and self.phase is Phase.RESPONSE_BODY:
+            self.phase = Phase.DONE
         self._release()
+
+    def pass_through(self, raw: bytes) -> bytes | None:
+        """The answer to a full-duplex response chunk nothing needs, built from its bytes
+        (see `wire`); None when the message needs the ordinary path."""
+        if (
+            self._observe
+            or self.phase is not Phase.RESPONSE_BODY
+            or self._response_mode != FULL_DUPLEX
+        ):
+            return None
+        found = wire.response_chunk(raw)
+        if found is None:
+            return None
+        start, end, end_of_stream = found
+        if wire.body_size(raw, start):
+            self._time_chunk()
+        if end_of_stream:
+            self.phase = Phase.DONE
+            self._release()
+        return wire.pass_through(raw, start, end)
 
     def _release(self) -> None:
         """Finish the routed request; ownership moves out, so this acts at most once."""
@@ -184,6 +215,7 @@ class RequestStream:
                 raise
             self._routed = routed
             self._wants_chunks = routed.wants_chunks
+            self._observe = routed.observe
             self.phase = Phase.UPSTREAM
             return [
                 messages.request_headers_response(
@@ -232,6 +264,7 @@ class RequestStream:
         self._routed = routed
         self._restorer = routed.restorer
         self._wants_chunks = routed.wants_chunks
+        self._observe = routed.observe
         self.phase = Phase.UPSTREAM
         body_out = routed.body
         mutation = messages.routing_mutation(
@@ -262,40 +295,56 @@ class RequestStream:
             elif name == "content-type":
                 value = item.raw_value or item.value.encode()
                 progress.streaming = value.startswith(b"text/event-stream")
-        if progress.streaming:
+        if progress.streaming and self._observe:
             self._sse = SSEUsageReader()
         if self._routed is not None:
             self._routed.response_received(progress.status, progress.streaming)
-        self.phase = Phase.DONE if headers.end_of_stream else Phase.RESPONSE_BODY
-        return [messages.response_headers_response()]
+        if headers.end_of_stream:
+            self.phase = Phase.DONE
+            return [messages.response_headers_response()]
+        self.phase = Phase.RESPONSE_BODY
+        # Nothing needs this response's body: a gateway that allows it (not full duplex)
+        # stops sending it; the stream still ends only when the HTTP response does.
+        skip = not self._observe and self._response_mode in _SKIPPABLE
+        self._body_skipped = skip
+        return [messages.response_headers_response(skip_body=skip)]
+
+    def _time_chunk(self) -> None:
+        progress = self._progress
+        now = time.monotonic()
+        if not progress.first_chunk_at:
+            progress.first_chunk_at = now
+        progress.last_chunk_at = now
 
     def _on_response_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
         self._expect(Phase.RESPONSE_BODY, "a response body chunk")
-        progress = self._progress
-        chunk = body.body
+        chunk, end_of_stream = body.body, body.end_of_stream
         if chunk:
-            now = time.monotonic()
-            if not progress.first_chunk_at:
-                progress.first_chunk_at = now
-            progress.last_chunk_at = now
+            self._time_chunk()
         if self._wants_chunks and self._routed is not None:
-            self._routed.response_chunk(chunk, body.end_of_stream)
-        restorer = self._restorer
+            self._routed.response_chunk(chunk, end_of_stream)
+        if not self._observe:  # passed on untouched (full duplex: see pass_through)
+            if end_of_stream:
+                self.phase = Phase.DONE
+            if self._response_mode != FULL_DUPLEX:
+                return [messages.buffered_body_response(None, response_side=True)]
+            return messages.streamed_body(chunk, end_of_stream=end_of_stream, response_side=True)
         if self._response_mode != FULL_DUPLEX:
-            return [self._finish_buffered_response(chunk)]
+            # STREAMED: an answer per chunk; BUFFERED: the one chunk is the whole body.
+            return [self._answer_chunk(chunk, end_of_stream)]
+        restorer = self._restorer
         if self._sse is not None:
             self._sse.feed(chunk)
             if restorer is not None:
                 chunk = restorer.restore(chunk)
-            if body.end_of_stream:
-                progress.usage = self._sse.finish()
+            if end_of_stream:
+                self._progress.usage = self._sse.finish()
                 self.phase = Phase.DONE
-            return messages.streamed_body(
-                chunk, end_of_stream=body.end_of_stream, response_side=True
-            )
+            return messages.streamed_body(chunk, end_of_stream=end_of_stream, response_side=True)
+        # A JSON body is held until it is whole: its usage, and the model name to restore.
         if chunk:
             self._response_buffer.append(chunk)
-        if not body.end_of_stream:
+        if not end_of_stream:
             return []
         self.phase = Phase.DONE
         return messages.streamed_body(self._flush_buffer(), end_of_stream=True, response_side=True)
@@ -308,16 +357,21 @@ class RequestStream:
         restorer = self._restorer
         return restorer.restore(whole) if restorer is not None else whole
 
-    def _finish_buffered_response(self, chunk: bytes) -> pb.ProcessingResponse:
-        progress = self._progress
+    def _answer_chunk(self, chunk: bytes, end_of_stream: bool) -> pb.ProcessingResponse:
+        """A chunk Envoy waits for an answer to: read for usage, the model name restored."""
         if self._sse is not None:
             self._sse.feed(chunk)
-            progress.usage = self._sse.finish()
-        else:
-            progress.usage = usage_from_json(chunk)
+            if end_of_stream:
+                self._progress.usage = self._sse.finish()
+        elif chunk:
+            self._response_buffer.append(chunk)
+        if end_of_stream:
+            if self._sse is None:
+                self._progress.usage = usage_from_json(b"".join(self._response_buffer))
+                self._response_buffer = []
+            self.phase = Phase.DONE
         restorer = self._restorer
         replaced = restorer.restore(chunk) if restorer is not None else chunk
-        self.phase = Phase.DONE
         return messages.buffered_body_response(
             replaced if replaced is not chunk else None, response_side=True
         )

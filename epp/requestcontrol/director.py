@@ -80,12 +80,14 @@ class Director:
         metrics_store: MetricsStore,
         pipeline: RequestPipeline,
         staleness_threshold_s: float = 2.0,
+        response_sample_rate: float = 1.0,
         rng: random.Random | None = None,
     ) -> None:
         self.pipeline = pipeline  # swapped whole on reload
         self._datastore = datastore
         self._metrics = metrics_store
         self._staleness_s = staleness_threshold_s
+        self._sample_rate = response_sample_rate
         self._rng = rng or random.Random()
 
     # ---- request stages -------------------------------------------------------------
@@ -129,6 +131,7 @@ class Director:
             lifecycle=pipeline.lifecycle,
             hold=hold,
             received_at=inbound.received_at,
+            observe=self._sampled(),
         )
         return self.pre_request(pipeline, routed, result)
 
@@ -159,6 +162,7 @@ class Director:
             lifecycle=pipeline.lifecycle,
             hold=NOTHING_HELD,
             received_at=inbound.received_at,
+            observe=False,
         )
         return self.pre_request(pipeline, routed, result)
 
@@ -286,6 +290,10 @@ class Director:
         self._metrics.record_dispatch(routed.targets[0].endpoint.key, request.input_tokens)
         pipeline.lifecycle.pre_request(request, result)
         return routed
+
+    def _sampled(self) -> bool:
+        rate = self._sample_rate
+        return rate >= 1.0 or (rate > 0.0 and self._rng.random() < rate)
 
     # ---- errors ---------------------------------------------------------------------
 

@@ -4,9 +4,16 @@
   headers, path, subset hint, body. Frozen: nothing downstream changes it.
 * `RoutedRequest` — what `Director.route` returns: where the request goes (`targets`),
   the body to send (`body`), how to restore the model name in the response (`restorer`),
-  and the one hold on everything the request took (admission, lifecycle state, running
-  gauge). Its owner, the protocol stream, calls `finish` exactly once when the request
-  ends, whichever way it ends.
+  whether its response body must be looked at (`observe`), and the one hold on everything
+  the request took (admission, lifecycle state, running gauge). Its owner, the protocol
+  stream, calls `finish` exactly once when the request ends, whichever way it ends.
+
+A response is observed — its chunks timed, its usage read — when something needs it: the
+model name to restore, a plugin that reads chunks, or the request drawn in the
+`--response-sample-rate` sample that feeds latency metrics and the latency predictor.
+The others cost the picker the same whatever their length: a gateway that allows it stops
+sending their body (ext_proc `mode_override`), and in full-duplex mode their chunks go back
+to Envoy untouched.
 * `ResponseProgress` — what the protocol layer observed of the response (status, timing of
   the first and last body chunk, usage), handed to `finish`.
 """
@@ -57,6 +64,7 @@ class RoutedRequest:
         "_series",
         "body",
         "labels",
+        "observe",
         "received_at",
         "restorer",
         "routed_at",
@@ -76,6 +84,7 @@ class RoutedRequest:
         lifecycle: Lifecycle,
         hold: Hold,
         received_at: float,
+        observe: bool = True,
     ) -> None:
         self.scheduling_request = scheduling_request
         self.targets = targets
@@ -83,6 +92,8 @@ class RoutedRequest:
         self.restorer = restorer
         self.labels = labels
         self.received_at = received_at
+        # Look at the response body: the model to restore, chunks a plugin reads, or sampled.
+        self.observe = observe or restorer is not None or lifecycle.wants_chunks
         self.routed_at = time.monotonic()
         self._series = series
         self._lifecycle = lifecycle

@@ -66,8 +66,12 @@ class GatewayOptions:
     picker_ca_file: str | None = None  # verify the picker's certificate; None: no verification
     picker_sni: str | None = None
     failure_mode: FailureMode = FailureMode.FAIL_CLOSE
-    request_body_mode: BodyMode = BodyMode.FULL_DUPLEX_STREAMED
-    response_body_mode: BodyMode = BodyMode.FULL_DUPLEX_STREAMED
+    # What Sluice ships: the request body in one message (answered without sending it
+    # back unless the model was rewritten) and a streamed response whose body the picker
+    # switches off per request (mode_override) when nothing needs it. Gateways configured
+    # by others send FULL_DUPLEX_STREAMED both ways; the picker serves both.
+    request_body_mode: BodyMode = BodyMode.BUFFERED
+    response_body_mode: BodyMode = BodyMode.STREAMED
     message_timeout_s: float = 1000.0
     # Active TCP health checks of the picker; None disables them. See the module docstring:
     # they are what lets FailOpen keep request bodies while the picker is down.

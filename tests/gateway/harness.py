@@ -11,9 +11,11 @@ import aiohttp
 import grpc
 
 from sluice.gateway import envoy_process
-from sluice.gateway.settings import GatewayOptions
+from sluice.gateway.settings import BodyMode, GatewayOptions
 from tests.gateway import ext_proc_stub as stub
 from tests.gateway.conftest import Backend
+
+FULL_DUPLEX = BodyMode.FULL_DUPLEX_STREAMED
 
 
 @contextlib.asynccontextmanager
@@ -23,8 +25,12 @@ async def gateway(
     **options: Any,
 ) -> AsyncIterator[tuple[envoy_process.EnvoyProcess, stub.StubPicker]]:
     server, port, picker = await stub.serve(behaviour, credentials)
+    # The stub answers as a full-duplex picker unless a test says otherwise.
+    modes = {"request_body_mode": FULL_DUPLEX, "response_body_mode": FULL_DUPLEX}
     try:
-        async with envoy_process.EnvoyProcess(GatewayOptions(picker_port=port, **options)) as e:
+        async with envoy_process.EnvoyProcess(
+            GatewayOptions(picker_port=port, **{**modes, **options})
+        ) as e:
             yield e, picker
     finally:
         await stub.stop(server)

@@ -30,8 +30,28 @@ def _clusters(bootstrap: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {c["name"]: c for c in bootstrap["static_resources"]["clusters"]}
 
 
+def test_shipped_body_modes_let_the_picker_skip_response_bodies() -> None:
+    """What Sluice ships: a buffered request body and a streamed response body, so that
+    the picker's mode_override (allowed) can turn response bodies off per request."""
+    ext_proc = _ext_proc(envoy_config.render_bootstrap(GatewayOptions(picker_port=9002)))
+    assert ext_proc["processing_mode"] == {
+        "request_header_mode": "SEND",
+        "response_header_mode": "SEND",
+        "request_body_mode": "BUFFERED",
+        "response_body_mode": "STREAMED",
+        "request_trailer_mode": "SKIP",
+        "response_trailer_mode": "SKIP",
+    }
+    assert ext_proc["allow_mode_override"] is True
+
+
 def test_picker_defaults_match_the_endpoint_picker_protocol() -> None:
-    bootstrap = envoy_config.render_bootstrap(GatewayOptions(picker_port=9002))
+    full_duplex = BodyMode.FULL_DUPLEX_STREAMED
+    bootstrap = envoy_config.render_bootstrap(
+        GatewayOptions(
+            picker_port=9002, request_body_mode=full_duplex, response_body_mode=full_duplex
+        )
+    )
     ext_proc = _ext_proc(bootstrap)
     assert ext_proc["processing_mode"] == {
         "request_header_mode": "SEND",
@@ -71,7 +91,9 @@ def test_failure_mode_accepts_the_pool_spelling() -> None:
 
 @pytest.mark.parametrize("body_mode", [BodyMode.BUFFERED, BodyMode.NONE, BodyMode.STREAMED])
 def test_trailers_are_only_sent_for_full_duplex(body_mode: BodyMode) -> None:
-    options = GatewayOptions(response_body_mode=body_mode)
+    options = GatewayOptions(
+        request_body_mode=BodyMode.FULL_DUPLEX_STREAMED, response_body_mode=body_mode
+    )
     mode = _ext_proc(envoy_config.render_bootstrap(options))["processing_mode"]
     assert mode["response_body_mode"] == body_mode.value
     assert mode["response_trailer_mode"] == "SKIP"

@@ -75,6 +75,8 @@ async def test_fail_open_without_health_checks_loses_bodies_while_the_picker_is_
             failure_mode=FailureMode.FAIL_OPEN,
             backends=(fallback.address,),
             picker_health_check_interval_s=None,
+            request_body_mode=BodyMode.FULL_DUPLEX_STREAMED,
+            response_body_mode=BodyMode.FULL_DUPLEX_STREAMED,
         )
         async with envoy_process.EnvoyProcess(options) as envoy:
             status, _ = await post(envoy.url + "/v1/completions", b"{}")
@@ -87,7 +89,12 @@ async def test_fail_open_without_health_checks_loses_bodies_while_the_picker_is_
 async def test_requests_flow_once_a_late_picker_comes_up(backends: tuple[Backend, Backend]) -> None:
     target = backends[0]
     port = ports.free_tcp_port()
-    options = GatewayOptions(picker_port=port, picker_health_check_interval_s=0.2)
+    options = GatewayOptions(  # the stub answers as a full-duplex picker
+        picker_port=port,
+        picker_health_check_interval_s=0.2,
+        request_body_mode=BodyMode.FULL_DUPLEX_STREAMED,
+        response_body_mode=BodyMode.FULL_DUPLEX_STREAMED,
+    )
     async with envoy_process.EnvoyProcess(options) as envoy:
         status, _ = await post(envoy.url + "/", b"{}")
         assert status == 500  # FailClose, picker not there yet

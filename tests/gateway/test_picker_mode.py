@@ -249,7 +249,10 @@ async def test_request_trailers_end_the_body_instead_of_end_of_stream(
 ) -> None:
     target = backends[0]
     server, port, picker = await stub.serve(stub.StubBehaviour(destination=target.address))
-    bootstrap = envoy_config.render_bootstrap(GatewayOptions(picker_port=port))
+    duplex = BodyMode.FULL_DUPLEX_STREAMED
+    bootstrap = envoy_config.render_bootstrap(
+        GatewayOptions(picker_port=port, request_body_mode=duplex, response_body_mode=duplex)
+    )
     listener = bootstrap["static_resources"]["listeners"][0]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     hcm["http_protocol_options"] = {

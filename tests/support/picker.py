@@ -42,6 +42,7 @@ async def running_picker(**overrides: object) -> AsyncIterator[Picker]:
         refresh_metrics_interval_s=0.02,
         manifest_poll_interval_s=0.05,
         shutdown_grace_s=0.5,
+        response_sample_rate=1.0,  # every response read: tests check what it yields
     )
     options = PickerOptions(
         **{**{f: getattr(options, f) for f in options.__dataclass_fields__}, **overrides}
