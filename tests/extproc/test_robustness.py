@@ -10,11 +10,13 @@ import random
 import grpc
 import orjson
 import pytest
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 
 from epp.requestcontrol.lifecycle import Lifecycle
 from tests.support.backends import backends
 from tests.support.extproc_client import (
+    BUFFERED,
     ExtProcClient,
     completion_headers,
     request_body,
@@ -216,3 +218,79 @@ async def test_ten_thousand_mixed_requests_leave_every_counter_at_zero(pool):
         )
         == 0
     )
+
+
+STREAMED = processing_mode_pb2.ProcessingMode.STREAMED
+SHIPPED = {"request_mode": BUFFERED, "response_mode": STREAMED}
+
+
+async def _one_shipped_request(client: ExtProcClient, kind: int) -> None:
+    """One request as the shipped gateway sends it: buffered body, streamed response that
+    the picker may turn off (then Envoy closes the stream when the response ends)."""
+    call = client.open()
+    try:
+        await call.write(request_headers(completion_headers(), **SHIPPED))
+        await call.read()  # headers are answered at once when not full duplex
+        if kind == 3:  # client gone before the body
+            call.cancel()
+            return
+        body = b"{nope" if kind == 1 else COMPLETION
+        await call.write(request_body(body))
+        routed = await call.read()
+        if kind == 1:
+            assert routed.immediate_response.status.code == 400
+            return
+        if kind == 2:  # cancelled after routing, before any response
+            call.cancel()
+            return
+        status = 500 if kind == 4 else 200
+        await call.write(response_headers(status, "text/event-stream"))
+        answer = await call.read()
+        skipped = answer.mode_override.response_body_mode == processing_mode_pb2.ProcessingMode.NONE
+        if not skipped:
+            await call.write(response_body(b'data: {"choices":[]}\n\n'))
+            await call.read()
+            usage = b'data: {"usage":{"prompt_tokens":1,"completion_tokens":2}}\n\n'
+            await call.write(response_body(usage, True))
+            await call.read()
+        await call.done_writing()  # the HTTP stream ended: Envoy half-closes
+        assert await call.read() is grpc.aio.EOF
+    finally:
+        call.cancel()
+
+
+async def test_ten_thousand_requests_in_the_shipped_modes_leave_every_counter_at_zero():
+    async with backends(["127.0.0.2", "127.0.0.3"]) as servers:
+        endpoints = ",".join(s.target for s in servers)
+        async with running_picker(endpoints=endpoints, response_sample_rate=0.5) as picker:
+            client = ExtProcClient(picker.grpc_port)
+            await fresh_metrics(picker)
+            counter = CompletionCounter()
+            pipeline = picker.director.pipeline
+            lifecycle = pipeline.lifecycle
+            picker.director.pipeline = dataclasses.replace(
+                pipeline,
+                lifecycle=Lifecycle(
+                    dict.fromkeys(
+                        [*lifecycle.pre_request_plugins, *lifecycle.response_complete_plugins,
+                         counter]
+                    )
+                ),
+            )
+            rng = random.Random(11)
+            kinds = [rng.randrange(5) for _ in range(10_000)]
+            semaphore = asyncio.Semaphore(32)
+
+            async def run(kind: int) -> None:
+                async with semaphore:
+                    await _one_shipped_request(client, kind)
+
+            await asyncio.gather(*(run(k) for k in kinds))
+            await wait_for(
+                lambda: picker.server.processor.open_streams == 0, timeout_s=30, what="closed"
+            )
+            await client.close()
+            assert picker.in_flight.is_idle()
+            routed = sum(1 for kind in kinds if kind in (0, 2, 4))
+            assert len(counter.routed) == routed and set(counter.routed.values()) == {1}
+            assert counter.completed == counter.routed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ class BackendState:
     serve_metrics: bool = True
     custom_lines: list[str] = field(default_factory=list)
     received: list[bytes] = field(default_factory=list)
+    # When set, a streamed answer sends its first event, then waits for the event.
+    stream_gate: asyncio.Event | None = None
 
     def metrics_text(self) -> str:
         lines = [
@@ -70,6 +73,8 @@ def _app(state: BackendState, name: str) -> web.Application:
             await response.prepare(request)
             for i in range(5):
                 await response.write(f'data: {{"choices":[{{"text":"t{i}"}}]}}\n\n'.encode())
+                if i == 0 and state.stream_gate is not None:
+                    await state.stream_gate.wait()
             usage = '{"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":5}}'
             await response.write(f"data: {usage}\n\ndata: [DONE]\n\n".encode())
             await response.write_eof()
