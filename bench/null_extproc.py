@@ -1,8 +1,14 @@
 """A do-nothing ext_proc server: the protocol floor the picker is compared against.
 
-It exchanges exactly the messages the picker does (buffer the request body, answer with
-a destination header and the body; pass response chunks through), but parses nothing,
-scores nothing and counts nothing. Routing is round-robin over `--endpoints`.
+It exchanges exactly the messages the picker does, but parses nothing, scores nothing and
+counts nothing. Routing is round-robin over `--endpoints`.
+
+* Full duplex: buffer the request body, answer with a destination header and the body;
+  pass response chunks through.
+* Any other mode (the shipped buffered request / streamed response): answer the request
+  headers at once, the body with the destination header (body unchanged), and the
+  response headers with the mode_override that skips the response body — as the picker
+  does for every response it does not sample.
 
     python bench/null_extproc.py --port 9100 --endpoints 127.0.0.1:8000,127.0.0.1:8001
 """
@@ -15,6 +21,7 @@ import itertools
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 
@@ -23,37 +30,54 @@ from epp import cli as picker_cli
 CHUNK = 62_000
 
 
+FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+SKIP_BODY = processing_mode_pb2.ProcessingMode(
+    response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+    response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+)
+
+
 class NullProcessor(pb_grpc.ExternalProcessorServicer):
     def __init__(self, endpoints: list[str]) -> None:
         self._next = itertools.cycle(endpoints).__next__
 
+    def _destination(self, body_length: int | None) -> pb.HeaderMutation:
+        headers = [
+            base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(
+                    key="x-gateway-destination-endpoint", raw_value=self._next().encode()
+                )
+            )
+        ]
+        if body_length is not None:
+            headers.append(
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(
+                        key="content-length", raw_value=str(body_length).encode()
+                    )
+                )
+            )
+        return pb.HeaderMutation(set_headers=headers)
+
     async def Process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
         body: list[bytes] = []
+        full_duplex = True
         while True:
             message = await context.read()
             if message is grpc.aio.EOF:
                 return
             kind = message.WhichOneof("request")
+            if message.HasField("protocol_config"):
+                full_duplex = message.protocol_config.request_body_mode == FULL_DUPLEX
+            if not full_duplex:
+                await self._buffered(context, message, kind)
+                continue
             if kind == "request_body":
                 body.append(message.request_body.body)
                 if not message.request_body.end_of_stream:
                     continue
                 whole = b"".join(body)
-                headers = pb.HeaderMutation(
-                    set_headers=[
-                        base_pb2.HeaderValueOption(
-                            header=base_pb2.HeaderValue(
-                                key="x-gateway-destination-endpoint",
-                                raw_value=self._next().encode(),
-                            )
-                        ),
-                        base_pb2.HeaderValueOption(
-                            header=base_pb2.HeaderValue(
-                                key="content-length", raw_value=str(len(whole)).encode()
-                            )
-                        ),
-                    ]
-                )
+                headers = self._destination(len(whole))
                 await context.write(
                     pb.ProcessingResponse(
                         request_headers=pb.HeadersResponse(
@@ -75,6 +99,25 @@ class NullProcessor(pb_grpc.ExternalProcessorServicer):
                 await context.write(pb.ProcessingResponse(request_trailers=pb.TrailersResponse()))
             elif kind == "response_trailers":
                 await context.write(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))
+
+
+    async def _buffered(
+        self, context: grpc.aio.ServicerContext, message: pb.ProcessingRequest, kind: str
+    ) -> None:
+        if kind == "request_headers":
+            await context.write(pb.ProcessingResponse(request_headers=pb.HeadersResponse()))
+        elif kind == "request_body":
+            common = pb.CommonResponse(
+                clear_route_cache=True, header_mutation=self._destination(None)
+            )
+            answer = pb.ProcessingResponse(request_body=pb.BodyResponse(response=common))
+            await context.write(answer)
+        elif kind == "response_headers":
+            answer = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+            answer.mode_override.CopyFrom(SKIP_BODY)
+            await context.write(answer)
+        elif kind == "response_body":
+            await context.write(pb.ProcessingResponse(response_body=pb.BodyResponse()))
 
 
 def _streamed(chunk: bytes, end: bool, *, response_side: bool) -> pb.ProcessingResponse:

@@ -142,24 +142,37 @@ class RequestStream:
         self._release()
 
     def pass_through(self, raw: bytes) -> bytes | None:
-        """The answer to a full-duplex response chunk nothing needs, built from its bytes
-        (see `wire`); None when the message needs the ordinary path."""
-        if (
-            self._observe
-            or self.phase is not Phase.RESPONSE_BODY
-            or self._response_mode != FULL_DUPLEX
+        """The answer to a response chunk that only needs timing and, when sampled, a look
+        for SSE usage, built from its bytes (see `wire`); None when the message needs the
+        ordinary path (another phase, a model name to restore, a plugin reading chunks, a
+        JSON body to hold until it is whole)."""
+        if self.phase is not Phase.RESPONSE_BODY or self._restorer is not None:
+            return None
+        full_duplex = self._response_mode == FULL_DUPLEX
+        sse = self._sse
+        if self._wants_chunks or (self._observe and sse is None) or not (
+            full_duplex or self._response_mode == STREAMED
         ):
             return None
         found = wire.response_chunk(raw)
         if found is None:
             return None
         start, end, end_of_stream = found
-        if wire.body_size(raw, start):
+        if sse is not None:  # observed: usage rides in an SSE event
+            body = wire.body_bytes(raw, start)
+            if body:
+                self._time_chunk()
+                sse.feed(body)
+            if end_of_stream:
+                self._progress.usage = sse.finish()
+        elif wire.body_size(raw, start):
             self._time_chunk()
         if end_of_stream:
             self.phase = Phase.DONE
             self._release()
-        return wire.pass_through(raw, start, end)
+        if full_duplex:
+            return wire.pass_through(raw, start, end)
+        return wire.CONTINUE_RESPONSE_BODY
 
     def _release(self) -> None:
         """Finish the routed request; ownership moves out, so this acts at most once."""

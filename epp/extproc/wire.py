@@ -1,5 +1,5 @@
 """The one message the picker answers without protobuf objects: a response body chunk it
-passes through unchanged.
+passes on unchanged.
 
 In FULL_DUPLEX_STREAMED mode (gateways configured by others) every response chunk reaches
 the picker and must be sent back. When nothing needs the chunk (no model name to restore,
@@ -16,6 +16,8 @@ front:
       .response (1) = CommonResponse .body_mutation (3) = BodyMutation
         .streamed_response (3) = StreamedBodyResponse  <- the HttpBody bytes, verbatim
 
+In STREAMED mode (the shipped gateways, for a response the picker samples) Envoy waits for
+an answer to each chunk, and the answer that changes nothing is two constant bytes.
 Anything else (another field beside the body, another phase) takes the ordinary path.
 """
 
@@ -85,6 +87,19 @@ def body_size(raw: bytes, start: int) -> int:
     if start >= len(raw) or raw[start] != _BODY_TAG:
         return 0
     return _read_varint(raw, start + 1)[0]
+
+
+def body_bytes(raw: bytes, start: int) -> bytes:
+    """The body of the chunk found by `response_chunk` (empty when it has none)."""
+    if start >= len(raw) or raw[start] != _BODY_TAG:
+        return b""
+    size, pos = _read_varint(raw, start + 1)
+    return raw[pos : pos + size]
+
+
+# The answer to a response chunk in STREAMED mode that leaves it unchanged:
+# ProcessingResponse.response_body (4) = an empty BodyResponse.
+CONTINUE_RESPONSE_BODY = b"\x22\x00"
 
 
 def pass_through(raw: bytes, start: int, end: int) -> bytes:
