@@ -68,7 +68,11 @@ SHAPES = (
 
 def make_body(shape: Shape, rng: random.Random) -> bytes:
     prompt = "".join(rng.choices(string.ascii_lowercase + " ", k=shape.prompt_bytes))
-    document: dict[str, object] = {"model": "sim-model", "prompt": prompt, "max_tokens": shape.tokens}
+    document: dict[str, object] = {
+        "model": "sim-model",
+        "prompt": prompt,
+        "max_tokens": shape.tokens,
+    }
     if shape.stream:
         document["stream"] = True
         document["stream_options"] = {"include_usage": True}

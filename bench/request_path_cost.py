@@ -86,19 +86,30 @@ def messages(prompt_bytes: int, chunks: int, rng: random.Random) -> list[pb.Proc
     return out
 
 
-async def run_shape(picker: Picker, shape: list[pb.ProcessingRequest], requests: int) -> float:
+async def run_shape(
+    picker: Picker, shape: list[pb.ProcessingRequest], requests: int, raw_path: bool = True
+) -> float:
+    """CPU per request for the message sequence, as the server handles it: bytes in, a
+    chunk nothing needs answered from its bytes (unless `raw_path` is off), the rest
+    decoded, handled and encoded."""
     director, limit = picker.director, 16 * 1024 * 1024
-    for _ in range(50):  # warm-up
+    raws = [m.SerializeToString() for m in shape]
+    parse = pb.ProcessingRequest.FromString
+
+    async def one() -> None:
         stream = RequestStream(director, limit)
-        for message in shape:
-            await stream.handle(message)
-        stream.close()
+        for raw in raws:
+            if raw_path and stream.pass_through(raw) is not None:
+                continue
+            for response in await stream.handle(parse(raw)):
+                response.SerializeToString()
+        stream.close(ended=True)
+
+    for _ in range(50):  # warm-up
+        await one()
     start = time.process_time()
     for _ in range(requests):
-        stream = RequestStream(director, limit)
-        for message in shape:
-            await stream.handle(message)
-        stream.close()
+        await one()
     return (time.process_time() - start) / requests * 1e6
 
 
@@ -108,7 +119,13 @@ async def main_async(
     endpoints = ",".join(f"127.0.0.{i + 2}:8000" for i in range(args.endpoints))
     pickers = {}
     for name, text in configs.items():
-        picker = Picker(PickerOptions(endpoints=endpoints, secure_serving=False, config_text=text))
+        options = PickerOptions(
+            endpoints=endpoints,
+            secure_serving=False,
+            config_text=text,
+            response_sample_rate=args.sample_rate,
+        )
+        picker = Picker(options)
         picker.reconciler.mark_synced()
         pickers[name] = picker
     rng = random.Random(1)
@@ -118,14 +135,22 @@ async def main_async(
         "1 KB, 64 chunks": messages(1_000, 64, rng),
         "200 KB, not streamed": messages(200_000, 0, rng),
     }
+    variants = [(config, True) for config in pickers]
+    if args.compare_raw_path:
+        variants.append(("default", False))
     results: dict[str, dict[str, list[float]]] = {
-        config: {name: [] for name in shapes} for config in pickers
+        _label(config, raw): {name: [] for name in shapes} for config, raw in variants
     }
     for _ in range(args.rounds):
-        for config, picker in pickers.items():
+        for config, raw in variants:
             for name, shape in shapes.items():
-                results[config][name].append(await run_shape(picker, shape, args.requests))
+                cost = await run_shape(pickers[config], shape, args.requests, raw)
+                results[_label(config, raw)][name].append(cost)
     return results
+
+
+def _label(config: str, raw_path: bool) -> str:
+    return config if raw_path else f"{config}, every message decoded"
 
 
 def main() -> None:
@@ -134,6 +159,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--endpoints", type=int, default=8)
     parser.add_argument("--configs", nargs="*", default=[], help="EndpointPickerConfig files")
+    parser.add_argument("--sample-rate", type=float, default=0.02, help="response sample rate")
+    parser.add_argument(
+        "--compare-raw-path",
+        action="store_true",
+        help="also run with every message decoded (no chunk answered from its bytes)",
+    )
     args = parser.parse_args()
     configs: dict[str, str | None] = {"default": None}
     for path in args.configs:
