@@ -6,7 +6,7 @@ off per request: what Sluice's demo, chart and docs run) and `full-duplex` (both
 FULL_DUPLEX_STREAMED: what gateways configured by others run) — three gateways each:
   direct   Envoy -> backends (round robin, no ext_proc)
   null     Envoy -> do-nothing ext_proc (bench/null_extproc.py) -> backends: protocol floor
-  picker   Envoy -> `sluice picker` (default profile, response sample rate 0.02) -> backends
+  picker   Envoy -> `sluice picker` (default profile, response sample rate 0.01) -> backends
 
 Shapes: a non-streamed completion (1 token), streamed completions of 16/64/256/1024
 tokens, and a 200 KB prompt. Reports latency p50/p99 and the time to the first streamed
@@ -278,7 +278,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0)
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--backends", type=int, default=2)
-    parser.add_argument("--sample-rate", type=float, default=0.02, help="picker's response sample")
+    parser.add_argument("--sample-rate", type=float, default=0.01, help="picker's response sample")
     parser.add_argument("--shapes", nargs="*", default=[], help="shape names (default: all)")
     parser.add_argument("--ceiling", action="store_true", help="also the closed-loop ceiling")
     parser.add_argument("--ceiling-requests", type=int, default=3000)

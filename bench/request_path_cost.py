@@ -159,7 +159,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--endpoints", type=int, default=8)
     parser.add_argument("--configs", nargs="*", default=[], help="EndpointPickerConfig files")
-    parser.add_argument("--sample-rate", type=float, default=0.02, help="response sample rate")
+    parser.add_argument("--sample-rate", type=float, default=0.01, help="response sample rate")
     parser.add_argument(
         "--compare-raw-path",
         action="store_true",

@@ -56,9 +56,9 @@ def build_argument_parser(prog: str = "sluice picker") -> argparse.ArgumentParse
     p.add_argument(
         "--response-sample-rate",
         type=arguments.fraction,
-        default=0.02,
+        default=0.01,
         help="share of responses whose body is read for latency and token metrics and the "
-        "latency predictor when nothing else needs it (0-1; default 0.02)",
+        "latency predictor when nothing else needs it (0-1; default 0.01)",
     )
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p

@@ -56,7 +56,7 @@ class PickerOptions:
     max_request_body_bytes: int = 16 * 1024 * 1024
     # Share of responses whose body the picker reads (timing, usage) when nothing else
     # needs it: the latency metrics' and the latency predictor's sample.
-    response_sample_rate: float = 0.02
+    response_sample_rate: float = 0.01
     manifest_poll_interval_s: float = 0.5
     config_poll_interval_s: float = 0.5
     pool_gauge_interval_s: float = 1.0

@@ -24,6 +24,7 @@ that left the pool.
 
 from __future__ import annotations
 
+import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -32,6 +33,7 @@ import xxhash
 from epp.datastore.snapshot import EndpointKey
 
 _xxh64 = xxhash.xxh64_intdigest
+_le64 = struct.Struct("<Q").pack
 
 
 def hash_blocks(
@@ -44,9 +46,15 @@ def hash_blocks(
     previous = _xxh64((model + cache_salt).encode())
     hashes: list[int] = []
     append = hashes.append
+    text = prompt[: count * block_chars]
+    data = text.encode()
+    # Blocks are characters; for ASCII text (most prompts) they are also bytes, so the
+    # text is encoded once and sliced, not encoded block by block.
+    source: str | bytes = data if len(data) == len(text) else text
     for start in range(0, count * block_chars, block_chars):
-        block = prompt[start : start + block_chars].encode()
-        previous = _xxh64(block + previous.to_bytes(8, "little"))
+        block = source[start : start + block_chars]
+        encoded = block if isinstance(block, bytes) else block.encode()
+        previous = _xxh64(encoded + _le64(previous))
         append(previous)
     return hashes
 
