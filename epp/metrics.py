@@ -7,10 +7,13 @@ metrics, so names and label sets stay in one file.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from epp import cardinality
 from epp.histograms import BucketCounts, FastHistogram
 
 REGISTRY = CollectorRegistry(auto_describe=True)
@@ -185,7 +188,8 @@ config_reload_total = Counter(
 )
 scrape_total = Counter(
     "inference_extension_scrape_total",
-    "Data-layer ticks per endpoint, by result (success, failure).",
+    "Scrapes of model servers' metrics, all endpoints together, by result (success, "
+    "failure).",
     ("result",),
     registry=REGISTRY,
 )
@@ -217,25 +221,109 @@ class ObjectiveSeries:
     tpot: BucketCounts
 
 
-_objective_children: dict[tuple[str, str, str], ObjectiveSeries] = {}
-_MAX_CACHED_OBJECTIVE_SERIES = 4096  # model names come from clients: bound the cache
+ObjectiveLabels = tuple[str, str, str]
+
+# Client-chosen label values, bounded (see epp/cardinality.py). Each objective label set
+# costs ~140 series (five histograms); each error label set one.
+MAX_OBJECTIVE_LABEL_SETS = 64
+MAX_ERROR_LABEL_SETS = 256
+MAX_WORKLOAD_SERIES = 256
+
+known_models = cardinality.KnownModels()
+_objective_sets = cardinality.LabelSets(
+    MAX_OBJECTIVE_LABEL_SETS, (cardinality.OVERFLOW, cardinality.OVERFLOW, cardinality.OVERFLOW)
+)
+_error_sets = cardinality.LabelSets(MAX_ERROR_LABEL_SETS, (cardinality.OVERFLOW,) * 4)
+workload_series = cardinality.LabelSets(MAX_WORKLOAD_SERIES, (cardinality.OVERFLOW,))
+_objective_children: dict[ObjectiveLabels, ObjectiveSeries] = {}
+
+labels_overflow_total = Counter(
+    "inference_extension_metric_labels_overflow_total",
+    "Label values folded into `other` because the picker does not know the model, or "
+    "because the limit of live label sets of that kind was reached.",
+    ("kind",),
+    registry=REGISTRY,
+)
+_MODEL_OVERFLOW = labels_overflow_total.labels("model")
+_OBJECTIVE_OVERFLOW = labels_overflow_total.labels("objective")
+_ERROR_OVERFLOW = labels_overflow_total.labels("error")
+WORKLOAD_OVERFLOW = labels_overflow_total.labels("workload")
 
 
-def objective_series(model: str, target_model: str, priority: str) -> ObjectiveSeries:
-    key = (model, target_model, priority)
-    series = _objective_children.get(key)
+def objective_labels(model: str, target_model: str, priority: str) -> ObjectiveLabels:
+    """The labels a request records under: unknown models folded, the set admitted."""
+    known = known_models
+    model_label = known.label(model) if model else model
+    target_label = known.label(target_model) if target_model else target_model
+    if model_label is not model or target_label is not target_model:
+        _MODEL_OVERFLOW.inc()
+    labels = (model_label, target_label, priority)
+    admitted = _objective_sets.admit(labels, time.monotonic())
+    if admitted is not labels:
+        _OBJECTIVE_OVERFLOW.inc()
+    return admitted  # type: ignore[return-value]  # admit returns a set it was given
+
+
+def objective_series(labels: ObjectiveLabels) -> ObjectiveSeries:
+    """The children of an admitted label set (from `objective_labels`)."""
+    series = _objective_children.get(labels)
     if series is None:
-        if len(_objective_children) >= _MAX_CACHED_OBJECTIVE_SERIES:
-            _objective_children.clear()
-        series = _objective_children[key] = ObjectiveSeries(
-            requests=request_total.labels(*key),
-            duration=request_duration_seconds.labels(*key),
-            input_tokens=input_tokens.labels(*key),
-            output_tokens=output_tokens.labels(*key),
-            ttft=request_ttft_seconds.labels(*key),
-            tpot=request_tpot_seconds.labels(*key),
+        series = _objective_children[labels] = ObjectiveSeries(
+            requests=request_total.labels(*labels),
+            duration=request_duration_seconds.labels(*labels),
+            input_tokens=input_tokens.labels(*labels),
+            output_tokens=output_tokens.labels(*labels),
+            ttft=request_ttft_seconds.labels(*labels),
+            tpot=request_tpot_seconds.labels(*labels),
         )
     return series
+
+
+def count_error(labels: ObjectiveLabels, code: str) -> None:
+    """One request ended in error `code` (the picker's own codes, or `upstream_error_code`)."""
+    full = (*labels, code)
+    admitted = _error_sets.admit(full, time.monotonic())
+    if admitted is not full:
+        _ERROR_OVERFLOW.inc()
+    request_error_total.labels(*admitted).inc()
+
+
+def remove_idle_series(now: float, idle_s: float = cardinality.SERIES_IDLE_S) -> int:
+    """Remove the series of label sets unused for `idle_s`; returns how many sets went."""
+    gone = _objective_sets.idle(now, idle_s)
+    for labels in gone:
+        _objective_children.pop(labels, None)  # type: ignore[arg-type]
+        with contextlib.suppress(KeyError):
+            request_total.remove(*labels)
+        for histogram in (
+            request_duration_seconds,
+            input_tokens,
+            output_tokens,
+            request_ttft_seconds,
+            request_tpot_seconds,
+        ):
+            histogram.remove(*labels)
+    live_models = {labels[0] for labels in _objective_children}
+    for model in [m for m in _running_children if m not in live_models]:
+        del _running_children[model]
+        with contextlib.suppress(KeyError):
+            running_requests.remove(model)
+    errors_gone = _error_sets.idle(now, idle_s)
+    for labels in errors_gone:
+        with contextlib.suppress(KeyError):
+            request_error_total.remove(*labels)
+    return len(gone) + len(errors_gone)
+
+
+_running_children: dict[str, Gauge] = {}
+
+
+def running_gauge(model_label: str) -> Gauge:
+    """The in-flight gauge of a model label from `objective_labels`."""
+    gauge = _running_children.get(model_label)
+    if gauge is None:
+        gauge = _running_children[model_label] = running_requests.labels(model_label)
+    return gauge
 
 
 def observe_scheduler_duration(seconds: float) -> None:

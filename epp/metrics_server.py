@@ -3,6 +3,7 @@ at `/api/v1/workload/<workload_id>/metrics` for people debugging priorities."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Awaitable, Callable
 
@@ -13,10 +14,21 @@ from epp import metrics
 from epp.flowcontrol.registry import WorkloadView
 
 
-async def _metrics(request: web.Request) -> web.Response:
-    return web.Response(
-        body=generate_latest(metrics.REGISTRY), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+def _metrics_handler(
+    before_render: Callable[[], None] | None,
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    # One render at a time, in a thread: the request path keeps the event loop while a
+    # page is built, and concurrent scrapers share one render instead of each starting one.
+    lock = asyncio.Lock()
+
+    async def handle(request: web.Request) -> web.Response:
+        async with lock:
+            if before_render is not None:
+                before_render()
+            body = await asyncio.to_thread(generate_latest, metrics.REGISTRY)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    return handle
 
 
 def _workload_handler(
@@ -44,9 +56,10 @@ class MetricsServer:
         host: str,
         port: int,
         workloads: Callable[[str], WorkloadView | None] | None = None,
+        before_render: Callable[[], None] | None = None,
     ) -> None:
         self.app = web.Application()
-        self.app.router.add_get("/metrics", _metrics)
+        self.app.router.add_get("/metrics", _metrics_handler(before_render))
         if workloads is not None:
             self.app.router.add_get(
                 "/api/v1/workload/{workload_id}/metrics",

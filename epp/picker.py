@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,6 +85,9 @@ class Picker:
         config_text = _config_text(options)
         self.config = loader.load_config(config_text)
         self.metrics_store = MetricsStore()
+        # Model names keep their own metric label once the pool serves them (cardinality).
+        self.metrics_store.on_models_changed = metrics.known_models.mark_stale
+        metrics.known_models.source = self._known_models
         self.flow_controller: flow_controller.FlowController | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._started = False
@@ -120,7 +124,10 @@ class Picker:
             max_body_bytes=options.max_request_body_bytes,
         )
         self.metrics_server = MetricsServer(
-            options.host, options.metrics_port, workloads=self._workload_view
+            options.host,
+            options.metrics_port,
+            workloads=self._workload_view,
+            before_render=self.refresh_pool_gauges,
         )
 
     async def start(self) -> None:
@@ -243,6 +250,7 @@ class Picker:
         return self.flow_controller.workload_view(workload_id)
 
     def _on_snapshot(self, snapshot: Snapshot) -> None:
+        metrics.known_models.mark_stale()
         self.collector.update_endpoints(snapshot.endpoints)
         self.config.retain_endpoints([e.key for e in snapshot.endpoints])
         if snapshot.synced and not self._ready.is_set():
@@ -253,21 +261,48 @@ class Picker:
             self._ready.set()
             await self.server.set_ready(True)
 
+    def refresh_pool_gauges(self) -> None:
+        """Pool gauges, the pool's saturation and the models that keep their own metric
+        label, recomputed from what the data layer holds now (also before each /metrics
+        render, so an idle pool's gauges are not left at their last request's values)."""
+        snapshot = self.reconciler.current
+        name = snapshot.pool.name if snapshot.pool else "static"
+        summary = collecting.pool_summary(
+            self.metrics_store,
+            snapshot.endpoints,
+            staleness_s=self.options.metrics_staleness_threshold_s,
+        )
+        metrics.pool_ready_pods.labels(name).set(len({e.pod_name for e in snapshot.endpoints}))
+        metrics.pool_average_kv_cache_utilization.labels(name).set(summary.average_kv_cache_usage)
+        metrics.pool_average_queue_size.labels(name).set(summary.average_queue_size)
+        if self.flow_controller is not None:
+            self.flow_controller.publish_saturation()
+        metrics.known_models.replace(_known_models(snapshot, self.metrics_store))
+
+    def _known_models(self) -> set[str]:
+        return _known_models(self.reconciler.current, self.metrics_store)
+
     async def _pool_gauges(self) -> None:
         while True:
-            snapshot = self.reconciler.current
-            name = snapshot.pool.name if snapshot.pool else "static"
-            summary = collecting.pool_summary(
-                self.metrics_store,
-                snapshot.endpoints,
-                staleness_s=self.options.metrics_staleness_threshold_s,
-            )
-            metrics.pool_ready_pods.labels(name).set(len({e.pod_name for e in snapshot.endpoints}))
-            metrics.pool_average_kv_cache_utilization.labels(name).set(
-                summary.average_kv_cache_usage
-            )
-            metrics.pool_average_queue_size.labels(name).set(summary.average_queue_size)
+            self.refresh_pool_gauges()
+            metrics.remove_idle_series(time.monotonic())
             await asyncio.sleep(self.options.pool_gauge_interval_s)
+
+
+def _known_models(snapshot: Snapshot, store: MetricsStore) -> set[str]:
+    """Models whose names keep their own metric label: what the pool's servers report
+    serving (model_name labels, LoRA adapters) and what rewrites name."""
+    names: set[str] = set()
+    for endpoint in snapshot.endpoints:
+        m = store.get(endpoint.key)
+        names |= m.served_models
+        names |= m.running_adapters
+        names |= m.waiting_adapters
+    for model, targets in snapshot.rewrites_exact.items():
+        names.add(model)
+        names.update(target.model for target in targets)
+    names.update(target.model for target in snapshot.rewrite_catch_all)
+    return names
 
 
 def _config_text(options: PickerOptions) -> str | None:

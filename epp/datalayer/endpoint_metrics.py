@@ -10,7 +10,7 @@ looked emptiest at the last scrape.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
@@ -36,6 +36,7 @@ class EndpointMetrics:
     running_adapters: frozenset[str] = frozenset()
     waiting_adapters: frozenset[str] = frozenset()
     max_adapters: int = 0
+    served_models: frozenset[str] = frozenset()  # the `model_name` labels of its metrics
     cache_block_size: int = 0
     cache_num_blocks: int = 0
     custom: Mapping[str, float] = field(default_factory=_no_custom)
@@ -65,10 +66,16 @@ class _Ledger:
         self.tokens = 0
 
 
+def _nothing() -> None:
+    pass
+
+
 class MetricsStore:
     """Latest metrics per endpoint. Writers replace whole values, so readers never lock."""
 
     def __init__(self) -> None:
+        # Called when an endpoint's served models or adapters changed (the picker sets it).
+        self.on_models_changed: Callable[[], None] = _nothing
         self._metrics: dict[EndpointKey, EndpointMetrics] = {}
         self._ledgers: dict[EndpointKey, _Ledger] = {}
 
@@ -92,7 +99,14 @@ class MetricsStore:
         ledger.tokens += tokens
 
     def put(self, key: EndpointKey, metrics: EndpointMetrics) -> None:
+        previous = self._metrics.get(key, NEVER_SCRAPED)
         self._metrics[key] = metrics
+        if (
+            metrics.served_models != previous.served_models
+            or metrics.running_adapters != previous.running_adapters
+            or metrics.waiting_adapters != previous.waiting_adapters
+        ):
+            self.on_models_changed()
 
     def retain(self, keys: Iterable[EndpointKey]) -> None:
         """Forget endpoints that left the pool."""

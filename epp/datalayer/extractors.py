@@ -110,6 +110,22 @@ def _values(page: prometheus_text.MetricsPage, names: tuple[str, ...]) -> list[f
     return None
 
 
+_MAX_SERVED_MODELS: Final = 64  # per endpoint: a server's labels are not a memory sink
+
+
+def _served_models(page: prometheus_text.MetricsPage, names: EngineMetricNames) -> frozenset[str]:
+    """The `model_name` label values of the queue metrics: the models the server serves."""
+    found: set[str] = set()
+    for name in (*names.waiting, *names.running):
+        for sample in page.samples(name):
+            model = sample.labels.get("model_name")
+            if model:
+                found.add(model)
+                if len(found) >= _MAX_SERVED_MODELS:
+                    return frozenset(found)
+    return frozenset(found)
+
+
 def _int_label(labels: Mapping[str, str], key: str) -> int | None:
     text = labels.get(key)
     if text is None:
@@ -198,6 +214,10 @@ class CoreMetricsExtractor:
         else:
             changes["kv_cache_usage"] = min(1.0, max(0.0, sum(kv_usage) / len(kv_usage)))
         key = endpoint.key
+        if self._due(key, "models"):
+            # Models change rarely; the labels are read every ABSENT_RECHECK_TICKS ticks.
+            changes["served_models"] = _served_models(page, names)
+            self._skip[(key, "models")] = ABSENT_RECHECK_TICKS
         if (
             names.lora_info is not None
             and self._due(key, "lora")

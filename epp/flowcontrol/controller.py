@@ -188,6 +188,11 @@ class FlowController:
         self._saturation()
         return self._budget.allows(ceiling)
 
+    def publish_saturation(self) -> float:
+        """Recompute the pool's saturation for its gauge: the pool changes with no request
+        arriving (an idle pool drains), and the gauge must say so."""
+        return self._saturation()
+
     def _saturation(self) -> float:
         value = self._budget.measure(self.settings.detector, self._pool())
         metrics.flow_control_pool_saturation.set(value)

@@ -12,7 +12,9 @@ flow controller owns the clock, and tests drive it without sleeping.
 
 Memory is bounded: a workload with nothing active is forgotten `idle_timeout_s` after its
 last request, and at most `max_workloads` are tracked, plus `default`: beyond that new
-ids are accounted under `default`, after an early cleanup failed to make room.
+ids are accounted under `default`, after an early cleanup failed to make room. Only the
+first `metrics.MAX_WORKLOAD_SERIES` live workloads get Prometheus series of their own (ids
+come from clients); the rest are tracked and visible in the JSON API, not in /metrics.
 """
 
 from __future__ import annotations
@@ -33,6 +35,20 @@ log = logging.getLogger(__name__)
 
 class RateListener(Protocol):
     def rate_changed(self, stats: WorkloadStats) -> None: ...
+
+
+class _Settable(Protocol):
+    def set(self, value: float) -> None: ...
+
+
+class _Unexposed:
+    """Stands in for the gauges of a workload beyond the metric series limit."""
+
+    def set(self, value: float) -> None:
+        pass
+
+
+_UNEXPOSED = _Unexposed()
 
 
 class WorkloadStats:
@@ -69,9 +85,20 @@ class WorkloadStats:
         self.refilled_at = 0.0
         self._ring = array("I", bytes(4 * buckets))
         self._newest_bucket = bucket_index
-        self._active_gauge = metrics.workload_active_requests.labels(workload_id)
-        self._total_counter = metrics.workload_total_requests.labels(workload_id)
-        self._rate_gauge = metrics.workload_request_rate.labels(workload_id)
+        gauges: tuple[_Settable, _Settable, _Settable]
+        if metrics.workload_series.admit((workload_id,), 0.0) == (workload_id,):
+            gauges = (
+                metrics.workload_active_requests.labels(workload_id),
+                metrics.workload_total_requests.labels(workload_id),
+                metrics.workload_request_rate.labels(workload_id),
+            )
+        else:
+            # Past the series limit the workload is tracked but has no series of its own.
+            metrics.WORKLOAD_OVERFLOW.inc()
+            gauges = (_UNEXPOSED, _UNEXPOSED, _UNEXPOSED)
+        self._active_gauge: _Settable = gauges[0]
+        self._total_counter: _Settable = gauges[1]
+        self._rate_gauge: _Settable = gauges[2]
 
     def _advance(self, bucket_index: int) -> None:
         """Drop the buckets that left the window ending at `bucket_index`."""
@@ -290,6 +317,9 @@ class WorkloadRegistry:
         ]
         for stats in gone:
             del self._workloads[stats.workload_id]
+            if stats._active_gauge is _UNEXPOSED:
+                continue
+            metrics.workload_series.release((stats.workload_id,))
             for family in (
                 metrics.workload_active_requests,
                 metrics.workload_total_requests,

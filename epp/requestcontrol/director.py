@@ -103,8 +103,10 @@ class Director:
             raise
         rewrite = self.rewrite(inbound, parsed, snapshot)
         objectives = self.objectives(pipeline, inbound, snapshot)
-        labels = (parsed.model, rewrite.target_model, str(objectives.priority))
-        series = metrics.objective_series(*labels)
+        labels = metrics.objective_labels(
+            parsed.model, rewrite.target_model, str(objectives.priority)
+        )
+        series = metrics.objective_series(labels)
         series.requests.inc()
         try:
             hold = await self.admit(pipeline, inbound, objectives, snapshot)
@@ -300,5 +302,5 @@ class Director:
     def count_error(
         self, error: errors.InferenceError, labels: ObjectiveLabels | None = None
     ) -> None:
-        metrics.request_error_total.labels(*(labels or _NO_LABELS), error.code).inc()
+        metrics.count_error(labels or _NO_LABELS, error.code)
         log.debug("request failed", extra={"error": str(error)})

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 from prometheus_client import Gauge
 
-from epp import metrics
+from epp import cardinality, metrics
 from epp.bodies.rewrite import ModelNameRestorer
 from epp.bodies.usage import Usage
 from epp.requestcontrol.interfaces import Hold, ResponseStart, ResponseSummary
@@ -98,7 +98,7 @@ class RoutedRequest:
         self._series = series
         self._lifecycle = lifecycle
         self._hold = hold
-        self._running: Gauge = metrics.running_requests.labels(labels[0])
+        self._running: Gauge = metrics.running_gauge(labels[0])
         self._running.inc()
 
     @property
@@ -159,7 +159,7 @@ class RoutedRequest:
 
     def _record(self, summary: ResponseSummary) -> None:
         if summary.completed and 200 <= summary.status < 300:
-            series = self._series or metrics.objective_series(*self.labels)
+            series = self._series or metrics.objective_series(self.labels)
             series.duration.observe(summary.duration_s)
             usage = summary.usage
             if usage is not None:
@@ -170,4 +170,4 @@ class RoutedRequest:
                 if summary.tpot_s is not None:
                     series.tpot.observe(summary.tpot_s)
         elif summary.status >= 400:
-            metrics.request_error_total.labels(*self.labels, f"upstream_{summary.status}").inc()
+            metrics.count_error(self.labels, cardinality.upstream_error_code(summary.status))

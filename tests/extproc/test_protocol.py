@@ -320,12 +320,13 @@ def _histogram_sum(name: str, **labels: str) -> float:
 
 async def test_sse_usage_counted_into_input_tokens(pool):
     _, picker, client = pool
-    labels = {"model_name": "sse-model", "target_model_name": "sse-model", "priority": "0"}
+    # "m" is what the test backends report serving: an unknown name would be labelled "other".
+    labels = {"model_name": "m", "target_model_name": "m", "priority": "0"}
     before = _histogram_sum("inference_objective_input_tokens", **labels)
     call = client.open()
     await call.write(request_headers(completion_headers()))
     await call.write(
-        request_body(orjson.dumps({"model": "sse-model", "prompt": "x", "stream": True}))
+        request_body(orjson.dumps({"model": "m", "prompt": "x", "stream": True}))
     )
     await call.read(), await call.read()
     await call.write(response_headers(200, "text/event-stream"))
@@ -410,15 +411,12 @@ async def test_objective_header_sets_the_request_priority(tmp_path):
         manifest.write_text(OBJECTIVE_MANIFEST.replace("PORT", str(servers[0].port)))
         async with running_picker(manifests=(manifest,), pool_name="pool") as picker:
             client = ExtProcClient(picker.grpc_port)
-            labels = {
-                "model_name": "prio-model",
-                "target_model_name": "prio-model",
-                "priority": "7",
-            }
+            labels = {"model_name": "m", "target_model_name": "m", "priority": "7"}
             before = (
                 metrics.REGISTRY.get_sample_value("inference_objective_request_total", labels) or 0
             )
-            body = orjson.dumps({"model": "prio-model", "prompt": "hi"})
+            await fresh_metrics(picker)  # the model is known once its server was scraped
+            body = orjson.dumps({"model": "m", "prompt": "hi"})
             await route(client, body, **{"x-gateway-inference-objective": "critical"})
             await client.close()
             after = metrics.REGISTRY.get_sample_value("inference_objective_request_total", labels)
