@@ -87,44 +87,46 @@ class KnownModels:
 
 
 class LabelSets:
-    """At most `limit` live label sets of one kind; beyond that, `overflow`."""
+    """At most `limit` live label sets of one kind, plus the kind's `overflow` set."""
 
-    __slots__ = ("_last_used", "limit", "overflow", "overflowed")
+    __slots__ = ("_last_used", "_overflow_used", "limit", "overflow", "overflowed")
 
     def __init__(self, limit: int, overflow: tuple[str, ...]) -> None:
         self.limit = limit
         self.overflow = overflow
         self.overflowed = 0  # label sets folded because the limit was reached
         self._last_used: dict[tuple[str, ...], float] = {}
+        self._overflow_used: float | None = None
 
     def admit(self, labels: tuple[str, ...], now: float) -> tuple[str, ...]:
         """The label set to record under: `labels` if live or there is room, else the
-        overflow set (which is always admitted)."""
+        overflow set."""
         last_used = self._last_used
-        if labels in last_used or len(last_used) < self.limit or labels == self.overflow:
-            last_used[labels] = now
-            return labels
-        self.overflowed += 1
-        last_used[self.overflow] = now
+        if labels in last_used or len(last_used) < self.limit:
+            if labels != self.overflow:
+                last_used[labels] = now
+                return labels
+        else:
+            self.overflowed += 1
+        self._overflow_used = now
         return self.overflow
-
-    def touch(self, labels: tuple[str, ...], now: float) -> None:
-        """`labels` (an admitted set) was used again."""
-        if labels in self._last_used:
-            self._last_used[labels] = now
 
     def release(self, labels: tuple[str, ...]) -> None:
         self._last_used.pop(labels, None)
 
     def idle(self, now: float, idle_s: float) -> list[tuple[str, ...]]:
-        """Release and return the label sets unused for `idle_s`."""
+        """Release and return the label sets (the overflow set too) unused for `idle_s`."""
         limit = now - idle_s
         gone = [labels for labels, used in self._last_used.items() if used <= limit]
         for labels in gone:
             del self._last_used[labels]
+        if self._overflow_used is not None and self._overflow_used <= limit:
+            self._overflow_used = None
+            gone.append(self.overflow)
         return gone
 
     def __len__(self) -> int:
+        """Live label sets, not counting the overflow set."""
         return len(self._last_used)
 
     def __contains__(self, labels: object) -> bool:
