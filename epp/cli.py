@@ -60,6 +60,20 @@ def build_argument_parser(prog: str = "sluice picker") -> argparse.ArgumentParse
         help="share of responses whose body is read for latency and token metrics and the "
         "latency predictor when nothing else needs it (0-1; default 0.01)",
     )
+    p.add_argument(
+        "--request-body-timeout",
+        type=arguments.duration,
+        default=30.0,
+        help="a request body not complete this long after its headers gets 408 (0: no "
+        "deadline; default 30s, as the shipped Envoy configs' request timeout)",
+    )
+    p.add_argument(
+        "--max-body-bytes-in-flight",
+        type=int,
+        default=256 * 1024 * 1024,
+        help="request-body bytes the picker holds across all requests; a chunk beyond it "
+        "gets 503 (default 256 MiB)",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
 
@@ -82,6 +96,8 @@ def options_from_args(args: argparse.Namespace) -> PickerOptions:
         cert_path=args.cert_path,
         max_request_body_bytes=args.max_request_body_bytes,
         response_sample_rate=args.response_sample_rate,
+        request_body_timeout_s=args.request_body_timeout,
+        max_body_bytes_in_flight=args.max_body_bytes_in_flight,
     )
 
 

@@ -193,6 +193,11 @@ scrape_total = Counter(
     ("result",),
     registry=REGISTRY,
 )
+request_body_bytes_held = Gauge(
+    "inference_extension_request_body_bytes_held",
+    "Bytes of request bodies the picker holds (received, not yet routed), all streams.",
+    registry=REGISTRY,
+)
 
 
 # `labels()` costs microseconds per call; the hot path looks children up here instead.

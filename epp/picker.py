@@ -58,6 +58,8 @@ class PickerOptions:
     # Share of responses whose body the picker reads (timing, usage) when nothing else
     # needs it: the latency metrics' and the latency predictor's sample.
     response_sample_rate: float = 0.01
+    request_body_timeout_s: float = 30.0  # headers to end of body; 0: none
+    max_body_bytes_in_flight: int = 256 * 1024 * 1024  # all requests' bodies together
     manifest_poll_interval_s: float = 0.5
     config_poll_interval_s: float = 0.5
     pool_gauge_interval_s: float = 1.0
@@ -122,6 +124,8 @@ class Picker:
             health_port=options.health_port,
             tls=tls,
             max_body_bytes=options.max_request_body_bytes,
+            max_body_bytes_in_flight=options.max_body_bytes_in_flight,
+            body_timeout_s=options.request_body_timeout_s,
         )
         self.metrics_server = MetricsServer(
             options.host,

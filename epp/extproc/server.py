@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 from dataclasses import dataclass
@@ -12,6 +13,8 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from epp import metrics
+from epp.extproc.body_budget import BodyBudget
 from epp.extproc.stream import RequestStream
 from epp.requestcontrol.director import Director
 
@@ -19,6 +22,9 @@ log = logging.getLogger(__name__)
 
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 HEALTH_SERVICES = ("", "liveness", "readiness", EXT_PROC_SERVICE)
+
+DEFAULT_MAX_HELD_BODY_BYTES = 256 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT_S = 30.0
 
 _GRPC_OPTIONS = [
     # Bodies arrive in chunks, but a single BUFFERED body can be large.
@@ -33,23 +39,46 @@ class ExternalProcessor:
     decoded into protobuf objects here, but a full-duplex response chunk that nothing
     needs is answered from its bytes (`RequestStream.pass_through`)."""
 
-    def __init__(self, director: Director, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        director: Director,
+        max_body_bytes: int,
+        *,
+        max_held_body_bytes: int = DEFAULT_MAX_HELD_BODY_BYTES,
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    ) -> None:
         self._director = director
         self._max_body_bytes = max_body_bytes
+        self.body_budget = BodyBudget(max_held_body_bytes)
+        self._body_timeout_s = body_timeout_s
         self.open_streams = 0
+        metrics.request_body_bytes_held.set_function(lambda: self.body_budget.held)
 
     def handler(self) -> grpc.GenericRpcHandler:
         method = grpc.stream_stream_rpc_method_handler(self.Process)  # bytes in, bytes out
         return grpc.method_handlers_generic_handler(EXT_PROC_SERVICE, {"Process": method})
 
     async def Process(self, request_iterator: object, context: grpc.aio.ServicerContext) -> None:
-        stream = RequestStream(self._director, self._max_body_bytes)
+        stream = RequestStream(
+            self._director, self._max_body_bytes, self.body_budget, self._body_timeout_s
+        )
         self.open_streams += 1
         ended = False
         parse = pb.ProcessingRequest.FromString
         try:
             while True:
-                raw = await context.read()
+                deadline = stream.body_deadline
+                if deadline:
+                    # A client that trickles its body (or stops) is answered at the
+                    # deadline, and its body let go, instead of holding memory forever.
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            raw = await context.read()
+                    except TimeoutError:
+                        await context.write(stream.body_timed_out().SerializeToString())
+                        return
+                else:
+                    raw = await context.read()
                 if raw is grpc.aio.EOF:
                     ended = True
                     return
@@ -132,8 +161,15 @@ class PickerServer:
         health_port: int = 9003,
         tls: TlsFiles | None = None,
         max_body_bytes: int = 16 * 1024 * 1024,
+        max_body_bytes_in_flight: int = DEFAULT_MAX_HELD_BODY_BYTES,
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
     ) -> None:
-        self.processor = ExternalProcessor(director, max_body_bytes)
+        self.processor = ExternalProcessor(
+            director,
+            max_body_bytes,
+            max_held_body_bytes=max_body_bytes_in_flight,
+            body_timeout_s=body_timeout_s,
+        )
         self.health = health.aio.HealthServicer()
         self._host = host
         self._grpc_port = grpc_port

@@ -16,7 +16,9 @@ on the answer to the body.
 
 from __future__ import annotations
 
+import asyncio
 import enum
+import sys
 import time
 import uuid
 from collections.abc import Mapping
@@ -28,6 +30,7 @@ from epp import errors
 from epp.bodies.rewrite import ModelNameRestorer
 from epp.bodies.usage import SSEUsageReader, usage_from_json
 from epp.extproc import messages, wire
+from epp.extproc.body_budget import BodyBudget
 from epp.requestcontrol.director import Director
 from epp.requestcontrol.request import InboundRequest, ResponseProgress, RoutedRequest
 
@@ -59,9 +62,13 @@ class Phase(enum.Enum):
 
 class RequestStream:
     __slots__ = (
+        "_body_budget",
         "_body_chunks",
+        "_body_deadline",
+        "_body_held",
         "_body_size",
         "_body_skipped",
+        "_body_timeout_s",
         "_director",
         "_headers",
         "_max_body_bytes",
@@ -81,9 +88,19 @@ class RequestStream:
         "phase",
     )
 
-    def __init__(self, director: Director, max_body_bytes: int) -> None:
+    def __init__(
+        self,
+        director: Director,
+        max_body_bytes: int,
+        body_budget: BodyBudget | None = None,
+        body_timeout_s: float = 0.0,
+    ) -> None:
         self._director = director
         self._max_body_bytes = max_body_bytes
+        self._body_budget = body_budget or BodyBudget(sys.maxsize)
+        self._body_timeout_s = body_timeout_s  # 0: no deadline
+        self._body_deadline = 0.0
+        self._body_held = 0  # bytes taken from the budget
         self._request_mode = FULL_DUPLEX
         self._response_mode = FULL_DUPLEX
         self._headers: dict[str, str] = {}
@@ -126,6 +143,7 @@ class RequestStream:
                 routed = self._routed
                 self._director.count_error(error, routed.labels if routed is not None else None)
             self.phase = Phase.FAILED
+            self._drop_body()
             self._release()
             return [messages.immediate_response(error)]
         if self.phase is Phase.DONE:
@@ -139,7 +157,31 @@ class RequestStream:
         response completed without the picker seeing its body."""
         if ended and self._body_skipped and self.phase is Phase.RESPONSE_BODY:
             self.phase = Phase.DONE
+        self._drop_body()
         self._release()
+
+    @property
+    def body_deadline(self) -> float:
+        """When the request body must be complete (event-loop time); 0.0: not waiting."""
+        return self._body_deadline if self.phase is Phase.REQUEST_BODY else 0.0
+
+    def body_timed_out(self) -> pb.ProcessingResponse:
+        """The answer when the body missed its deadline: 408, and the body let go."""
+        error = errors.InferenceError(
+            408,
+            "RequestTimeout",
+            f"request body not complete within {self._body_timeout_s:g}s of its headers",
+        )
+        self._director.count_error(error)
+        self.phase = Phase.FAILED
+        self._drop_body()
+        return messages.immediate_response(error)
+
+    def _drop_body(self) -> None:
+        self._body_chunks = []
+        if self._body_held:
+            self._body_budget.give_back(self._body_held)
+            self._body_held = 0
 
     def pass_through(self, raw: bytes) -> bytes | None:
         """The answer to a response chunk that only needs timing and, when sampled, a look
@@ -239,19 +281,30 @@ class RequestStream:
                 )
             ]
         self.phase = Phase.REQUEST_BODY
+        if self._body_timeout_s:
+            self._body_deadline = asyncio.get_running_loop().time() + self._body_timeout_s
         if self._request_mode == FULL_DUPLEX:
             return []
         return [messages.request_headers_response()]
 
     async def _on_request_body(self, body: pb.HttpBody) -> list[pb.ProcessingResponse]:
         self._expect(Phase.REQUEST_BODY, "a request body chunk")
-        if body.body:
-            self._body_size += len(body.body)
+        chunk = body.body
+        if chunk:
+            size = len(chunk)
+            self._body_size += size
             if self._body_size > self._max_body_bytes:
                 raise errors.too_large(
                     f"request body exceeds the limit of {self._max_body_bytes} bytes"
                 )
-            self._body_chunks.append(body.body)
+            budget = self._body_budget
+            if not budget.take(size):
+                raise errors.unavailable(
+                    f"the picker holds {budget.held} bytes of request bodies in flight "
+                    f"(limit {budget.max_bytes}); retry later"
+                )
+            self._body_held += size
+            self._body_chunks.append(chunk)
         if not body.end_of_stream:
             if self._request_mode == FULL_DUPLEX:
                 return []
@@ -270,16 +323,20 @@ class RequestStream:
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self._body_chunks = []
         try:
+            # Counted against the budget while it waits (flow control) and is scheduled.
             routed = await self._director.route(self._inbound(body))
         except errors.InferenceError:
             self.phase = Phase.FAILED
             raise
+        finally:
+            self._drop_body()
         self._routed = routed
         self._restorer = routed.restorer
         self._wants_chunks = routed.wants_chunks
         self._observe = routed.observe
         self.phase = Phase.UPSTREAM
         body_out = routed.body
+        routed.body = b""  # sent on below; the request's lifetime must not keep it
         mutation = messages.routing_mutation(
             routed.primary_target, self._request_id, len(body_out), self._echo()
         )

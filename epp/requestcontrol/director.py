@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 MODEL_REWRITE_HEADER = "x-gateway-model-name-rewrite"
 HEADER_ONLY_PROFILE = "header-only"
 _NO_LABELS: ObjectiveLabels = ("", "", "0")
+_METHODS_WITH_A_BODY = frozenset({"POST", "PUT", "PATCH"})
 
 
 class SnapshotSource(Protocol):
@@ -140,6 +141,14 @@ class Director:
     def route_header_only(self, inbound: InboundRequest) -> RoutedRequest:
         """A request without a body (e.g. GET): any ready endpoint will do."""
         pipeline = self.pipeline
+        method = inbound.headers.get(":method", "")
+        if method in _METHODS_WITH_A_BODY:
+            # A model server would answer 400 too, but less clearly and after a round trip.
+            error = errors.bad_request(
+                f"empty request body: {method} {inbound.path or '/'} needs a JSON body"
+            )
+            self.count_error(error)
+            raise error
         try:
             candidates = self.candidates(
                 inbound.subset, self._datastore.current, no_endpoints_status=500
