@@ -248,7 +248,7 @@ class Collector:
         if error is None:
             _SCRAPE_OK.inc()
             now = time.monotonic()
-            store.put(key, dataclasses.replace(metrics, updated_at=now))
+            store.put(key, dataclasses.replace(metrics, updated_at=now, unreachable=False))
             if status.consecutive_failures:
                 logger.info(
                     "metrics of %s (%s) are back after %d failed scrapes",
@@ -259,6 +259,10 @@ class Collector:
             status.consecutive_failures = 0
             status.last_success_at = now
             return
+        if getattr(error, "unreachable", False) and not metrics.unreachable:
+            # Refused or reset: it is not there, so stop routing to it now rather than
+            # when its metrics go stale.
+            metrics = dataclasses.replace(metrics, unreachable=True)
         if metrics is not current:
             store.put(key, metrics)  # other sources' values; updated_at stays old
         assert failed_source is not None
@@ -286,13 +290,18 @@ class Collector:
             unexpected = not isinstance(
                 error, TimeoutError | interfaces.FetchError | interfaces.ExtractError
             )
+            consequence = (
+                "not routing to it until it answers"
+                if getattr(error, "unreachable", False)
+                else "keeping its last metrics, which go stale until it answers"
+            )
             logger.warning(
-                "cannot scrape %s (%s) with data source '%s': %s; keeping its last "
-                "metrics, which go stale until it answers",
+                "cannot scrape %s (%s) with data source '%s': %s; %s",
                 endpoint.key,
                 endpoint.target,
                 source.name,
                 reason,
+                consequence,
                 exc_info=error if unexpected else None,
             )
         else:

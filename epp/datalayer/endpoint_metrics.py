@@ -41,9 +41,11 @@ class EndpointMetrics:
     cache_num_blocks: int = 0
     custom: Mapping[str, float] = field(default_factory=_no_custom)
     updated_at: float = 0.0
+    # The last scrape was refused or reset: treated as stale until a scrape succeeds.
+    unreachable: bool = False
 
     def is_stale(self, now: float, threshold_s: float) -> bool:
-        return self.updated_at <= 0.0 or now - self.updated_at > threshold_s
+        return self.unreachable or self.updated_at <= 0.0 or now - self.updated_at > threshold_s
 
 
 NEVER_SCRAPED = EndpointMetrics()

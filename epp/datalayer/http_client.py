@@ -21,17 +21,26 @@ concurrent request to a target simply opens a second, unpooled connection.
 from __future__ import annotations
 
 import asyncio
+import errno
 import ssl
 from dataclasses import dataclass
 from typing import Final
 
+_UNREACHABLE_ERRNOS: Final = frozenset({errno.EHOSTUNREACH, errno.ENETUNREACH})
 _MAX_HEAD_BYTES: Final = 64 * 1024
 _INITIAL_BUFFER_BYTES: Final = 16 * 1024
 _MIN_READ_BYTES: Final = 8 * 1024
 
 
 class HttpError(Exception):
-    """No usable answer: refused, reset, malformed, oversized, or closed early."""
+    """No usable answer: refused, reset, malformed, oversized, or closed early.
+
+    `unreachable` when the server is proven not there: the connection was refused or
+    reset (not when it answered badly or slowly)."""
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +91,12 @@ class _Exchange(asyncio.BufferedProtocol):
                 waiter.set_result(HttpResponse(self._status, body))
             else:
                 reason = f": {exc}" if exc else ""
-                waiter.set_exception(HttpError(f"connection closed before a full answer{reason}"))
+                waiter.set_exception(
+                    HttpError(
+                        f"connection closed before a full answer{reason}",
+                        unreachable=isinstance(exc, ConnectionResetError),
+                    )
+                )
 
     def get_buffer(self, sizehint: int) -> memoryview:
         free = len(self._buf) - self._filled
@@ -264,7 +278,11 @@ class KeepAliveClient:
                 server_hostname=host if self._ssl is not None else None,
             )
         except OSError as exc:
-            raise HttpError(f"cannot connect: {exc.strerror or exc}") from exc
+            raise HttpError(
+                f"cannot connect: {exc.strerror or exc}",
+                unreachable=isinstance(exc, ConnectionRefusedError | ConnectionResetError)
+                or exc.errno in _UNREACHABLE_ERRNOS,
+            ) from exc
         return protocol
 
     async def get(self, host: str, port: int, path: str) -> HttpResponse:

@@ -28,7 +28,14 @@ from epp.datastore.snapshot import Endpoint
 
 
 class FetchError(Exception):
-    """A data source produced no payload this tick (connection refused, HTTP 503, ...)."""
+    """A data source produced no payload this tick (connection refused, HTTP 503, ...).
+
+    `unreachable` says the endpoint is proven not there (connection refused or reset): the
+    picker stops routing to it at once instead of waiting for its metrics to go stale."""
+
+    def __init__(self, message: str, *, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 class ExtractError(Exception):

@@ -100,7 +100,9 @@ class MetricsDataSource:
         try:
             response = await client.get(endpoint.address, endpoint.port, self.path)
         except http_client.HttpError as exc:
-            raise interfaces.FetchError(f"GET {self.url_for(endpoint)}: {exc}") from exc
+            raise interfaces.FetchError(
+                f"GET {self.url_for(endpoint)}: {exc}", unreachable=exc.unreachable
+            ) from exc
         except (OSError, ssl.SSLError) as exc:
             raise interfaces.FetchError(f"GET {self.url_for(endpoint)}: {exc}") from exc
         if response.status != 200:
