@@ -74,6 +74,13 @@ def build_argument_parser(prog: str = "sluice picker") -> argparse.ArgumentParse
         help="request-body bytes the picker holds across all requests; a chunk beyond it "
         "gets 503 (default 256 MiB)",
     )
+    p.add_argument(
+        "--response-header-timeout",
+        type=arguments.duration,
+        default=30.0,
+        help="a request that ends with no response headers (or Envoy's 504) after this long "
+        "holds its endpoint out of routing for 10s (0: off; default 30s)",
+    )
     p.add_argument("-v", "--verbose", action="count", default=0)
     return p
 
@@ -98,6 +105,7 @@ def options_from_args(args: argparse.Namespace) -> PickerOptions:
         response_sample_rate=args.response_sample_rate,
         request_body_timeout_s=args.request_body_timeout,
         max_body_bytes_in_flight=args.max_body_bytes_in_flight,
+        response_header_timeout_s=args.response_header_timeout,
     )
 
 

@@ -34,6 +34,7 @@ from epp.requestcontrol import admission
 from epp.requestcontrol.director import Director, RequestPipeline
 from epp.requestcontrol.inflight import InFlightTracker
 from epp.requestcontrol.interfaces import AdmissionController
+from epp.requestcontrol.unanswered import UnansweredRequests
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,9 @@ class PickerOptions:
     response_sample_rate: float = 0.01
     request_body_timeout_s: float = 30.0  # headers to end of body; 0: none
     max_body_bytes_in_flight: int = 256 * 1024 * 1024  # all requests' bodies together
+    # A request ending unanswered (no response headers, or Envoy's 504) after this long
+    # holds its endpoint out of routing for a while; 0: off.
+    response_header_timeout_s: float = 30.0
     manifest_poll_interval_s: float = 0.5
     config_poll_interval_s: float = 0.5
     pool_gauge_interval_s: float = 1.0
@@ -116,6 +120,10 @@ class Picker:
             staleness_threshold_s=options.metrics_staleness_threshold_s,
             response_sample_rate=options.response_sample_rate,
         )
+        if options.response_header_timeout_s > 0:
+            self.director.unanswered = UnansweredRequests(
+                self.metrics_store, options.response_header_timeout_s
+            )
         tls = load_or_create_tls(options.cert_path) if options.secure_serving else None
         self.server = PickerServer(
             self.director,

@@ -10,6 +10,7 @@ looked emptiest at the last scrape.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -43,9 +44,16 @@ class EndpointMetrics:
     updated_at: float = 0.0
     # The last scrape was refused or reset: treated as stale until a scrape succeeds.
     unreachable: bool = False
+    # Held out of routing until then (it left requests unanswered): treated as stale.
+    held_out_until: float = 0.0
 
     def is_stale(self, now: float, threshold_s: float) -> bool:
-        return self.unreachable or self.updated_at <= 0.0 or now - self.updated_at > threshold_s
+        return (
+            self.unreachable
+            or self.updated_at <= 0.0
+            or now - self.updated_at > threshold_s
+            or now < self.held_out_until
+        )
 
 
 NEVER_SCRAPED = EndpointMetrics()
@@ -102,6 +110,9 @@ class MetricsStore:
 
     def put(self, key: EndpointKey, metrics: EndpointMetrics) -> None:
         previous = self._metrics.get(key, NEVER_SCRAPED)
+        if previous.held_out_until > metrics.held_out_until:
+            # A hold-out set while this scrape was in flight outlives the scrape.
+            metrics = dataclasses.replace(metrics, held_out_until=previous.held_out_until)
         self._metrics[key] = metrics
         if (
             metrics.served_models != previous.served_models
@@ -109,6 +120,14 @@ class MetricsStore:
             or metrics.waiting_adapters != previous.waiting_adapters
         ):
             self.on_models_changed()
+
+    def hold_out(self, key: EndpointKey, until: float) -> None:
+        """Keep `key` out of routing (as stale) until `until` (time.monotonic())."""
+        current = self._metrics.get(key, NEVER_SCRAPED)
+        self._metrics[key] = dataclasses.replace(current, held_out_until=until)
+
+    def held_out(self, key: EndpointKey, now: float) -> bool:
+        return now < self._metrics.get(key, NEVER_SCRAPED).held_out_until
 
     def retain(self, keys: Iterable[EndpointKey]) -> None:
         """Forget endpoints that left the pool."""

@@ -34,6 +34,7 @@ from epp.requestcontrol.admission import NOTHING_HELD
 from epp.requestcontrol.interfaces import AdmissionController, AdmissionRequest, Hold
 from epp.requestcontrol.lifecycle import Lifecycle
 from epp.requestcontrol.request import InboundRequest, ObjectiveLabels, RoutedRequest
+from epp.requestcontrol.unanswered import UnansweredRequests
 from epp.scheduling.framework import Scheduler
 from epp.scheduling.interfaces import (
     Candidate,
@@ -90,6 +91,7 @@ class Director:
         self._staleness_s = staleness_threshold_s
         self._sample_rate = response_sample_rate
         self._rng = rng or random.Random()
+        self.unanswered: UnansweredRequests | None = None  # the picker sets it
 
     # ---- request stages -------------------------------------------------------------
 
@@ -135,6 +137,7 @@ class Director:
             hold=hold,
             received_at=inbound.received_at,
             observe=self._sampled(),
+            unanswered=self.unanswered,
         )
         return self.pre_request(pipeline, routed, result)
 

@@ -31,6 +31,7 @@ from epp.bodies.rewrite import ModelNameRestorer
 from epp.bodies.usage import Usage
 from epp.requestcontrol.interfaces import Hold, ResponseStart, ResponseSummary
 from epp.requestcontrol.lifecycle import Lifecycle
+from epp.requestcontrol.unanswered import UnansweredRequests
 from epp.scheduling.interfaces import Candidate, SchedulingRequest
 
 ObjectiveLabels = tuple[str, str, str]  # model, target model, priority
@@ -62,6 +63,7 @@ class RoutedRequest:
         "_lifecycle",
         "_running",
         "_series",
+        "_unanswered",
         "body",
         "labels",
         "observe",
@@ -85,7 +87,9 @@ class RoutedRequest:
         hold: Hold,
         received_at: float,
         observe: bool = True,
+        unanswered: UnansweredRequests | None = None,
     ) -> None:
+        self._unanswered = unanswered
         self.scheduling_request = scheduling_request
         self.targets = targets
         self.body = body
@@ -134,6 +138,8 @@ class RoutedRequest:
         try:
             summary = self._summary(progress, completed)
             self._record(summary)
+            if self._unanswered is not None:
+                self._unanswered.request_ended(self.targets[0].endpoint.key, summary)
             self._lifecycle.response_complete(self.scheduling_request, self.targets[0], summary)
         finally:
             self._running.dec()
