@@ -47,9 +47,11 @@ from sluice.gateway.settings import (
     SUBSET_HINT_KEY,
     SUBSET_HINT_NAMESPACE,
     BodyMode,
+    DestinationCluster,
     FailureMode,
     GatewayMode,
     GatewayOptions,
+    LbPolicy,
     parse_endpoint,
 )
 
@@ -98,6 +100,8 @@ def _listener(options: GatewayOptions) -> dict[str, Any]:
         "stat_prefix": "gateway",
         "codec_type": "AUTO",
         "stream_idle_timeout": _duration(options.stream_idle_timeout_s),
+        "request_timeout": _duration(options.request_timeout_s),
+        "request_headers_timeout": _duration(options.request_headers_timeout_s),
         "route_config": {
             "name": "gateway",
             "virtual_hosts": [{"name": "pool", "domains": ["*"], "routes": _routes(options)}],
@@ -220,7 +224,7 @@ def _file_access_log(path: str) -> dict[str, Any]:
 
 
 def _routes(options: GatewayOptions) -> list[dict[str, Any]]:
-    if options.mode is GatewayMode.DIRECT:
+    if options.mode is GatewayMode.DIRECT or _overrides_host(options):
         return [_route(POOL_CLUSTER, options)]
     with_header = _route(ORIGINAL_DST_CLUSTER, options)
     with_header["match"]["headers"] = [{"name": options.destination_header, "present_match": True}]
@@ -242,10 +246,34 @@ def _routes(options: GatewayOptions) -> list[dict[str, Any]]:
 
 
 def _route(cluster: str, options: GatewayOptions) -> dict[str, Any]:
-    return {
-        "match": {"prefix": "/"},
-        "route": {"cluster": cluster, "timeout": _duration(options.route_timeout_s)},
+    action: dict[str, Any] = {"cluster": cluster, "timeout": _duration(options.route_timeout_s)}
+    if options.connect_retries:
+        action["retry_policy"] = _retry_policy(options)
+    return {"match": {"prefix": "/"}, "route": action}
+
+
+def _retry_policy(options: GatewayOptions) -> dict[str, Any]:
+    # Only failures where no model server saw the request: retrying anything later could
+    # run a generation twice. The router keeps the request body for the retry.
+    policy: dict[str, Any] = {
+        "retry_on": "connect-failure,refused-stream,reset-before-request",
+        "num_retries": options.connect_retries,
     }
+    if _overrides_host(options) or options.mode is GatewayMode.DIRECT:
+        # Where a balancing policy picks (direct, or override_host once the picker's list is
+        # used up), the retry avoids the hosts that already failed. override_host itself
+        # moves to the next listed endpoint on each attempt.
+        policy["retry_host_predicate"] = [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": _TYPE
+                    + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                },
+            }
+        ]
+        policy["host_selection_retry_max_attempts"] = 5
+    return policy
 
 
 # -- clusters --------------------------------------------------------------------------
@@ -255,7 +283,7 @@ def _clusters(options: GatewayOptions) -> list[dict[str, Any]]:
     clusters = []
     if options.mode is GatewayMode.PICKER:
         clusters.append(_picker_cluster(options))
-    if options.mode is not GatewayMode.DIRECT:
+    if options.mode is not GatewayMode.DIRECT and not _overrides_host(options):
         clusters.append(_original_dst_cluster(options))
     if options.backends:
         clusters.append(_pool_cluster(options))
@@ -324,10 +352,13 @@ def _original_dst_cluster(options: GatewayOptions) -> dict[str, Any]:
 
 
 def _pool_cluster(options: GatewayOptions) -> dict[str, Any]:
+    cluster: dict[str, Any] = {"name": POOL_CLUSTER, "type": "STATIC"}
+    if _overrides_host(options):
+        cluster["load_balancing_policy"] = _override_host_policy(options)
+    else:
+        cluster["lb_policy"] = options.lb_policy.value
     return {
-        "name": POOL_CLUSTER,
-        "type": "STATIC",
-        "lb_policy": options.lb_policy.value,
+        **cluster,
         "connect_timeout": _duration(options.connect_timeout_s),
         "per_connection_buffer_limit_bytes": options.buffer_limit_bytes,
         "circuit_breakers": _circuit_breakers(options),
@@ -336,6 +367,44 @@ def _pool_cluster(options: GatewayOptions) -> dict[str, Any]:
         ),
         **_upstream_protocol(options),
     }
+
+
+def _overrides_host(options: GatewayOptions) -> bool:
+    return (
+        options.mode is not GatewayMode.DIRECT
+        and options.destination_cluster is DestinationCluster.OVERRIDE_HOST
+    )
+
+
+def _override_host_policy(options: GatewayOptions) -> dict[str, Any]:
+    """Each attempt goes to the next endpoint of the chosen list that is in the cluster; a
+    request without one (FailOpen, picker down) is balanced by `lb_policy`."""
+    if options.mode is GatewayMode.PICKER:  # "primary,fallback,...", as the picker writes it
+        source: dict[str, Any] = {
+            "metadata": {"key": LB_METADATA_NAMESPACE, "path": [{"key": DESTINATION_HEADER}]}
+        }
+    else:  # the client's header, one endpoint
+        source = {"header": options.destination_header}
+    fallback = _FALLBACK_POLICIES[options.lb_policy]
+    return _policy(
+        "override_host",
+        "override_host.v3.OverrideHost",
+        override_host_sources=[source],
+        fallback_policy=_policy(*fallback),
+    )
+
+
+_FALLBACK_POLICIES = {
+    LbPolicy.ROUND_ROBIN: ("round_robin", "round_robin.v3.RoundRobin"),
+    LbPolicy.LEAST_REQUEST: ("least_request", "least_request.v3.LeastRequest"),
+}
+
+
+def _policy(name: str, message: str, **config: Any) -> dict[str, Any]:
+    """A `LoadBalancingPolicy` of one `envoy.load_balancing_policies.<name>` extension."""
+    typed_config = {"@type": f"{_TYPE}envoy.extensions.load_balancing_policies.{message}", **config}
+    extension = {"name": f"envoy.load_balancing_policies.{name}", "typed_config": typed_config}
+    return {"policies": [{"typed_extension_config": extension}]}
 
 
 def _upstream_protocol(options: GatewayOptions) -> dict[str, Any]:
