@@ -18,7 +18,15 @@ go to the ``ORIGINAL_DST`` cluster; requests without it go to the pool's backend
 names the missing header. The route is chosen again after the picker's header answer
 (``route_cache_action: CLEAR``, so even a picker that forgets ``clear_route_cache`` is
 routed). In ``picker`` mode a header-mutation filter ahead of ext_proc removes any
-destination header the client sent: clients cannot pick their own backend.
+destination header the client sent: clients cannot pick their own backend. With
+``DestinationCluster.OVERRIDE_HOST`` there is one route, to the pool's backends balanced by
+the override_host policy (`envoy_routing`: retries on the picker's fallbacks).
+
+Bounds. Every request ends: the HTTP connection manager's ``stream_idle_timeout`` (a hung
+model server), ``request_timeout`` and ``request_headers_timeout`` (a trickling client,
+408), the route's whole-response ``timeout`` and ext_proc's ``message_timeout`` (a hung
+picker, below ``request_timeout`` so the failure mode applies). `settings.GatewayOptions`
+holds the values and why.
 
 FailOpen / FailClose. FailClose (``failure_mode_allow: false``) answers 500 whenever the
 picker cannot be reached or its stream fails. FailOpen lets the request continue without a
@@ -41,25 +49,25 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sluice.gateway import envoy_routing
 from sluice.gateway.settings import (
     DESTINATION_HEADER,
     LB_METADATA_NAMESPACE,
     SUBSET_HINT_KEY,
     SUBSET_HINT_NAMESPACE,
     BodyMode,
-    DestinationCluster,
     FailureMode,
     GatewayMode,
     GatewayOptions,
-    LbPolicy,
     parse_endpoint,
 )
 
 PICKER_CLUSTER = "endpoint_picker"
-ORIGINAL_DST_CLUSTER = "pool_original_dst"
-POOL_CLUSTER = "pool"
+ORIGINAL_DST_CLUSTER = envoy_routing.ORIGINAL_DST_CLUSTER
+POOL_CLUSTER = envoy_routing.POOL_CLUSTER
 
-_TYPE = "type.googleapis.com/"
+_TYPE = envoy_routing.TYPE_URL
+_duration = envoy_routing.duration
 
 
 def render_bootstrap(options: GatewayOptions) -> dict[str, Any]:
@@ -104,7 +112,9 @@ def _listener(options: GatewayOptions) -> dict[str, Any]:
         "request_headers_timeout": _duration(options.request_headers_timeout_s),
         "route_config": {
             "name": "gateway",
-            "virtual_hosts": [{"name": "pool", "domains": ["*"], "routes": _routes(options)}],
+            "virtual_hosts": [
+                {"name": "pool", "domains": ["*"], "routes": envoy_routing.routes(options)}
+            ],
         },
         "http_filters": [*_http_filters(options), _router_filter()],
     }
@@ -220,72 +230,6 @@ def _file_access_log(path: str) -> dict[str, Any]:
     }
 
 
-# -- routes ----------------------------------------------------------------------------
-
-
-def _routes(options: GatewayOptions) -> list[dict[str, Any]]:
-    if options.mode is GatewayMode.DIRECT or _overrides_host(options):
-        return [_route(POOL_CLUSTER, options)]
-    with_header = _route(ORIGINAL_DST_CLUSTER, options)
-    with_header["match"]["headers"] = [{"name": options.destination_header, "present_match": True}]
-    if options.backends:
-        without_header = _route(POOL_CLUSTER, options)
-    else:
-        without_header = {
-            "match": {"prefix": "/"},
-            "direct_response": {
-                "status": 503,
-                "body": {
-                    "inline_string": f"no destination endpoint: the request carries no "
-                    f"{options.destination_header} header and this gateway has no "
-                    "fallback backends\n"
-                },
-            },
-        }
-    return [with_header, without_header]
-
-
-def _route(cluster: str, options: GatewayOptions) -> dict[str, Any]:
-    action: dict[str, Any] = {"cluster": cluster, "timeout": _duration(options.route_timeout_s)}
-    if options.connect_retries and not _streams_request_to_picker(options):
-        action["retry_policy"] = _retry_policy(options)
-    return {"match": {"prefix": "/"}, "route": action}
-
-
-def _streams_request_to_picker(options: GatewayOptions) -> bool:
-    # Measured with Envoy 1.40: a retry policy on the route while ext_proc streams the
-    # request full duplex makes Envoy send the body upstream twice when the request has
-    # trailers. No retries there rather than a corrupted body.
-    return (
-        options.mode is GatewayMode.PICKER
-        and options.request_body_mode is BodyMode.FULL_DUPLEX_STREAMED
-    )
-
-
-def _retry_policy(options: GatewayOptions) -> dict[str, Any]:
-    # Only failures where no model server saw the request: retrying anything later could
-    # run a generation twice. The router keeps the request body for the retry.
-    policy: dict[str, Any] = {
-        "retry_on": "connect-failure,refused-stream,reset-before-request",
-        "num_retries": options.connect_retries,
-    }
-    if _overrides_host(options) or options.mode is GatewayMode.DIRECT:
-        # Where a balancing policy picks (direct, or override_host once the picker's list is
-        # used up), the retry avoids the hosts that already failed. override_host itself
-        # moves to the next listed endpoint on each attempt.
-        policy["retry_host_predicate"] = [
-            {
-                "name": "envoy.retry_host_predicates.previous_hosts",
-                "typed_config": {
-                    "@type": _TYPE
-                    + "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-                },
-            }
-        ]
-        policy["host_selection_retry_max_attempts"] = 5
-    return policy
-
-
 # -- clusters --------------------------------------------------------------------------
 
 
@@ -293,7 +237,7 @@ def _clusters(options: GatewayOptions) -> list[dict[str, Any]]:
     clusters = []
     if options.mode is GatewayMode.PICKER:
         clusters.append(_picker_cluster(options))
-    if options.mode is not GatewayMode.DIRECT and not _overrides_host(options):
+    if options.mode is not GatewayMode.DIRECT and not envoy_routing.overrides_host(options):
         clusters.append(_original_dst_cluster(options))
     if options.backends:
         clusters.append(_pool_cluster(options))
@@ -363,8 +307,8 @@ def _original_dst_cluster(options: GatewayOptions) -> dict[str, Any]:
 
 def _pool_cluster(options: GatewayOptions) -> dict[str, Any]:
     cluster: dict[str, Any] = {"name": POOL_CLUSTER, "type": "STATIC"}
-    if _overrides_host(options):
-        cluster["load_balancing_policy"] = _override_host_policy(options)
+    if envoy_routing.overrides_host(options):
+        cluster["load_balancing_policy"] = envoy_routing.override_host_policy(options)
     else:
         cluster["lb_policy"] = options.lb_policy.value
     return {
@@ -377,44 +321,6 @@ def _pool_cluster(options: GatewayOptions) -> dict[str, Any]:
         ),
         **_upstream_protocol(options),
     }
-
-
-def _overrides_host(options: GatewayOptions) -> bool:
-    return (
-        options.mode is not GatewayMode.DIRECT
-        and options.destination_cluster is DestinationCluster.OVERRIDE_HOST
-    )
-
-
-def _override_host_policy(options: GatewayOptions) -> dict[str, Any]:
-    """Each attempt goes to the next endpoint of the chosen list that is in the cluster; a
-    request without one (FailOpen, picker down) is balanced by `lb_policy`."""
-    if options.mode is GatewayMode.PICKER:  # "primary,fallback,...", as the picker writes it
-        source: dict[str, Any] = {
-            "metadata": {"key": LB_METADATA_NAMESPACE, "path": [{"key": DESTINATION_HEADER}]}
-        }
-    else:  # the client's header, one endpoint
-        source = {"header": options.destination_header}
-    fallback = _FALLBACK_POLICIES[options.lb_policy]
-    return _policy(
-        "override_host",
-        "override_host.v3.OverrideHost",
-        override_host_sources=[source],
-        fallback_policy=_policy(*fallback),
-    )
-
-
-_FALLBACK_POLICIES = {
-    LbPolicy.ROUND_ROBIN: ("round_robin", "round_robin.v3.RoundRobin"),
-    LbPolicy.LEAST_REQUEST: ("least_request", "least_request.v3.LeastRequest"),
-}
-
-
-def _policy(name: str, message: str, **config: Any) -> dict[str, Any]:
-    """A `LoadBalancingPolicy` of one `envoy.load_balancing_policies.<name>` extension."""
-    typed_config = {"@type": f"{_TYPE}envoy.extensions.load_balancing_policies.{message}", **config}
-    extension = {"name": f"envoy.load_balancing_policies.{name}", "typed_config": typed_config}
-    return {"policies": [{"typed_extension_config": extension}]}
 
 
 def _upstream_protocol(options: GatewayOptions) -> dict[str, Any]:
@@ -471,7 +377,3 @@ def _discovery_type(host: str) -> str:
 
 def _socket_address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.3f}s"

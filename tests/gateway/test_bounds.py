@@ -17,8 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from sluice.gateway import envoy_process
-from sluice.gateway.settings import BodyMode, DestinationCluster, GatewayOptions
+from sluice.gateway.settings import BodyMode, DestinationCluster
 from tests.gateway import ext_proc_stub as stub
 from tests.gateway.conftest import Backend
 from tests.gateway.harness import gateway, post, refused_port
@@ -202,6 +201,24 @@ async def test_a_dead_primary_is_retried_on_the_pickers_fallback(
     assert live.bodies == [body] * 3  # the retry carried the whole body
     assert backends[0].bodies == []  # the listed fallback, not the balancer, served it
     assert retries["cluster.pool.upstream_rq_retry"] == 3
+
+
+async def test_past_the_pickers_list_a_retry_goes_to_another_backend(
+    backends: tuple[Backend, Backend],
+) -> None:
+    """A primary without fallbacks: once the list is used up, the balancer picks, and the
+    previous-hosts predicate keeps it off the endpoint that just failed."""
+    with refused_port() as port:
+        dead = f"127.0.0.1:{port}"
+        options = {
+            **SHIPPED,
+            "destination_cluster": DestinationCluster.OVERRIDE_HOST,
+            "backends": (dead, backends[0].address),
+        }
+        async with gateway(picker_answering(dead), **options) as (envoy, _):
+            answers = [await post(envoy.url + "/v1/completions", b"{}") for _ in range(4)]
+    assert [status for status, _ in answers] == [200] * 4
+    assert len(backends[0].bodies) == 4
 
 
 async def test_an_original_dst_gateway_retries_the_same_endpoint_and_gives_up() -> None:
