@@ -135,6 +135,10 @@ async def run(options: DemoOptions) -> None:
                 mode=gateway_settings.GatewayMode.PICKER,
                 listen_port=options.gateway_port,
                 picker_port=picker.grpc_port,
+                # The demo knows every endpoint: a refused connection is retried on the
+                # picker's fallbacks, then on the other servers.
+                destination_cluster=gateway_settings.DestinationCluster.OVERRIDE_HOST,
+                backends=tuple(addresses),
             )
             async with EnvoyProcess(gateway) as envoy:
                 url = envoy.url

@@ -18,7 +18,15 @@ go to the ``ORIGINAL_DST`` cluster; requests without it go to the pool's backend
 names the missing header. The route is chosen again after the picker's header answer
 (``route_cache_action: CLEAR``, so even a picker that forgets ``clear_route_cache`` is
 routed). In ``picker`` mode a header-mutation filter ahead of ext_proc removes any
-destination header the client sent: clients cannot pick their own backend.
+destination header the client sent: clients cannot pick their own backend. With
+``DestinationCluster.OVERRIDE_HOST`` there is one route, to the pool's backends balanced by
+the override_host policy (`envoy_routing`: retries on the picker's fallbacks).
+
+Bounds. Every request ends: the HTTP connection manager's ``stream_idle_timeout`` (a hung
+model server), ``request_timeout`` and ``request_headers_timeout`` (a trickling client,
+408), the route's whole-response ``timeout`` and ext_proc's ``message_timeout`` (a hung
+picker, below ``request_timeout`` so the failure mode applies). `settings.GatewayOptions`
+holds the values and why.
 
 FailOpen / FailClose. FailClose (``failure_mode_allow: false``) answers 500 whenever the
 picker cannot be reached or its stream fails. FailOpen lets the request continue without a
@@ -41,6 +49,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from sluice.gateway import envoy_routing
 from sluice.gateway.settings import (
     DESTINATION_HEADER,
     LB_METADATA_NAMESPACE,
@@ -54,10 +63,11 @@ from sluice.gateway.settings import (
 )
 
 PICKER_CLUSTER = "endpoint_picker"
-ORIGINAL_DST_CLUSTER = "pool_original_dst"
-POOL_CLUSTER = "pool"
+ORIGINAL_DST_CLUSTER = envoy_routing.ORIGINAL_DST_CLUSTER
+POOL_CLUSTER = envoy_routing.POOL_CLUSTER
 
-_TYPE = "type.googleapis.com/"
+_TYPE = envoy_routing.TYPE_URL
+_duration = envoy_routing.duration
 
 
 def render_bootstrap(options: GatewayOptions) -> dict[str, Any]:
@@ -98,9 +108,13 @@ def _listener(options: GatewayOptions) -> dict[str, Any]:
         "stat_prefix": "gateway",
         "codec_type": "AUTO",
         "stream_idle_timeout": _duration(options.stream_idle_timeout_s),
+        "request_timeout": _duration(options.request_timeout_s),
+        "request_headers_timeout": _duration(options.request_headers_timeout_s),
         "route_config": {
             "name": "gateway",
-            "virtual_hosts": [{"name": "pool", "domains": ["*"], "routes": _routes(options)}],
+            "virtual_hosts": [
+                {"name": "pool", "domains": ["*"], "routes": envoy_routing.routes(options)}
+            ],
         },
         "http_filters": [*_http_filters(options), _router_filter()],
     }
@@ -216,38 +230,6 @@ def _file_access_log(path: str) -> dict[str, Any]:
     }
 
 
-# -- routes ----------------------------------------------------------------------------
-
-
-def _routes(options: GatewayOptions) -> list[dict[str, Any]]:
-    if options.mode is GatewayMode.DIRECT:
-        return [_route(POOL_CLUSTER, options)]
-    with_header = _route(ORIGINAL_DST_CLUSTER, options)
-    with_header["match"]["headers"] = [{"name": options.destination_header, "present_match": True}]
-    if options.backends:
-        without_header = _route(POOL_CLUSTER, options)
-    else:
-        without_header = {
-            "match": {"prefix": "/"},
-            "direct_response": {
-                "status": 503,
-                "body": {
-                    "inline_string": f"no destination endpoint: the request carries no "
-                    f"{options.destination_header} header and this gateway has no "
-                    "fallback backends\n"
-                },
-            },
-        }
-    return [with_header, without_header]
-
-
-def _route(cluster: str, options: GatewayOptions) -> dict[str, Any]:
-    return {
-        "match": {"prefix": "/"},
-        "route": {"cluster": cluster, "timeout": _duration(options.route_timeout_s)},
-    }
-
-
 # -- clusters --------------------------------------------------------------------------
 
 
@@ -255,7 +237,7 @@ def _clusters(options: GatewayOptions) -> list[dict[str, Any]]:
     clusters = []
     if options.mode is GatewayMode.PICKER:
         clusters.append(_picker_cluster(options))
-    if options.mode is not GatewayMode.DIRECT:
+    if options.mode is not GatewayMode.DIRECT and not envoy_routing.overrides_host(options):
         clusters.append(_original_dst_cluster(options))
     if options.backends:
         clusters.append(_pool_cluster(options))
@@ -324,10 +306,13 @@ def _original_dst_cluster(options: GatewayOptions) -> dict[str, Any]:
 
 
 def _pool_cluster(options: GatewayOptions) -> dict[str, Any]:
+    cluster: dict[str, Any] = {"name": POOL_CLUSTER, "type": "STATIC"}
+    if envoy_routing.overrides_host(options):
+        cluster["load_balancing_policy"] = envoy_routing.override_host_policy(options)
+    else:
+        cluster["lb_policy"] = options.lb_policy.value
     return {
-        "name": POOL_CLUSTER,
-        "type": "STATIC",
-        "lb_policy": options.lb_policy.value,
+        **cluster,
         "connect_timeout": _duration(options.connect_timeout_s),
         "per_connection_buffer_limit_bytes": options.buffer_limit_bytes,
         "circuit_breakers": _circuit_breakers(options),
@@ -392,7 +377,3 @@ def _discovery_type(host: str) -> str:
 
 def _socket_address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.3f}s"

@@ -17,6 +17,12 @@ SUBSET_HINT_KEY = "x-gateway-destination-endpoint-subset"
 LB_METADATA_NAMESPACE = "envoy.lb"
 
 _EXT_PROC_MAX_TIMEOUT_S = 3600.0  # upper bound enforced by Envoy's config validation
+_TIMEOUTS = (
+    "route_timeout_s",
+    "stream_idle_timeout_s",
+    "request_timeout_s",
+    "request_headers_timeout_s",
+)
 
 
 class GatewayMode(enum.StrEnum):
@@ -46,6 +52,17 @@ class LbPolicy(enum.StrEnum):
     LEAST_REQUEST = "LEAST_REQUEST"
 
 
+class DestinationCluster(enum.StrEnum):
+    """How the chosen ``ip:port`` becomes an upstream host (picker and original-dst modes)."""
+
+    # Any address, no list of endpoints needed; a failed connection is retried on the same
+    # endpoint, since the cluster can only read one address from the header.
+    ORIGINAL_DST = "original-dst"
+    # Only the `backends`; the override_host policy reads the picker's whole list (primary,
+    # then fallbacks), so a failed connection is retried on the next endpoint in it.
+    OVERRIDE_HOST = "override-host"
+
+
 @dataclass(frozen=True)
 class GatewayOptions:
     """Everything that varies between the Envoy configurations Sluice runs.
@@ -72,7 +89,9 @@ class GatewayOptions:
     # by others send FULL_DUPLEX_STREAMED both ways; the picker serves both.
     request_body_mode: BodyMode = BodyMode.BUFFERED
     response_body_mode: BodyMode = BodyMode.STREAMED
-    message_timeout_s: float = 1000.0
+    # Bounds the picker's answer to each message, flow control queue waits included; below
+    # request_timeout_s so a hung picker meets the failure mode, not the client deadline.
+    message_timeout_s: float = 20.0
     # Active TCP health checks of the picker; None disables them. See the module docstring:
     # they are what lets FailOpen keep request bodies while the picker is down.
     picker_health_check_interval_s: float | None = 1.0
@@ -81,10 +100,22 @@ class GatewayOptions:
     # in picker and original-dst mode.
     backends: tuple[str, ...] = ()
     lb_policy: LbPolicy = LbPolicy.ROUND_ROBIN
+    destination_cluster: DestinationCluster = DestinationCluster.ORIGINAL_DST
     upstream_http2: bool = False  # InferencePool appProtocol kubernetes.io/h2c
     connect_timeout_s: float = 5.0
-    route_timeout_s: float = 0.0  # 0 disables it: streamed completions can run for minutes
-    stream_idle_timeout_s: float = 300.0
+    # Timeouts; 0 disables one. The idle timeout (no bytes either way) is what ends the
+    # requests of a model server that accepts and never answers, while a stream that keeps
+    # sending lives on; a non-streamed answer must start within it. The route timeout
+    # bounds the whole response, generously: long generations stream for many minutes.
+    route_timeout_s: float = 3600.0
+    stream_idle_timeout_s: float = 60.0
+    # From the first byte until the request is sent upstream (the picker's answer included):
+    # a client trickling its body gets 408. The picker's --request-body-timeout should match.
+    request_timeout_s: float = 30.0
+    request_headers_timeout_s: float = 10.0
+    # Retries of a request that never reached a model server (connection refused or reset
+    # before the request was sent): never a retry of work a server may have started.
+    connect_retries: int = 2
     buffer_limit_bytes: int = 32 * 1024 * 1024
     max_upstream_requests: int = 100_000  # circuit-breaker ceilings; Envoy's default is 1024
     access_log_path: str | None = None
@@ -96,6 +127,9 @@ class GatewayOptions:
         object.__setattr__(self, "request_body_mode", BodyMode(self.request_body_mode))
         object.__setattr__(self, "response_body_mode", BodyMode(self.response_body_mode))
         object.__setattr__(self, "lb_policy", LbPolicy(self.lb_policy))
+        object.__setattr__(
+            self, "destination_cluster", DestinationCluster(self.destination_cluster)
+        )
         object.__setattr__(self, "backends", tuple(self.backends))
         for name in ("listen_port", "admin_port", "picker_port"):
             port = getattr(self, name)
@@ -110,6 +144,21 @@ class GatewayOptions:
         if not 0 <= self.message_timeout_s <= _EXT_PROC_MAX_TIMEOUT_S:
             raise ValueError(
                 f"message_timeout_s={self.message_timeout_s} is outside Envoy's 0-3600 s range"
+            )
+        for name in _TIMEOUTS:
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} is negative (0 disables it)")
+        if 0 < self.request_timeout_s <= self.message_timeout_s:
+            raise ValueError(
+                f"message_timeout_s={self.message_timeout_s} must be below request_timeout_s="
+                f"{self.request_timeout_s}: the request deadline includes the picker's answer"
+            )
+        if self.connect_retries < 0:
+            raise ValueError(f"connect_retries={self.connect_retries} is negative (0 disables)")
+        if self.destination_cluster is DestinationCluster.OVERRIDE_HOST and not self.backends:
+            raise ValueError(
+                "destination_cluster 'override-host' needs backends: every endpoint the "
+                "picker may choose ('ip:port')"
             )
         if self.buffer_limit_bytes <= 0 or self.buffer_limit_bytes >= 2**32:
             raise ValueError("buffer_limit_bytes must fit in 32 bits and be positive")

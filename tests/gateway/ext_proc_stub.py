@@ -52,6 +52,7 @@ def shape(stream: list[Seen]) -> str:
 @dataclass
 class StubBehaviour:
     destination: str
+    fallbacks: tuple[str, ...] = ()  # listed after the destination in envoy.lb metadata
     full_duplex_request: bool = True  # False: BUFFERED/STREAMED, answer each message at once
     full_duplex_response: bool = True
     answer_headers_first: bool = False  # answer request headers before the body arrives
@@ -196,7 +197,8 @@ class _Stream:
             ),
         )
         metadata = struct_pb2.Struct()
-        metadata.update({"envoy.lb": {DESTINATION_HEADER: self.behaviour.destination}})
+        listed = ",".join((self.behaviour.destination, *self.behaviour.fallbacks))
+        metadata.update({"envoy.lb": {DESTINATION_HEADER: listed}})
         response = pb.ProcessingResponse(
             request_headers=pb.HeadersResponse(response=common), dynamic_metadata=metadata
         )

@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 
 from sluice.gateway import envoy_config, envoy_process
-from sluice.gateway.settings import BodyMode, FailureMode, GatewayMode, GatewayOptions
+from sluice.gateway.settings import (
+    BodyMode,
+    DestinationCluster,
+    FailureMode,
+    GatewayMode,
+    GatewayOptions,
+    LbPolicy,
+)
 from tests.gateway import tls
 
 
@@ -63,7 +70,7 @@ def test_picker_defaults_match_the_endpoint_picker_protocol() -> None:
     }
     assert ext_proc["failure_mode_allow"] is False  # FailClose is the InferencePool default
     assert ext_proc["allow_mode_override"] is True
-    assert ext_proc["message_timeout"] == "1000.000s"
+    assert ext_proc["message_timeout"] == "20.000s"
     assert ext_proc["metadata_options"]["receiving_namespaces"]["untyped"] == ["envoy.lb"]
     clusters = _clusters(bootstrap)
     original_dst = clusters[envoy_config.ORIGINAL_DST_CLUSTER]
@@ -77,7 +84,48 @@ def test_picker_defaults_match_the_endpoint_picker_protocol() -> None:
     assert "http2_protocol_options" in str(picker["typed_extension_protocol_options"])
     assert "transport_socket" not in picker
     routes = _hcm(bootstrap)["route_config"]["virtual_hosts"][0]["routes"]
-    assert routes[0]["route"]["timeout"] == "0.000s"
+    assert routes[0]["route"]["timeout"] == "3600.000s"
+    # Full duplex: no retry policy (a body with trailers would reach the upstream twice).
+    assert "retry_policy" not in routes[0]["route"]
+
+
+def test_every_request_is_bounded_by_default() -> None:
+    bootstrap = envoy_config.render_bootstrap(GatewayOptions())
+    hcm = _hcm(bootstrap)
+    assert (hcm["stream_idle_timeout"], hcm["request_timeout"], hcm["request_headers_timeout"]) == (
+        "60.000s",
+        "30.000s",
+        "10.000s",
+    )
+    [with_header, _] = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    assert with_header["route"]["timeout"] == "3600.000s"
+    assert with_header["route"]["retry_policy"] == {
+        "retry_on": "connect-failure,refused-stream,reset-before-request",
+        "num_retries": 2,
+    }
+
+
+def test_override_host_routes_the_pickers_list_over_the_backends() -> None:
+    options = GatewayOptions(
+        destination_cluster=DestinationCluster.OVERRIDE_HOST,
+        backends=("10.0.0.1:8000", "10.0.0.2:8000"),
+        lb_policy=LbPolicy.LEAST_REQUEST,
+    )
+    bootstrap = envoy_config.render_bootstrap(options)
+    assert set(_clusters(bootstrap)) == {envoy_config.PICKER_CLUSTER, envoy_config.POOL_CLUSTER}
+    [policy] = _clusters(bootstrap)["pool"]["load_balancing_policy"]["policies"]
+    config = policy["typed_extension_config"]["typed_config"]
+    assert config["override_host_sources"] == [
+        {"metadata": {"key": "envoy.lb", "path": [{"key": "x-gateway-destination-endpoint"}]}}
+    ]
+    [fallback] = config["fallback_policy"]["policies"]
+    assert fallback["typed_extension_config"]["name"] == (
+        "envoy.load_balancing_policies.least_request"
+    )
+    [route] = _hcm(bootstrap)["route_config"]["virtual_hosts"][0]["routes"]
+    assert route["route"]["cluster"] == "pool"
+    predicates = route["route"]["retry_policy"]["retry_host_predicate"]
+    assert [p["name"] for p in predicates] == ["envoy.retry_host_predicates.previous_hosts"]
 
 
 def test_fail_open_sets_failure_mode_allow() -> None:
@@ -143,6 +191,11 @@ def test_direct_mode_has_no_ext_proc_and_balances_the_pool() -> None:
         ({"backends": ("10.0.0.1:0",)}, "out of range"),
         ({"listen_port": 70000}, "listen_port=70000"),
         ({"message_timeout_s": 7200}, "0-3600"),
+        ({"message_timeout_s": 30}, "must be below request_timeout_s=30.0"),
+        ({"stream_idle_timeout_s": -1}, "stream_idle_timeout_s=-1 is negative"),
+        ({"connect_retries": -1}, "connect_retries=-1"),
+        ({"destination_cluster": "override-host"}, "'override-host' needs backends"),
+        ({"destination_cluster": "dns"}, "'dns' is not a valid DestinationCluster"),
         ({"mode": "sideways"}, "sideways"),
     ],
 )
@@ -161,6 +214,14 @@ _VARIANTS = [
     GatewayOptions(mode=GatewayMode.DIRECT, backends=("127.0.0.1:8000",), upstream_http2=True),
     GatewayOptions(mode=GatewayMode.ORIGINAL_DST),
     GatewayOptions(mode=GatewayMode.ORIGINAL_DST, backends=("127.0.0.1:8000",)),
+    GatewayOptions(
+        mode=GatewayMode.ORIGINAL_DST,
+        destination_cluster=DestinationCluster.OVERRIDE_HOST,
+        backends=("127.0.0.1:8000",),
+        lb_policy=LbPolicy.LEAST_REQUEST,
+    ),
+    GatewayOptions(destination_cluster=DestinationCluster.OVERRIDE_HOST, backends=("[::1]:80",)),
+    GatewayOptions(route_timeout_s=0, stream_idle_timeout_s=0, request_timeout_s=0),
     GatewayOptions(picker_tls=True, subset_hint=("127.0.0.1:8000",), access_log_path="/dev/null"),
     GatewayOptions(picker_host="localhost", picker_tls=True, picker_ca_file="<generated>"),
     *(

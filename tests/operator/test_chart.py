@@ -88,3 +88,22 @@ def test_envoy_bootstraps_are_current() -> None:
             expected = module.render(mode, transport)
             assert committed == expected, f"run python {CHART}/render_envoy.py"
             assert committed.count(str(module.LISTEN_PORT)) == 1  # the chart substitutes it
+
+
+def test_envoy_timeout_values_replace_what_the_rendered_bootstraps_hold() -> None:
+    """configmap.yaml swaps each rendered default for its value: the rendered text must
+    occur once per file, and the value's default must be that same duration."""
+    template = (CHART / "templates" / "configmap.yaml").read_text(encoding="utf-8")
+    replaced = re.findall(
+        r'replace "\\"(\w+)\\": \\"([0-9.]+)s\\"" \(printf ".+?" \(toJson \$envoy\.(\w+)\)\)',
+        template,
+    )
+    envoy = _values()["envoy"]
+    assert {value for _, _, value in replaced} == {
+        "routeTimeout", "idleTimeout", "requestTimeout", "pickerMessageTimeout"
+    }  # fmt: skip
+    for path in sorted((CHART / "files").glob("envoy-*.json")):
+        text = path.read_text(encoding="utf-8")
+        for key, seconds, value in replaced:
+            assert text.count(f'"{key}": "{seconds}s"') == 1, (path.name, key)
+            assert float(envoy[value].removesuffix("s")) == float(seconds), value
