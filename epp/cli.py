@@ -156,9 +156,9 @@ def main(argv: list[str]) -> int:
             print(f"sluice picker: {text}", file=sys.stderr)
         return 0 if valid else 1
     logfmt.configure(args.verbose)
-    warn_about_sources(args)
     try:
         picker = Picker(options_from_args(args))
+        warn_about_sources(args)  # after the flags and config passed: a bad one is one line
         asyncio.run(serve(picker))
     except (sources.SourceError, loader.ConfigError, ValueError) as error:
         print(f"sluice picker: {error}", file=sys.stderr)
