@@ -2,7 +2,8 @@
 simulator, tools), so a flag means the same thing wherever it appears.
 
 Booleans accept `--flag=false` as upstream's Go flags do; durations take Go-style values
-(`50ms`, `1m30s`); a bad value ends the command with one line that names the flag.
+(`50ms`, `1m30s`) and, as in Go, a number without a unit is an error (`5`: seconds or
+milliseconds?); a bad value ends the command with one line that names the flag.
 """
 
 from __future__ import annotations
@@ -33,11 +34,12 @@ def boolean(text: str) -> bool:
 
 
 def duration(text: str) -> float:
-    """Seconds from `50ms`, `2s`, `1m30s` (a plain number is seconds)."""
+    """Seconds from `50ms`, `2s`, `1m30s`; a number needs a unit (only `0` goes without)."""
     try:
-        return quantities.parse_duration(text)
+        return quantities.parse_duration(text, "duration")
     except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+        # argparse puts the flag's name in front of the message.
+        raise argparse.ArgumentTypeError(str(error).removeprefix("duration: ")) from None
 
 
 def duration_in(unit: str) -> Callable[[str], float]:

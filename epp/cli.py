@@ -1,7 +1,8 @@
 """`sluice picker`: the endpoint picker without Kubernetes, from the command line.
 
-Flags follow the upstream picker's names; `--validate-config FILE` checks a config and
-exits. The operator (`sluice operator`) extends this argument parser with its own flags.
+Flags follow the upstream picker's names; `--validate-config FILE` checks a config,
+prints the config the picker would run with, and exits. The operator (`sluice operator`)
+extends this argument parser with its own flags.
 """
 
 from __future__ import annotations
@@ -9,14 +10,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import logging
 import signal
 import sys
 from pathlib import Path
 
 from epp import arguments, logfmt
-from epp.config import loader
+from epp.config import effective, loader
 from epp.datastore import sources
 from epp.picker import Picker, PickerOptions
+
+log = logging.getLogger(__name__)
 
 
 def build_argument_parser(prog: str = "sluice picker") -> argparse.ArgumentParser:
@@ -40,7 +44,8 @@ def build_argument_parser(prog: str = "sluice picker") -> argparse.ArgumentParse
         type=Path,
         default=None,
         metavar="FILE",
-        help="check an EndpointPickerConfig file, print one line and exit (0 valid, 1 not)",
+        help="check an EndpointPickerConfig file, print the effective config (what the "
+        "loader adds by default marked so) and exit (0 valid, 1 not)",
     )
     p.add_argument("--grpc-port", type=arguments.port, default=9002)
     p.add_argument("--grpc-health-port", type=arguments.port, default=9003)
@@ -136,28 +141,48 @@ async def serve(picker: Picker) -> None:
 
 
 def validate_config_file(path: Path) -> tuple[bool, str]:
-    """(valid, one line) for `--validate-config`: the same checks start-up and reload make."""
+    """`--validate-config`: the same checks start-up and reload make. Valid: the effective
+    config and a summary line; invalid: one line."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
         return False, f"{path}: cannot read: {getattr(error, 'strerror', None) or error}"
     try:
-        config = loader.load_config(text)
+        described = effective.describe(text)
     except loader.ConfigError as error:
         return False, f"{path}: {error}"
-    profiles = ", ".join(config.scheduler.profiles)
-    return True, f"{path}: valid ({len(config.plugins)} plugins; profiles: {profiles})"
+    return True, f"# effective config of {path}\n{described.text}\n# {described.summary()}"
+
+
+def warn_about_sources(args: argparse.Namespace) -> None:
+    """Say at start-up when the pool source flags give nothing to route to, or combine."""
+    if not args.endpoints and not args.manifests:
+        log.warning(
+            "no --endpoints and no --manifests: the pool is empty, there is nothing to route "
+            "to (requests fail with 'no ready endpoints in the pool'); pass --endpoints "
+            "ip:port,... or --manifests FILE..."
+        )
+    elif args.endpoints and args.manifests:
+        log.warning(
+            "--endpoints and --manifests both given: neither wins, the pool is the "
+            "--endpoints plus the Pods the manifests' InferencePool selects (objectives, "
+            "rewrites and WorkloadClasses come from the manifests)"
+        )
 
 
 def main(argv: list[str]) -> int:
     args = build_argument_parser().parse_args(argv)
     if args.validate_config is not None:
-        valid, line = validate_config_file(args.validate_config)
-        print(f"sluice picker: {line}", file=sys.stdout if valid else sys.stderr)
+        valid, text = validate_config_file(args.validate_config)
+        if valid:
+            print(text)
+        else:
+            print(f"sluice picker: {text}", file=sys.stderr)
         return 0 if valid else 1
     logfmt.configure(args.verbose)
     try:
         picker = Picker(options_from_args(args))
+        warn_about_sources(args)  # after the flags and config passed: a bad one is one line
         asyncio.run(serve(picker))
     except (sources.SourceError, loader.ConfigError, ValueError) as error:
         print(f"sluice picker: {error}", file=sys.stderr)

@@ -130,7 +130,8 @@ class ParameterReader:
         return value
 
     def duration(self, key: str, default: float, *, positive: bool = False) -> float:
-        """Seconds from `50ms`, `2s`, `1m30s` or a plain number of seconds."""
+        """Seconds from `50ms`, `2s`, `1m30s` (the parser flags use: a number needs a unit,
+        only `0` goes without)."""
         value = self._get(key)
         if value is None:
             return default

@@ -89,7 +89,12 @@ class Picker:
             else None
         )
         config_text = _config_text(options)
-        self.config = loader.load_config(config_text)
+        try:
+            self.config = loader.load_config(config_text)
+        except loader.ConfigError as error:
+            # Name the source: a start-up error shows the flag and file it came from.
+            origin = _config_origin(options)
+            raise loader.ConfigError(f"{origin}: {error}" if origin else str(error)) from None
         self.metrics_store = MetricsStore()
         # Model names keep their own metric label once the pool serves them (cardinality).
         self.metrics_store.on_models_changed = metrics.known_models.mark_stale
@@ -323,8 +328,15 @@ def _config_text(options: PickerOptions) -> str | None:
     if options.config_file is not None:
         try:
             return options.config_file.read_text(encoding="utf-8")
-        except OSError as error:
-            raise loader.ConfigError(
-                f"--config-file {options.config_file}: {error.strerror or error}"
-            ) from error
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or error
+            raise loader.ConfigError(f"--config-file {options.config_file}: {reason}") from error
     return None
+
+
+def _config_origin(options: PickerOptions) -> str:
+    if options.config_text is not None:
+        return "--config-text"
+    if options.config_file is not None:
+        return f"--config-file {options.config_file}"
+    return ""

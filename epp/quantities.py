@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|ms|s|m|h)")
@@ -17,28 +18,34 @@ _QUANTITY_FACTORS = {
 
 
 def parse_duration(text: str | int | float, what: str = "duration") -> float:
-    """Seconds from a Go-style duration (`1m30s`, `50ms`) or a plain number of seconds."""
+    """Seconds from a Go-style duration (`1m30s`, `50ms`). As in Go, a number needs a unit;
+    only zero may go without one (`0`), since zero seconds and zero milliseconds agree."""
     if isinstance(text, bool):
         raise ValueError(f"{what}: expected a duration like '50ms' or '2s', got {text!r}")
-    if isinstance(text, int | float):
-        seconds = float(text)
-    else:
-        value = text.strip()
-        try:
-            seconds = float(value)
-        except ValueError:
-            pos, seconds = 0, 0.0
-            for match in _DURATION_PART.finditer(value):
-                if match.start() != pos:
-                    break
-                seconds += float(match.group(1)) * _DURATION_UNITS_S[match.group(2)]
-                pos = match.end()
-            if pos != len(value) or not value:
-                raise ValueError(
-                    f"{what}: expected a duration like '50ms', '2s' or '1m30s', got {text!r}"
-                ) from None
-    if seconds < 0:
+    value = str(text).strip()
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if number is not None and math.isfinite(number):
+        if number < 0:
+            raise ValueError(f"{what}: must not be negative, got {text!r}")
+        if number == 0:
+            return 0.0
+        plain = f"{number:g}"
+        raise ValueError(f"{what}: {value!r} has no unit (write {plain}s or {plain}ms)")
+    pos, seconds = 0, 0.0
+    for match in _DURATION_PART.finditer(value):
+        if match.start() != pos:
+            break
+        seconds += float(match.group(1)) * _DURATION_UNITS_S[match.group(2)]
+        pos = match.end()
+    if value.startswith("-") and pos == 0:
         raise ValueError(f"{what}: must not be negative, got {text!r}")
+    if pos != len(value) or not value:
+        raise ValueError(
+            f"{what}: expected a duration like '50ms', '2s' or '1m30s', got {text!r}"
+        )
     return seconds
 
 

@@ -68,6 +68,9 @@ class PickerConfig:
     feature_gates: frozenset[str] = frozenset()
     # Every plugin instance by name, declared or created by default.
     plugins: Mapping[str, object] = field(default_factory=dict)
+    # How each plugin was asked for: its declaration, or `default <name>` when the loader
+    # added it (what `--validate-config` reports).
+    plugin_specs: Mapping[str, document.PluginSpec] = field(default_factory=dict)
     # The `dataLayer:` section as written (None: the default pipeline).
     data_layer: Mapping[str, object] | None = None
     # The `parser:` section's pluginRef, and the parser type it resolves to.
@@ -121,6 +124,7 @@ def load_config(text: str | None, *, previous: PickerConfig | None = None) -> Pi
         ),
         feature_gates=doc.feature_gates,
         plugins=MappingProxyType(dict(plugins.instances)),
+        plugin_specs=MappingProxyType(dict(plugins.specs)),
         data_layer=doc.data_layer,
         parser_ref=parser_ref,
         parser_type=parser_type,

@@ -53,6 +53,11 @@ class Reconciler:
     def current(self) -> Snapshot:
         return self._current
 
+    @property
+    def static_endpoints(self) -> tuple[Endpoint, ...]:
+        """The endpoints given at construction (`--endpoints`), in every snapshot."""
+        return self._static
+
     def subscribe(self, listener: SnapshotListener) -> None:
         self._listeners.append(listener)
 

@@ -101,8 +101,13 @@ class ManifestWatcher:
     def load(self) -> None:
         """Load now; raises SourceError/ObjectError so start-up can fail with the reason."""
         self._signature = self._stat_signature()
-        self._reconciler.replace(load_manifests(self._paths))
+        objects = load_manifests(self._paths)
+        self._reconciler.replace(objects)
         self.reloads += 1
+        problem = nothing_routed(objects, self._reconciler)
+        if problem is not None:
+            files = ", ".join(str(p) for p in self._paths)
+            log.warning("%s: nothing to route to: %s", files, problem)
 
     def check(self) -> bool:
         """Reload if any file changed; returns whether a reload happened."""
@@ -122,3 +127,34 @@ class ManifestWatcher:
         while True:
             await asyncio.sleep(self._poll_interval_s)
             self.check()
+
+
+def nothing_routed(objects: Sequence[Mapping[str, Any]], reconciler: Reconciler) -> str | None:
+    """Why the manifests give the pool no endpoint, or None when they give some."""
+    snapshot = reconciler.current
+    if len(snapshot.endpoints) > len(reconciler.static_endpoints):
+        return None
+    pods = sum(1 for obj in objects if obj.get("kind") == "Pod")
+    pools = [
+        "/".join(kube_objects.metadata(obj))
+        for obj in objects
+        if obj.get("kind") == "InferencePool"
+    ]
+    pod_count = f"{pods} Pod{'' if pods == 1 else 's'}"
+    if snapshot.pool is not None:
+        return (
+            f"InferencePool {snapshot.pool.namespace}/{snapshot.pool.name} selects no Pod "
+            f"({pod_count} in the files; a Pod needs the pool's labels and namespace, "
+            "status.podIP and a Ready condition that is True)"
+        )
+    if not pools:
+        return f"no InferencePool ({pod_count} in the files; Pods are routed to through a pool)"
+    wanted = pools[0] if len(pools) == 1 else None
+    if reconciler.pool_name is not None:
+        wanted = f"{reconciler.pool_namespace}/{reconciler.pool_name}"
+        if wanted not in pools:
+            return f"no InferencePool {wanted} (found: {', '.join(pools)}); check --pool-name"
+    if wanted is not None:
+        return f"InferencePool {wanted} is invalid (the error above says why)"
+    return f"{len(pools)} InferencePools ({', '.join(pools)}) and no --pool-name to choose one"
+

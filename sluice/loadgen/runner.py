@@ -8,16 +8,19 @@ requests in flight at all times (the way to find capacity).
 from __future__ import annotations
 
 import asyncio
+import errno
 import random
 import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
 
+from sluice.loadgen import progress as progress_line
 from sluice.loadgen.workloads import RequestSpec
 
 
@@ -35,7 +38,8 @@ class RequestResult:
     cached_tokens: int
     slo_ttft_ms: float | None
     slo_tpot_ms: float | None
-    error: str = ""
+    error: str = ""  # why it failed: a connection error, or the body of a non-200 answer
+    criticality: int | None = None  # X-Workload-Context criticality sent, if any
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,23 +51,6 @@ class LoadPlan:
     timeout_s: float = 300.0
     seed: int = 0
     progress: bool = False
-
-
-class _Progress:
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled = total, 0, enabled and sys.stderr.isatty()
-        self._last = 0.0
-
-    def tick(self) -> None:
-        self.done += 1
-        now = time.monotonic()
-        if self.enabled and (now - self._last > 0.2 or self.done == self.total):
-            self._last = now
-            filled = int(30 * self.done / self.total)
-            sys.stderr.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total}")
-            if self.done == self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
 
 
 def _usage_of(event: dict[str, object]) -> tuple[int, int, int] | None:
@@ -110,8 +97,14 @@ async def send_one(
                     usage = _usage_of(document) or usage
                 else:
                     error = payload[:200].decode(errors="replace")
-    except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError) as exc:
+    except aiohttp.ClientConnectorError as exc:
+        error = _cannot_connect(base_url, exc)
+    except aiohttp.ClientError as exc:
         error = f"{type(exc).__name__}: {exc}"[:200]
+    except TimeoutError:
+        error = f"no complete answer within {session.timeout.total:g}s"
+    except orjson.JSONDecodeError:
+        error = "the response is not valid JSON"
     end = time.perf_counter()
     ttft = (first - started) if first is not None else None
     tpot = None
@@ -131,20 +124,36 @@ async def send_one(
         slo_ttft_ms=spec.slo_ttft_ms,
         slo_tpot_ms=spec.slo_tpot_ms,
         error=error,
+        criticality=spec.criticality,
     )
+
+
+def _cannot_connect(base_url: str, exc: aiohttp.ClientConnectorError) -> str:
+    """The same words for every request that failed the same way, so failures group."""
+    url = urlsplit(base_url)
+    origin = f"{url.scheme}://{url.netloc}/"
+    if exc.os_error.errno == errno.ECONNREFUSED:
+        return f"connection refused to {origin}"
+    return f"cannot connect to {origin}: {exc.os_error.strerror or exc.os_error}"
 
 
 async def run_load(plan: LoadPlan, workload: Iterator[RequestSpec]) -> list[RequestResult]:
     results: list[RequestResult] = []
-    progress = _Progress(plan.requests, plan.progress)
+    progress = progress_line.Progress(plan.requests, sys.stderr) if plan.progress else None
     timeout = aiohttp.ClientTimeout(total=plan.timeout_s)
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
         run_start = time.perf_counter()
 
         async def one(spec: RequestSpec) -> None:
-            results.append(await send_one(session, plan.url, spec, run_start))
-            progress.tick()
+            if progress is not None:
+                progress.request_sent()
+            result = await send_one(session, plan.url, spec, run_start)
+            results.append(result)
+            if progress is not None:
+                progress.request_finished(succeeded(result))
+
+        showing = asyncio.create_task(progress.run()) if progress is not None else None
 
         if plan.rate is not None:
             rng = random.Random(plan.seed)
@@ -165,8 +174,16 @@ async def run_load(plan: LoadPlan, workload: Iterator[RequestSpec]) -> list[Requ
                     await one(next(workload))
 
             await asyncio.gather(*(worker() for _ in range(plan.concurrency)))
+        if showing is not None and progress is not None:
+            showing.cancel()
+            progress.close()
     results.sort(key=lambda r: r.start_s)
     return results
+
+
+def succeeded(result: RequestResult) -> bool:
+    """A 200 answered to its end (a stream cut short is a failure with its reason)."""
+    return result.status == 200 and not result.error
 
 
 def write_jsonl(results: list[RequestResult], path: Path) -> None:

@@ -61,6 +61,7 @@ class RequestSpec:
     group: str = ""  # the shared-prefix group or conversation this request belongs to
     slo_ttft_ms: float | None = None
     slo_tpot_ms: float | None = None
+    criticality: int | None = None  # sent in X-Workload-Context
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +119,7 @@ def generate(spec: WorkloadSpec) -> Iterator[RequestSpec]:
         if spec.loras:
             model = rng.choice(spec.loras) or spec.model
         headers = {"content-type": "application/json"}
+        criticality = None
         if spec.criticality_mix:
             levels, weights = zip(*spec.criticality_mix, strict=True)
             criticality = rng.choices(levels, weights)[0]
@@ -158,4 +160,5 @@ def generate(spec: WorkloadSpec) -> Iterator[RequestSpec]:
             group=f"g{group}",
             slo_ttft_ms=slo_ttft,
             slo_tpot_ms=slo_tpot,
+            criticality=criticality,
         )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
 from epp.datastore.reconciler import Reconciler
-from epp.datastore.sources import ManifestWatcher, SourceError, load_manifests
+from epp.datastore.sources import ManifestWatcher, SourceError, load_manifests, parse_endpoints
 
 POOL = """
 apiVersion: inference.networking.k8s.io/v1
@@ -84,3 +85,51 @@ def test_changes_are_reconciled_and_broken_edits_keep_the_old_state(tmp_path):
     write(path, ("c", "10.0.0.3"))
     assert watcher.check() is True
     assert [e.pod_name for e in reconciler.current.endpoints] == ["c"]
+
+
+OTHER_POOL = POOL.replace("name: pool,", "name: other,")
+
+
+@pytest.mark.parametrize(
+    ("text", "pool_name", "static", "problem"),
+    [
+        (POOL + "---" + POD, None, "", None),
+        (
+            POOL + "---" + POD.replace("app: vllm", "app: sglang"),
+            None,
+            "",
+            "InferencePool default/pool selects no Pod (1 Pod in the files; a Pod needs",
+        ),
+        (POD, None, "", "no InferencePool (1 Pod in the files; Pods are routed to through a"),
+        (
+            POOL + "---" + POD,
+            "elsewhere",
+            "",
+            "no InferencePool default/elsewhere (found: default/pool); check --pool-name",
+        ),
+        (
+            POOL + "---" + OTHER_POOL + "---" + POD,
+            None,
+            "",
+            "2 InferencePools (default/pool, default/other) and no --pool-name to choose one",
+        ),
+        (POOL, None, "127.0.0.1:8000", "InferencePool default/pool selects no Pod (0 Pods"),
+    ],
+)
+def test_manifests_that_route_to_nothing_are_a_warning(
+    tmp_path, caplog, text, pool_name, static, problem
+):
+    path = tmp_path / "m.yaml"
+    path.write_text(text.replace("ADDRESS", "10.0.0.1").replace("POD", "a"))
+    reconciler = Reconciler(
+        pool_name=pool_name, static_endpoints=parse_endpoints(static) if static else ()
+    )
+    with caplog.at_level(logging.WARNING, logger="epp.datastore.sources"):
+        ManifestWatcher(reconciler, [path]).load()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if problem is None:
+        assert warnings == []
+        assert len(reconciler.current.endpoints) == 1
+    else:
+        assert len(warnings) == 1, warnings
+        assert warnings[0].startswith(f"{path}: nothing to route to: {problem}"), warnings[0]

@@ -94,6 +94,11 @@ flowControl:
         ),
         ("flowControl: {maxBytes: 10Gb}", "flowControl.maxBytes: expected a quantity"),
         ("flowControl: {defaultRequestTTL: soon}", "flowControl.defaultRequestTTL: expected"),
+        ("flowControl: {retryAfter: 5}", "flowControl.retryAfter: '5' has no unit (write 5s or"),
+        (
+            "saturationDetector: {metricsStalenessThreshold: '0.2'}",
+            "metricsStalenessThreshold: '0.2' has no unit (write 0.2s or 0.2ms)",
+        ),
         (
             "flowControl: {priorityBands: [{priority: 1}, {priority: 1}]}",
             "priorityBands[1].priority: 1 is configured twice",
@@ -127,6 +132,7 @@ def test_errors_name_the_path(body: str, message: str) -> None:
     [
         ("{weights: {wait: 1}}", "weights.wait (", "unknown parameter (did you mean 'waitTime'?)"),
         ("{waitTimeCap: 0s}", "waitTimeCap (", "must be a positive duration"),
+        ("{waitTimeCap: 60}", "waitTimeCap (", "'60' has no unit (write 60s or 60ms)"),
         ("{requestRateCap: 0}", "requestRateCap (", "must be greater than 0"),
         ("{defaultCriticality: 6}", "defaultCriticality (", "must be at most 5"),
         ("{weights: 3}", "weights (", "must be a mapping"),

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import io
 import itertools
+import os
 
 import orjson
 import pytest
 
-from sluice.loadgen import cli, runner, summary, workloads
+from sluice.loadgen import cli, plots, progress, runner, summary, workloads
 from sluice.sim import config as sim_config
 from sluice.sim.fleet import run_fleet
 
@@ -51,6 +54,7 @@ def test_headers_for_criticality_slo_and_loras():
     assert {c["criticality"] for c in contexts} == {1, 5}
     assert all(c["workload_id"].startswith("workload-") for c in contexts)
     assert requests[0].headers["x-slo-ttft-ms"] == "300"
+    assert [r.criticality for r in requests] == [c["criticality"] for c in contexts]
     assert {orjson.loads(r.body)["model"] for r in requests} == {"a", "sim-model"}
 
 
@@ -123,7 +127,7 @@ async def test_runner_records_errors_without_raising():
     plan = runner.LoadPlan(url="http://127.0.0.1:9", requests=3, concurrency=1, timeout_s=2)
     results = await runner.run_load(plan, workloads.generate(workloads.WorkloadSpec()))
     assert [r.status for r in results] == [0, 0, 0]
-    assert all("ClientConnectorError" in r.error for r in results)
+    assert {r.error for r in results} == {"connection refused to http://127.0.0.1:9/"}
 
 
 def test_cli_summarises_and_plots(tmp_path, capsys):
@@ -142,3 +146,115 @@ def test_prefixes_stay_the_same_across_request_seeds():
         return {orjson.loads(r.body)["prompt"].split("\n")[0] for r in take(spec, 40)}
 
     assert prefixes(1) == prefixes(2)
+
+
+def test_records_keep_criticality_and_older_records_still_load(tmp_path):
+    path = tmp_path / "run.jsonl"
+    runner.write_jsonl([result(criticality=5, slo_ttft_ms=300.0)], path)
+    (record,) = runner.read_jsonl(path)
+    assert (record.criticality, record.slo_ttft_ms) == (5, 300.0)
+    older = orjson.loads(path.read_bytes())
+    del older["criticality"]  # written before records carried it
+    path.write_bytes(orjson.dumps(older) + b"\n")
+    assert runner.read_jsonl(path)[0].criticality is None
+
+
+def test_failures_are_grouped_by_reason():
+    results = [
+        result(),
+        result(status=429, error="too many requests\nretry later"),
+        result(status=429, error="too many requests"),
+        result(status=503, error=""),
+        result(status=0, error="connection refused to http://127.0.0.1:9/"),
+        result(status=200, error="the response is not valid JSON"),  # a stream cut short
+    ]
+    assert summary.failures(results) == (
+        "5 of 6 requests failed: HTTP 429: too many requests (2), HTTP 503 (1), "
+        "connection refused to http://127.0.0.1:9/ (1), the response is not valid JSON (1)"
+    )
+    assert summary.summarise(results).succeeded == 1
+    assert summary.failures([result()]) is None
+
+
+def test_breakdowns_only_when_a_run_mixes_them():
+    same = [result(criticality=3, slo_ttft_ms=200), result(criticality=3, slo_ttft_ms=200)]
+    assert summary.breakdown(same, summary.criticality_of) == []
+    assert summary.breakdown(same, summary.slo_of) == []
+    mixed = [
+        result(criticality=1, ttft_s=0.1, slo_ttft_ms=200),
+        result(criticality=1, ttft_s=0.2, slo_ttft_ms=200),
+        result(criticality=1, ttft_s=0.3, slo_ttft_ms=200),  # misses its SLO
+        result(criticality=5, ttft_s=0.2),
+        result(criticality=None, status=503, error="full"),
+    ]
+    by_level = summary.breakdown(mixed, summary.criticality_of)
+    assert [(g.label, g.requests, g.succeeded) for g in by_level] == [
+        ("1", 3, 3), ("5", 1, 1), ("none sent", 1, 0),
+    ]  # fmt: skip
+    assert by_level[0].ttft_p50_s == pytest.approx(0.2)
+    assert by_level[0].ttft_p90_s == pytest.approx(0.3)
+    assert by_level[0].slo_attainment == pytest.approx(2 / 3)
+    assert by_level[1].slo_attainment is None
+    by_slo = summary.breakdown(mixed, summary.slo_of)
+    assert [(g.label, g.requests) for g in by_slo] == [("TTFT 200 ms", 3), ("no SLO", 2)]
+    table = summary.breakdown_table("criticality", [("run", g) for g in by_level])
+    assert table.splitlines()[-1] == "| run | none sent | 0/1 | - | - | - |"
+
+
+def test_per_pod_counts_include_listed_pods_that_served_nothing():
+    runs = [("a", [result(pod="sim-1"), result(pod="sim-1"), result(pod="sim-2", status=503)])]
+    names, counts = plots.served_per_pod(runs, ("sim-0", "sim-1"))
+    assert names == ["sim-0", "sim-1", "sim-2"]  # listed first, then any other that answered
+    assert counts == [[0, 2, 0]]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_line_in_a_log_counts_and_rates():
+    clock, stream = Clock(), io.StringIO()
+    line = progress.Progress(10, stream, clock=clock)
+    assert line.interval_s == progress.LOG_INTERVAL_S
+    for _ in range(4):
+        line.request_sent()
+    clock.now += 1.0
+    line.request_finished(True)
+    line.request_finished(False)
+    clock.now += 1.0
+    line.show()
+    assert stream.getvalue() == "sent 4/10, completed 1, failed 1, 2.0s, 1.0 req/s\n"
+    clock.now += 10.0  # nothing finished in the last 5 s: the current rate is 0
+    line.close()
+    last = stream.getvalue().splitlines()[-1]
+    assert last == "sent 4/10, completed 1, failed 1, 12.0s, 0.0 req/s"
+
+
+def test_progress_line_on_a_terminal_is_redrawn_in_place():
+    primary, secondary = os.openpty()
+    with open(secondary, "w") as terminal, open(primary, "rb", buffering=0) as screen:
+        line = progress.Progress(2, terminal, clock=Clock())
+        assert line.interval_s == progress.TTY_INTERVAL_S
+        line.request_sent()
+        line.show()
+        line.request_finished(True)
+        line.close()
+        written = screen.read(4096)
+    assert written.count(b"\r") >= 2 and b"\x1b[K" in written
+    assert written.rstrip().endswith(b"sent 1/2, completed 1, failed 0, 0.0s, 0.0 req/s\x1b[K")
+
+
+async def test_progress_line_repeats_while_the_run_goes_on():
+    stream = io.StringIO()
+    line = progress.Progress(5, stream, interval_s=0.01)
+    showing = asyncio.create_task(line.run())
+    deadline = asyncio.get_running_loop().time() + 10
+    while stream.getvalue().count("\n") < 2:
+        assert asyncio.get_running_loop().time() < deadline, stream.getvalue()
+        await asyncio.sleep(0.01)
+    showing.cancel()
+    assert stream.getvalue().startswith("sent 0/5, completed 0, failed 0, ")

@@ -172,7 +172,10 @@ def test_validate_config_flag(tmp_path: Path) -> None:
 
     ok = run(good)
     assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.strip() == f"sluice picker: {good}: valid (7 plugins; profiles: cool)"
+    lines = ok.stdout.strip().splitlines()
+    assert lines[0] == f"# effective config of {good}"
+    assert lines[-1].startswith("# valid: 2 plugins declared, 5 added by default (")
+    assert lines[-1].endswith("; profiles: cool")
     failed = run(bad)
     assert failed.returncode == 1 and failed.stdout == ""
     (line,) = failed.stderr.strip().splitlines()
