@@ -73,13 +73,15 @@ def test_the_pool_name_is_required(helm: Helm) -> None:
     assert "pool.name is required" in result.stderr
 
 
-@pytest.mark.parametrize(("min_available", "rendered"), [(None, 1), ("2", 2), ("50%", "50%")])
+@pytest.mark.parametrize(
+    ("replicas", "min_available", "rendered"), [(2, None, 1), (3, "2", 2), (4, "50%", "50%")]
+)
 def test_two_or_more_replicas_get_a_disruption_budget(
-    helm: Helm, min_available: str | None, rendered: int | str
+    helm: Helm, replicas: int, min_available: str | None, rendered: int | str
 ) -> None:
     chosen = () if min_available is None else (f"podDisruptionBudget.minAvailable={min_available}",)
     extra = [arg for value in chosen for arg in ("--set", value)]
-    objects = helm.template(*POOL, "--set", "replicas=3", *extra)
+    objects = helm.template(*POOL, "--set", f"replicas={replicas}", *extra)
     validate(objects)
     (budget,) = by_kind(objects, "PodDisruptionBudget")
     (deployment,) = by_kind(objects, "Deployment")
