@@ -1,4 +1,4 @@
-"""Static checks of the Helm chart (no helm binary here; e2e/ installs it for real)."""
+"""Static checks of the Helm chart (tests/chart/ runs the real helm on it)."""
 
 from __future__ import annotations
 
