@@ -89,6 +89,18 @@ class LatencyPrediction:
         self.tpot_s = tpot_s
         self.warm = warm
 
+    def for_candidates(self, candidates: Sequence[Candidate]) -> tuple[Array, Array]:
+        """TTFT and TPOT predictions aligned with `candidates`, which filters after the
+        producer (e.g. the saturation filter) may have narrowed down."""
+        keys = self.keys
+        if len(candidates) == len(keys) and all(
+            c.endpoint.key == k for c, k in zip(candidates, keys, strict=True)
+        ):
+            return self.ttft_s, self.tpot_s
+        position = {key: i for i, key in enumerate(keys)}
+        rows = np.fromiter((position[c.endpoint.key] for c in candidates), dtype=np.intp)
+        return self.ttft_s[rows], self.tpot_s[rows]
+
     def row_of(self, key: EndpointKey) -> int | None:
         try:
             return list(self.keys).index(key)

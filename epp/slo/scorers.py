@@ -98,9 +98,9 @@ class LatencyScorer(_PredictionScorer):
         prediction = self._prediction(request)
         if prediction is None:
             return self._fallback_scores(request, candidates)
-        latency = prediction.ttft_s
+        latency, tpot = prediction.for_candidates(candidates)
         if self.count_output_tokens and request.max_output_tokens > 1:
-            latency = latency + prediction.tpot_s * (request.max_output_tokens - 1)
+            latency = latency + tpot * (request.max_output_tokens - 1)
         scores = float(latency.min()) / latency
         return [0.0 if c.stale else float(s) for c, s in zip(candidates, scores, strict=True)]
 
@@ -127,14 +127,15 @@ class SloScorer(_PredictionScorer):
         prediction = self._prediction(request)
         if prediction is None:
             return self._fallback_scores(request, candidates)
+        ttft, tpot = prediction.for_candidates(candidates)
         # Relative headroom per objective; the request's is the tighter one.
         headroom = np.full(len(candidates), np.inf)
         if slo.ttft_ms is not None:
             target = slo.ttft_ms / 1000
-            headroom = np.minimum(headroom, (target - prediction.ttft_s) / target)
+            headroom = np.minimum(headroom, (target - ttft) / target)
         if slo.tpot_ms is not None:
             target = slo.tpot_ms / 1000
-            headroom = np.minimum(headroom, (target - prediction.tpot_s) / target)
+            headroom = np.minimum(headroom, (target - tpot) / target)
         return [
             0.0 if c.stale else float(s)
             for c, s in zip(candidates, headroom_scores(headroom), strict=True)

@@ -72,6 +72,20 @@ def test_latency_scorer_scores_fastest_over_own() -> None:
     assert ttft_only.score(req, cands) == pytest.approx([1.0, 0.5, 1.0])
 
 
+def test_scorers_score_the_candidates_a_filter_left() -> None:
+    """Producers predict for every candidate; a filter after them (the saturation filter
+    with flow control) may drop some before the scorers run."""
+    cands = candidates(0, 0, 0)
+    req = SchedulingRequest("r", "m", slo=SloTargets(200, None))
+    predicted(req, cands, ttft=[0.05, 0.3, 0.1], tpot=[0.01, 0.01, 0.01])
+    left = [cands[2], cands[1]]  # filtered and in another order
+    assert LatencyScorer(count_output_tokens=False).score(req, left) == pytest.approx(
+        [1.0, 1 / 3]
+    )
+    meets, misses = SloScorer().score(req, left)
+    assert meets > 0.2 and 0 < misses <= 0.01
+
+
 def test_slo_scorer_skips_requests_without_objectives() -> None:
     cands = candidates(0, 0)
     req = slo_request()
