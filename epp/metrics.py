@@ -239,7 +239,6 @@ _objective_sets = cardinality.LabelSets(
     MAX_OBJECTIVE_LABEL_SETS, (cardinality.OVERFLOW, cardinality.OVERFLOW, cardinality.OVERFLOW)
 )
 _error_sets = cardinality.LabelSets(MAX_ERROR_LABEL_SETS, (cardinality.OVERFLOW,) * 4)
-workload_series = cardinality.LabelSets(MAX_WORKLOAD_SERIES, (cardinality.OVERFLOW,))
 _objective_children: dict[ObjectiveLabels, ObjectiveSeries] = {}
 
 labels_overflow_total = Counter(

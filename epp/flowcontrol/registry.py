@@ -27,7 +27,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
-from epp import metrics
+from epp import cardinality, metrics
 from epp.flowcontrol.workload import DEFAULT_WORKLOAD, WorkloadId
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,9 @@ class WorkloadStats:
         "workload_id",
     )
 
-    def __init__(self, workload_id: WorkloadId, buckets: int, bucket_index: int) -> None:
+    def __init__(
+        self, workload_id: WorkloadId, buckets: int, bucket_index: int, exposed: bool
+    ) -> None:
         self.workload_id = workload_id
         self.total = 0
         self.active = 0
@@ -86,7 +88,7 @@ class WorkloadStats:
         self._ring = array("I", bytes(4 * buckets))
         self._newest_bucket = bucket_index
         gauges: tuple[_Settable, _Settable, _Settable]
-        if metrics.workload_series.admit((workload_id,), 0.0) == (workload_id,):
+        if exposed:
             gauges = (
                 metrics.workload_active_requests.labels(workload_id),
                 metrics.workload_total_requests.labels(workload_id),
@@ -162,6 +164,8 @@ class WorkloadRegistry:
         self.max_workloads = max_workloads
         self._bucket_s = window_s / buckets
         self._workloads: dict[WorkloadId, WorkloadStats] = {}
+        # Which workloads have series of their own (ids come from clients: bounded).
+        self._series = cardinality.LabelSets(metrics.MAX_WORKLOAD_SERIES, (cardinality.OVERFLOW,))
         # (bucket index at which a bucket expires, workloads with arrivals in that bucket),
         # in increasing order because time only moves forward.
         self._expiries: deque[tuple[int, list[WorkloadStats]]] = deque()
@@ -248,7 +252,8 @@ class WorkloadRegistry:
             if existing is not None:
                 return existing
             workload_id = DEFAULT_WORKLOAD
-        stats = WorkloadStats(workload_id, self.buckets, self._now_bucket)
+        exposed = self._series.admit((workload_id,), 0.0) == (workload_id,)
+        stats = WorkloadStats(workload_id, self.buckets, self._now_bucket, exposed)
         self._workloads[workload_id] = stats
         return stats
 
@@ -319,7 +324,7 @@ class WorkloadRegistry:
             del self._workloads[stats.workload_id]
             if stats._active_gauge is _UNEXPOSED:
                 continue
-            metrics.workload_series.release((stats.workload_id,))
+            self._series.release((stats.workload_id,))
             for family in (
                 metrics.workload_active_requests,
                 metrics.workload_total_requests,
