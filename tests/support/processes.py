@@ -13,10 +13,12 @@ import struct
 import sys
 import termios
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from pathlib import Path
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+MARKER_VARIABLE = "SLUICE_TEST_MARKER"
 
 
 def descendants(pid: int) -> set[int]:
@@ -49,6 +51,29 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def marked_environment() -> tuple[dict[str, str], str]:
+    """An environment for a command whose every descendant can be found later, even one
+    orphaned when its parent died: children inherit the marker variable."""
+    marker = uuid.uuid4().hex
+    return {**os.environ, MARKER_VARIABLE: marker}, marker
+
+
+def marked_processes(marker: str) -> list[int]:
+    """Live (not zombie) processes carrying `marker` in their environment."""
+    needle = f"{MARKER_VARIABLE}={marker}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environment = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle in environment.split(b"\0") and alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
 
 
 def sluice_command(*args: str) -> list[str]:
@@ -113,6 +138,10 @@ class Terminal:
         parts = self.text.split("\x1b[H")[1:]
         return [_ANSI.sub("", part) for part in parts if "\x1b[J" in part]
 
+    def last_frame(self) -> str:
+        frames = self.frames()
+        return frames[-1] if frames else ""
+
     async def wait_for(self, condition: Callable[[], bool], timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while not condition():
@@ -129,7 +158,7 @@ class Terminal:
 
 @contextlib.asynccontextmanager
 async def in_terminal(
-    command: Sequence[str],
+    command: Sequence[str], env: Mapping[str, str] | None = None
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, Terminal]]:
     """`command` with its stdout on a fresh pseudo-terminal (stderr piped)."""
     terminal = Terminal()
@@ -141,6 +170,7 @@ async def in_terminal(
             stdin=asyncio.subprocess.DEVNULL,
             stdout=terminal.slave,
             stderr=asyncio.subprocess.PIPE,
+            env=env,
         )
         os.close(terminal.slave)  # the child holds its own copy
         try:
