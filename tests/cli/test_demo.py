@@ -52,8 +52,10 @@ def assert_all_running(marker: str) -> None:
 
 
 async def assert_stops_cleanly(process: asyncio.subprocess.Process, marker: str) -> None:
-    status, stderr = await processes.stop_and_reap(process, signal.SIGINT)
+    piped = process.stdout is not None
+    status, stdout, stderr = await processes.stop_and_reap(process, signal.SIGINT)
     assert status == 0, stderr
+    assert stdout.endswith("sluice demo: stopped\n") or not piped
     assert not processes.marked_processes(marker)
 
 
@@ -137,6 +139,7 @@ async def test_overload_view_on_a_terminal_keeps_the_urls_and_shows_priority_at_
         assert last[10][3] == 0 and workload_rows(frames[-1])["critical"][2] == 0  # no 429
         assert "objective" in frames[-1] and "sheddable" in frames[-1]
         await assert_stops_cleanly(process, marker)
+        await terminal.wait_for(lambda: terminal.text.endswith("sluice demo: stopped\n"), 10)
 
 
 def status_fields(line: str) -> dict[str, str]:

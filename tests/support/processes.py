@@ -101,13 +101,14 @@ async def lines_until(
 
 async def stop_and_reap(
     process: asyncio.subprocess.Process, signum: int, timeout_s: float = 30.0
-) -> tuple[int, str]:
-    """Send `signum` (if still running) and wait: (exit status, its stderr)."""
+) -> tuple[int, str, str]:
+    """Send `signum` (if still running) and wait: exit status, the rest of its stdout, and
+    its stderr."""
     if process.returncode is None:
         process.send_signal(signum)
-    _, stderr = await asyncio.wait_for(process.communicate(), timeout_s)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout_s)
     assert process.returncode is not None
-    return process.returncode, (stderr or b"").decode()
+    return process.returncode, (stdout or b"").decode(), (stderr or b"").decode()
 
 
 class Terminal:
