@@ -13,12 +13,14 @@ import re
 import shlex
 import signal
 import socket
+import time
 from pathlib import Path
 
 import aiohttp
 import orjson
 import pytest
 
+from sluice import demo as demo_command
 from sluice.gateway import ports
 from tests.support import processes
 
@@ -79,8 +81,9 @@ async def test_demo_serves_curl_and_stops_cleanly_on_ctrl_c():
             answer = await response.json()
         assert answer["usage"]["completion_tokens"] == 4
         assert_all_running(marker)
-    finally:
         await assert_stops_cleanly(process, marker)
+    finally:
+        await processes.clean_up(process, marker)
 
 
 def band_rows(frame: str) -> dict[int, tuple[int, ...]]:
@@ -119,8 +122,7 @@ async def test_overload_view_on_a_terminal_keeps_the_urls_and_shows_priority_at_
     command = demo(
         *SMALL_OVERLOAD, "--metrics-port", str(metrics_port), "--refresh-interval", "0.2s"
     )
-    env, marker = processes.marked_environment()
-    async with processes.in_terminal(command, env) as (process, terminal):
+    async with processes.in_terminal(command) as (process, terminal, marker):
         await terminal.wait_for(lambda: "Try:" in terminal.text, 60)
         gateway_url = re.search(r"Gateway: (http://\S+)", terminal.text)[1]  # type: ignore[index]
         metrics_url = f"http://127.0.0.1:{metrics_port}"
@@ -157,11 +159,13 @@ async def test_overload_under_a_pipe_prints_urls_then_status_lines():
         assert banner[2] == f"Workload API: {metrics_url}/api/v1/workload/<id>/metrics"
         assert banner[3] == "Try:" and banner[4].lstrip().startswith("curl -si ")
         fields = status_fields(first_status)
+        deadline = time.monotonic() + 60
         while not (
             int(fields.get("429", 0)) > 0
             and int(fields.get("queued[0]", 0)) > 0
             and fields["critical"].split(",")[1] != "200:0"
         ):
+            assert time.monotonic() < deadline, f"no priority at work by now: {fields}"
             fields = status_fields(await processes.read_line(process.stdout))
         assert fields["critical"].split(",")[2] == "429:0"
         assert float(fields["saturation"]) > 0
@@ -173,8 +177,9 @@ async def test_overload_under_a_pipe_prints_urls_then_status_lines():
                     figures = await response.json()
                 assert figures["workload_id"] == workload and figures["total_requests"] > 0
         assert_all_running(marker)
-    finally:
         await assert_stops_cleanly(process, marker)
+    finally:
+        await processes.clean_up(process, marker)
 
 
 def readme_commands(section: str) -> list[str]:
@@ -217,8 +222,9 @@ async def test_the_readme_flow_control_example_works_as_written():
         assert figures["workload_id"] == "fraud"
         assert figures["total_requests"] == 1 and figures["active_requests"] == 0
         assert_all_running(marker)
-    finally:
         await assert_stops_cleanly(process, marker)
+    finally:
+        await processes.clean_up(process, marker)
 
 
 @pytest.mark.parametrize(
@@ -232,11 +238,12 @@ async def test_the_readme_flow_control_example_works_as_written():
         (["--replica-speeds", "1,fast"], "expected speeds like 1,0.5"),
     ],
 )
-async def test_bad_flags_get_one_line(args: list[str], message: str):
-    process, _ = await start_piped(*args)
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == 2 and not out
-    assert err.decode().count("\n") == 1 and message in err.decode(), err
+def test_bad_flags_get_one_line(args: list[str], message: str, capsys: pytest.CaptureFixture[str]):
+    with pytest.raises(SystemExit) as exited:
+        demo_command.main(args)
+    assert exited.value.code == 2
+    out, err = capsys.readouterr()
+    assert not out and err.count("\n") == 1 and message in err, err
 
 
 async def test_a_taken_metrics_port_is_one_line_and_leaves_nothing():

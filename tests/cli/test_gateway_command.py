@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from epp.datalayer import prometheus_text
+from sluice.gateway import cli
 from sluice.sim import child_process
 from tests.support import processes
 
@@ -105,9 +106,7 @@ async def test_gateway_routes_to_two_simulators_and_stops_on_sigterm(two_simulat
         assert set(pods) == {"a-0", "b-0"}
         await stop(process, marker, signal.SIGTERM)
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await processes.clean_up(process, marker)
     # The model servers are the user's: the gateway leaves them running.
     async with aiohttp.ClientSession() as session:
         for address in two_simulators:
@@ -160,9 +159,7 @@ async def test_gateway_from_manifests_with_flow_control_stops_on_ctrl_c(two_simu
             assert await picker_requests(session, metrics_url) == {"10": 1}
         await stop(process, marker, signal.SIGINT)
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        await processes.clean_up(process, marker)
 
 
 def readme_commands(section: str) -> list[str]:
@@ -206,13 +203,12 @@ async def test_the_readme_gateway_commands_work_as_written():
             assert out.decode().startswith("HTTP/1.1 200"), out
             await stop(process, marker, signal.SIGINT)
         finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+            await processes.clean_up(process, marker)
+        status, _, _ = await processes.stop_and_reap(simulators, signal.SIGINT)
+        assert status == 0
+        assert not processes.marked_processes(sim_marker)
     finally:
-        simulators.send_signal(signal.SIGINT)
-        await asyncio.wait_for(simulators.wait(), 30)
-    assert not processes.marked_processes(sim_marker)
+        await processes.clean_up(simulators, sim_marker)
 
 
 @pytest.mark.parametrize(
@@ -229,12 +225,16 @@ async def test_the_readme_gateway_commands_work_as_written():
          "port must be between 0 and 65535, got 65536"),
     ],
 )  # fmt: skip
-async def test_bad_input_gets_one_line(args: list[str], status: int, message: str):
-    process, marker = await start_gateway(*args)
-    out, err = await asyncio.wait_for(process.communicate(), 30)
-    assert process.returncode == status and not out
-    assert err.decode().count("\n") == 1 and message in err.decode(), err
-    assert not processes.marked_processes(marker)
+def test_bad_input_gets_one_line(
+    args: list[str], status: int, message: str, capsys: pytest.CaptureFixture[str]
+):
+    try:
+        code = cli.main(args)
+    except SystemExit as exited:
+        code = exited.code
+    assert code == status
+    out, err = capsys.readouterr()
+    assert not out and err.count("\n") == 1 and message in err, err
 
 
 async def test_a_taken_port_is_one_line():

@@ -9,12 +9,13 @@ import fcntl
 import os
 import pty
 import re
+import signal
 import struct
 import sys
 import termios
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -111,6 +112,21 @@ async def stop_and_reap(
     return process.returncode, (stdout or b"").decode(), (stderr or b"").decode()
 
 
+async def clean_up(process: asyncio.subprocess.Process, marker: str) -> None:
+    """Whatever a test left running, gone: the command is stopped as Ctrl-C would (Envoy
+    outlives a killed parent), then anything still carrying `marker` is killed."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            await asyncio.wait_for(process.wait(), 15)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+    for pid in marked_processes(marker):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 class Terminal:
     """A pseudo-terminal a command writes its stdout to: what a user's screen receives.
 
@@ -159,9 +175,11 @@ class Terminal:
 
 @contextlib.asynccontextmanager
 async def in_terminal(
-    command: Sequence[str], env: Mapping[str, str] | None = None
-) -> AsyncIterator[tuple[asyncio.subprocess.Process, Terminal]]:
-    """`command` with its stdout on a fresh pseudo-terminal (stderr piped)."""
+    command: Sequence[str],
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, Terminal, str]]:
+    """`command` with its stdout on a fresh pseudo-terminal (stderr piped), and the marker
+    its processes carry (`marked_environment`)."""
+    env, marker = marked_environment()
     terminal = Terminal()
     loop = asyncio.get_running_loop()
     loop.add_reader(terminal.master, terminal._on_readable)
@@ -175,11 +193,9 @@ async def in_terminal(
         )
         os.close(terminal.slave)  # the child holds its own copy
         try:
-            yield process, terminal
+            yield process, terminal, marker
         finally:
-            if process.returncode is None:
-                process.kill()
-                await process.wait()
+            await clean_up(process, marker)
     finally:
         loop.remove_reader(terminal.master)
         os.close(terminal.master)
