@@ -14,7 +14,6 @@ import shlex
 import signal
 import socket
 import time
-from pathlib import Path
 
 import aiohttp
 import orjson
@@ -22,11 +21,10 @@ import pytest
 
 from sluice import demo as demo_command
 from sluice.gateway import ports
-from tests.support import processes
+from tests.support import processes, text
 
 pytestmark = pytest.mark.envoy
 
-README = Path(__file__).resolve().parents[2] / "README.md"
 SMALL_OVERLOAD = [
     "--scenario", "overload", "--replicas", "2", "--max-num-seqs", "2",
     "--time-scale", "0.25", "--gateway-port", "0",
@@ -182,15 +180,8 @@ async def test_overload_under_a_pipe_prints_urls_then_status_lines():
         await processes.clean_up(process, marker)
 
 
-def readme_commands(section: str) -> list[str]:
-    """The shell commands of a README section, continuation lines joined."""
-    text = README.read_text(encoding="utf-8").split(f"### {section}\n", 1)[1].split("\n#", 1)[0]
-    blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
-    return [line for block in blocks for line in block.replace("\\\n", " ").splitlines() if line]
-
-
 async def test_the_readme_flow_control_example_works_as_written():
-    start, curl_completion, curl_workload = readme_commands(
+    start, curl_completion, curl_workload = text.readme_commands(
         "Flow control: who goes first when the pool is full"
     )
     # Free ports instead of the README's 8081 and 9090: other tests may run beside this one.

@@ -9,7 +9,6 @@ import shlex
 import signal
 import socket
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import aiohttp
 import orjson
@@ -18,11 +17,9 @@ import pytest
 from epp.datalayer import prometheus_text
 from sluice.gateway import cli
 from sluice.sim import child_process
-from tests.support import processes
+from tests.support import processes, text
 
 pytestmark = pytest.mark.envoy
-
-README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 async def start_gateway(*args: str) -> tuple[asyncio.subprocess.Process, str]:
@@ -162,14 +159,8 @@ async def test_gateway_from_manifests_with_flow_control_stops_on_ctrl_c(two_simu
         await processes.clean_up(process, marker)
 
 
-def readme_commands(section: str) -> list[str]:
-    text = README.read_text(encoding="utf-8").split(f"### {section}\n", 1)[1].split("\n#", 1)[0]
-    blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
-    return [line for block in blocks for line in block.replace("\\\n", " ").splitlines() if line]
-
-
 async def test_the_readme_gateway_commands_work_as_written():
-    simulate, gateway, curl = readme_commands("In front of model servers you already run")
+    simulate, gateway, curl = text.readme_commands("In front of model servers you already run")
     # Free ports for the README's 8000, 8001 and 8081: other tests may run beside this one.
     base = child_process.consecutive_free_ports(2)
     simulate = simulate.removesuffix("&").replace("8000", str(base))
