@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import ipaddress
 import signal
 import socket
 from collections.abc import AsyncIterator
@@ -42,6 +43,10 @@ class LocalGatewayOptions:
     def __post_init__(self) -> None:
         if not self.endpoints and not self.manifests:
             raise ValueError("no model servers: give --endpoints ip:port,... or --manifests FILE")
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ValueError(f"--host {self.host!r} is not an IP address") from None
         if self.flow_control and self.config_file is not None:
             raise ValueError(
                 "--flow-control and --config-file both choose the picker's config; put "

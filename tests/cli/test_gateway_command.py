@@ -212,6 +212,8 @@ async def test_the_readme_gateway_commands_work_as_written():
          "--endpoints: 'localhost' in 'localhost:8000' is not an IP address"),
         (["--manifests", "/nonexistent/pool.yaml", "--port", "0", "--metrics-port", "0"], 1,
          "/nonexistent/pool.yaml: cannot read: No such file or directory"),
+        (["--endpoints", "127.0.0.1:1", "--host", "localhost"], 2,
+         "--host 'localhost' is not an IP address"),
         (["--endpoints", "127.0.0.1:1", "--port", "65536"], 2,
          "port must be between 0 and 65535, got 65536"),
     ],
