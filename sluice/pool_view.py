@@ -124,11 +124,11 @@ async def collect(
     workloads: Sequence[str] = (),
 ) -> Frame:
     frame = Frame()
-    with contextlib.suppress(aiohttp.ClientError, ValueError):
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
         async with session.get(f"{metrics_url}/metrics") as r:
             frame.picker = picker_figures(prometheus_text.MetricsPage(await r.text()))
     for name in workloads:
-        with contextlib.suppress(aiohttp.ClientError, ValueError):
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
             async with session.get(f"{metrics_url}/api/v1/workload/{name}/metrics") as r:
                 if r.status == 200:
                     frame.workloads[name] = await r.json()
@@ -139,7 +139,7 @@ async def collect(
 
 async def _server_row(session: aiohttp.ClientSession, address: str) -> ServerRow:
     row = ServerRow()
-    with contextlib.suppress(aiohttp.ClientError, ValueError):
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
         async with session.get(f"http://{address}/sim/state") as r:
             state = await r.json()
             row.pod = str(state.get("pod", "?"))
