@@ -11,6 +11,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "picker": ("epp.cli", "endpoint picker without Kubernetes (static endpoints, manifests)"),
     "simulate": ("sluice.sim.cli", "simulated vLLM model servers"),
     "demo": ("sluice.demo", "simulators + real Envoy + picker on 127.0.0.1, ready for curl"),
+    "gateway": ("sluice.gateway.cli", "real Envoy + picker in front of model servers you run"),
     "bench": ("sluice.loadgen.cli", "send a routing workload at a gateway and summarise it"),
     "operator": ("epp_operator.main", "in-cluster operator with the embedded picker"),
 }
