@@ -333,7 +333,7 @@ def running_gauge(model_label: str) -> Gauge:
 def observe_scheduler_duration(seconds: float) -> None:
     scheduler_e2e_duration_seconds.observe(seconds)
 
-# ---- flow control and workloads (DESIGN §7) ---------------------------------------------
+# ---- flow control and workloads ----------------------------------------------------
 
 # Gauges, not counters: a counter would be exposed as `workload_total_requests_total`, and
 # the series is dropped when an idle workload is forgotten anyway.
@@ -392,7 +392,7 @@ flow_control_pool_saturation = Gauge(
     registry=REGISTRY,
 )
 
-# ---- SLO-aware routing and the latency predictor (DESIGN §8) ----------------------------
+# ---- SLO-aware routing and the latency predictor -----------------------------------
 
 scheduler_profile_total = Counter(
     "inference_extension_scheduler_profile_total",

@@ -11,7 +11,7 @@ feeds.
 Sources and extractors are declared under `plugins` like every other plugin; this section
 only wires them. As with the default picker, a reference to an undeclared plugin whose name
 is a data-layer type (`metrics-data-source`, `core-metrics-extractor`, ...) gets that
-type with default parameters, so DESIGN's short form works without declarations.
+type with default parameters, so the short form (a name only) works without declarations.
 
 Checked here: every reference resolves to a plugin of the right kind, a
 source is listed once and has at least one extractor, an extractor's input type matches

@@ -182,7 +182,7 @@ def _bind(plugins: PluginSet) -> None:
 def _saturation_detector(plugins: PluginSet, doc: document.Document) -> SaturationDetector:
     ref = (doc.saturation_detector or {}).get("pluginRef")
     if ref == flow_control.DETECTOR_TYPE and ref not in plugins.instances:
-        plugins.default(ref, ref)  # DESIGN's short form: referenced, not declared
+        plugins.default(ref, ref)  # the short form: referenced, not declared
     return flow_control.detector(doc.saturation_detector, plugins.instances)
 
 

@@ -1,7 +1,7 @@
 """How admission can end other than with a dispatch, in flow control's own words.
 
 Flow control decides; it does not speak HTTP. The request path turns a `Rejection` into the
-client's answer (DESIGN's error table: limits and shedding are 429 with retry-after, an
+client's answer (limits and shedding are 429 with retry-after, an
 expired TTL or a stopping picker is 503).
 """
 

@@ -1,5 +1,5 @@
 """Admission: may a request go now? One `AdmissionController` per config, chosen by the
-`flowControl` feature gate; both answer with DESIGN's error table.
+`flowControl` feature gate; both answer with the error table in `epp/errors.py`.
 
 * `SaturationShedding` (gate off): every request goes at once, except sheddable ones
   (priority < 0), which get 429 while the configured saturation detector reports the pool

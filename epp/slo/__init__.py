@@ -1,4 +1,4 @@
-"""SLO-aware and predicted-latency routing (DESIGN §8), as plugins of the framework.
+"""SLO-aware and predicted-latency routing, as plugins of the framework.
 
 `predictor` (`latency-predictor`, a data producer with an online model, see `model` and
 `features`), `tracker` (`slo-request-tracker`, a lifecycle plugin that feeds it),

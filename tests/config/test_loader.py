@@ -70,7 +70,7 @@ def test_default_config_schedules_end_to_end() -> None:
     assert result.primary.targets[0].endpoint.pod_name == "idle"
 
 
-DESIGN_EXAMPLE = """\
+FULL_EXAMPLE = """\
 apiVersion: inference.networking.x-k8s.io/v1alpha1
 kind: EndpointPickerConfig
 featureGates: [flowControl]
@@ -95,8 +95,8 @@ parser: {pluginRef: openai-parser}
 """
 
 
-def test_design_example() -> None:
-    config = load_config(DESIGN_EXAMPLE)
+def test_full_example() -> None:
+    config = load_config(FULL_EXAMPLE)
     assert config.feature_enabled("flowControl")
     assert _shape(config) == {
         "default": {

@@ -2,7 +2,7 @@
 `running-requests-size-scorer`.
 
 All score stale candidates 0 (the worst case): an endpoint whose metrics are too old may
-be overloaded for all we know (DESIGN §6).
+be overloaded for all we know.
 """
 
 from __future__ import annotations

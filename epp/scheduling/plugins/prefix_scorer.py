@@ -10,7 +10,7 @@ scorer any of the producer's parameters (`blockSizeTokens`, `maxPrefixBlocksToMa
 `lruCapacityPerServer`, `autoTune`, or the old `blockSize`/`hashBlockSize` in characters)
 selects that form: a `SelfIndexingPrefixCacheScorer` that is its own producer.
 
-Known weakness of upstream's formula (DESIGN §5): the score is relative to the prompt's
+Known weakness of upstream's formula: the score is relative to the prompt's
 length, so a short prompt fully cached scores 1.0, as high as a long one. Every short
 prompt sharing a little (a system prompt of one block) then pulls hard towards the one
 endpoint that saw it first, and that endpoint hot-spots although there is almost nothing
