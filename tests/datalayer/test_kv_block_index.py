@@ -102,7 +102,7 @@ ENDPOINT = Endpoint(A, "a", "ns", "10.0.0.1", 8000)
 
 def messages(*batches: tuple[int, list[kv_events.KvEvent]]) -> kv_event_source.KvEventMessages:
     return kv_event_source.KvEventMessages(
-        tuple(kv_events.EventBatch("kv@10.0.0.1:8000@m", seq, 0.0, tuple(ev)) for seq, ev in batches)
+        tuple(kv_events.EventBatch("kv@a", seq, 0.0, tuple(ev)) for seq, ev in batches)
     )
 
 

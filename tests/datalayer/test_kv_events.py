@@ -87,7 +87,8 @@ def test_unknown_event_types_are_kept_as_unknown() -> None:
     batch = kv_events.decode(
         frames([{"type": "BlockPinned", "block_hashes": [1]}, ["SomethingNew", 1, 2]])
     )
-    assert batch.events == (kv_events.UnknownEvent("BlockPinned"), kv_events.UnknownEvent("SomethingNew"))
+    unknown = kv_events.UnknownEvent
+    assert batch.events == (unknown("BlockPinned"), unknown("SomethingNew"))
 
 
 @pytest.mark.parametrize(
@@ -99,7 +100,8 @@ def test_unknown_event_types_are_kept_as_unknown() -> None:
         ([b"t", b"\x00" * 8, msgpack.packb({"a": 1})], "payload must be"),
         (frames([{"block_hashes": [1]}]), "without a string 'type'"),
         (frames([42]), "neither a map nor a tag-first array"),
-        (frames([{"type": "BlockStored", "block_hashes": [1], "token_ids": ["a"], "block_size": 1}]),
+        (frames([{"type": "BlockStored", "block_hashes": [1], "token_ids": ["a"],
+                  "block_size": 1}]),
          "BlockStored: token_ids must be a list of integers"),
         (frames([{"type": "BlockStored", "block_hashes": [1], "token_ids": [1], "block_size": 0}]),
          "block_size must be a positive integer"),

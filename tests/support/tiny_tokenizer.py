@@ -40,7 +40,9 @@ def _trained() -> str:
     return tokenizer.to_str()
 
 
-def write(directory: Path, *, chat_template: bool = True, add_bos_token: bool | None = None) -> Path:
+def write(
+    directory: Path, *, chat_template: bool = True, add_bos_token: bool | None = None
+) -> Path:
     """Write the tokenizer into `directory` (created) and return it."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "tokenizer.json").write_text(_trained())
