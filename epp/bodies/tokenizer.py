@@ -29,6 +29,7 @@ import array
 import asyncio
 import concurrent.futures
 import json
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -190,23 +191,71 @@ def _content_text(content: object) -> object:
 
 
 class TokenizerPool:
-    """Tokenizers by model name, a cache of encoded prompts, and the thread they run on."""
+    """Tokenizers by model name, a cache of encoded prompts, and the thread they run on.
+
+    A model's tokenizer is loaded when its first request comes (on the thread, like long
+    prompts), not when the config is: a cluster mounts tokenizer volumes, and a config
+    must validate where they are not. A directory that cannot be loaded is tried again
+    after `RETRY_LOAD_S`; until then `failure(model)` says why.
+    """
+
+    RETRY_LOAD_S: Final = 60.0
 
     def __init__(
         self,
-        tokenizers_by_model: Mapping[str, ModelTokenizer],
+        directories: Mapping[str, str | Path] | None = None,
         *,
         inline_chars: int = DEFAULT_INLINE_CHARS,
         cache_tokens: int = DEFAULT_CACHE_TOKENS,
+        loaded: Mapping[str, ModelTokenizer] | None = None,
     ) -> None:
-        self._by_model = dict(tokenizers_by_model)
+        self._directories = {m: Path(d) for m, d in (directories or {}).items()}
+        self._by_model: dict[str, ModelTokenizer] = dict(loaded or {})
+        self._directories.update({m: t.directory for m, t in self._by_model.items()})
+        self._failures: dict[str, tuple[float, str]] = {}
         self.inline_chars = inline_chars
         self.cache_tokens = cache_tokens
         self._cache: OrderedDict[tuple[int, str, bool], TokenIds] = OrderedDict()
         self._cached_tokens = 0
 
+    def configured(self, model: str) -> bool:
+        return model in self._directories
+
+    def failure(self, model: str) -> str | None:
+        """Why the model's tokenizer could not be loaded, while that holds."""
+        failed = self._failures.get(model)
+        return failed[1] if failed is not None else None
+
     def tokenizer(self, model: str) -> ModelTokenizer | None:
-        return self._by_model.get(model)
+        """The model's tokenizer, loading it on this thread if needed; None when it has
+        none or it cannot be loaded."""
+        found = self._by_model.get(model)
+        if found is not None or not self._should_load(model):
+            return found
+        return self._loaded(model, _try_load(self._directories[model]))
+
+    async def load(self, model: str) -> ModelTokenizer | None:
+        """`tokenizer(model)`, loading on the thread pool."""
+        found = self._by_model.get(model)
+        if found is not None or not self._should_load(model):
+            return found
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(_POOL, _try_load, self._directories[model])
+        return self._loaded(model, result)
+
+    def _should_load(self, model: str) -> bool:
+        if model not in self._directories:
+            return False
+        failed = self._failures.get(model)
+        return failed is None or time.monotonic() - failed[0] >= self.RETRY_LOAD_S
+
+    def _loaded(self, model: str, result: ModelTokenizer | str) -> ModelTokenizer | None:
+        if isinstance(result, str):
+            self._failures[model] = (time.monotonic(), result)
+            return None
+        self._failures.pop(model, None)
+        self._by_model[model] = result
+        return result
 
     def cached(self, tokenizer: ModelTokenizer, body: ParsedBody) -> TokenIds | None:
         """Ids for `body` if they need no work (cached, short or given), else None."""
@@ -265,6 +314,13 @@ class TokenizerPool:
 
 
 _LOADED: dict[tuple[str, float], ModelTokenizer] = {}
+
+
+def _try_load(directory: Path) -> ModelTokenizer | str:
+    try:
+        return load(directory)
+    except TokenizerError as exc:
+        return str(exc)
 
 
 def load(directory: str | Path) -> ModelTokenizer:

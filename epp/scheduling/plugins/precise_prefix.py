@@ -77,11 +77,10 @@ class PrecisePrefixCacheProducer:
             max_blocks,
             inline_chars,
         )
-        loaded = {model: tokenizing.load(d) for model, d in (tokenizer_dirs or {}).items()}
-        self.tokenizers = tokenizing.TokenizerPool(loaded, inline_chars=inline_chars)
+        self.tokenizers = tokenizing.TokenizerPool(tokenizer_dirs, inline_chars=inline_chars)
         self._adapters = dict(lora_adapters or {})
         for adapter, base in self._adapters.items():
-            if base not in loaded:
+            if not self.tokenizers.configured(base):
                 raise parameters.ParameterError(
                     "loraAdapters",
                     f"adapter {adapter!r} names base model {base!r}, which has no entry "
@@ -109,17 +108,14 @@ class PrecisePrefixCacheProducer:
             "inlineTokenizeChars", tokenizing.DEFAULT_INLINE_CHARS, minimum=0
         )
         reader.finish()
-        try:
-            return cls(
-                name,
-                tokenizer_dirs=dirs,
-                lora_adapters=adapters,
-                extractor_name=extractor,
-                max_blocks=max_blocks,
-                inline_chars=inline,
-            )
-        except tokenizing.TokenizerError as exc:
-            raise parameters.ParameterError("tokenizers", str(exc)) from None
+        return cls(
+            name,
+            tokenizer_dirs=dirs,
+            lora_adapters=adapters,
+            extractor_name=extractor,
+            max_blocks=max_blocks,
+            inline_chars=inline,
+        )
 
     def __repr__(self) -> str:
         return f"PrecisePrefixCacheProducer({self.name!r})"
@@ -139,21 +135,19 @@ class PrecisePrefixCacheProducer:
             raise RuntimeError(f"producer {self.name!r} is not bound to a kv-events-extractor")
         return self._index
 
-    def _tokenizer_for(
-        self, model: str
-    ) -> tuple[tokenizing.ModelTokenizer, str | None] | None:
+    def _base_of(self, model: str) -> tuple[str, str | None]:
+        """The model whose tokenizer `model` uses, and its LoRA adapter (None: base)."""
         base = self._adapters.get(model)
-        if base is not None:
-            found = self.tokenizers.tokenizer(base)
-            return (found, model) if found is not None else None
-        found = self.tokenizers.tokenizer(model)
-        return (found, None) if found is not None else None
+        return (base, model) if base is not None else (model, None)
 
     async def prepare(self, request: SchedulingRequest) -> None:
-        resolved = self._tokenizer_for(request.target_model)
-        if resolved is None or request.body is None:
+        base, _ = self._base_of(request.target_model)
+        if request.body is None or not self.tokenizers.configured(base):
             return
-        ids = await self.tokenizers.token_ids(resolved[0], request.body)
+        tokenizer = await self.tokenizers.load(base)
+        if tokenizer is None:
+            return
+        ids = await self.tokenizers.token_ids(tokenizer, request.body)
         request.plugin_data[self._tokens_key] = ids if ids is not None else _UNTOKENIZED
 
     def produce(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> None:
@@ -161,7 +155,7 @@ class PrecisePrefixCacheProducer:
         if ids is None:
             self._approximately(request, candidates)
             return
-        _, lora = self._tokenizer_for(request.target_model) or (None, None)
+        _, lora = self._base_of(request.target_model)
         extras = kv_block_index.BlockExtras(lora, request.cache_salt or None)
         by_size: dict[int, list[int]] = {}
 
@@ -193,22 +187,26 @@ class PrecisePrefixCacheProducer:
             return None
         if found is not None:
             return found  # type: ignore[return-value]
-        resolved = self._tokenizer_for(request.target_model)
-        if resolved is None or request.body is None:
+        base, _ = self._base_of(request.target_model)
+        tokenizer = self.tokenizers.tokenizer(base) if request.body is not None else None
+        if tokenizer is None or request.body is None:
             return None
         # Scheduled without `prepare` (a caller that does not await it): tokenize here.
-        return self.tokenizers.token_ids_now(resolved[0], request.body)
+        return self.tokenizers.token_ids_now(tokenizer, request.body)
 
     def _approximately(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> None:
         model = request.target_model
         self._fallbacks.inc()
         if model not in self._untokenized_models and len(self._untokenized_models) < 64:
             self._untokenized_models.add(model)
-            why = (
-                "has no tokenizer configured (parameter tokenizers)"
-                if self._tokenizer_for(model) is None
-                else "came with no single prompt to tokenize"
-            )
+            base, _ = self._base_of(model)
+            failure = self.tokenizers.failure(base)
+            if not self.tokenizers.configured(base):
+                why = "has no tokenizer configured (parameter tokenizers)"
+            elif failure is not None:
+                why = f"has a tokenizer that cannot be loaded ({failure})"
+            else:
+                why = "came with no single prompt to tokenize"
             logger.warning(
                 "%s: model %r %s; matching its requests with the approximate prefix index",
                 self.name,
