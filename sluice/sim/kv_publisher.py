@@ -7,7 +7,8 @@ Configured like vLLM (`--kv-events-config`, the same JSON keys):
      "endpoint": "tcp://*:5557", "topic": "kv@127.0.0.1:8000@sim-model"}
 
 As vLLM, the publisher *binds* when the endpoint has `*` or `::` or is `ipc://`, otherwise
-it *connects* (to a picker's collector socket). The topic defaults to
+it *connects* (to a picker's collector socket). The simulator also takes `"bind": true`
+(not a vLLM key), to bind one specific address such as a loopback alias in tests. The topic defaults to
 `kv@<host>:<port>@<model>`, the server's own address, which is what the picker's
 collector mode matches. `--kv-events-encoding array` sends the tag-first arrays of vLLM
 releases before mid 2026 instead of maps.
@@ -38,7 +39,7 @@ from sluice.sim import engine
 
 ENCODINGS: Final = ("map", "array")
 DEFAULT_ENDPOINT: Final = "tcp://*:5557"
-_KEYS: Final = ("enable_kv_cache_events", "publisher", "endpoint", "topic")
+_KEYS: Final = ("enable_kv_cache_events", "publisher", "endpoint", "topic", "bind")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,11 +47,12 @@ class KvEventsConfig:
     endpoint: str = DEFAULT_ENDPOINT
     topic: str = ""  # empty: kv@<host>:<port>@<model>
     encoding: str = "map"
+    bind: bool = False  # bind whatever the endpoint looks like (the simulator's own key)
 
     @property
     def binds(self) -> bool:
         e = self.endpoint
-        return "*" in e or "::" in e or e.startswith("ipc://")
+        return self.bind or "*" in e or "::" in e or e.startswith("ipc://")
 
     @classmethod
     def parse(cls, text: str, encoding: str = "map") -> KvEventsConfig | None:
@@ -78,9 +80,12 @@ class KvEventsConfig:
             )
         if not isinstance(topic, str):
             raise ValueError("--kv-events-config: topic must be a string")
+        bind = raw.get("bind", False)
+        if not isinstance(bind, bool):
+            raise ValueError("--kv-events-config: bind must be true or false")
         if encoding not in ENCODINGS:
             raise ValueError(f"--kv-events-encoding must be one of {', '.join(ENCODINGS)}")
-        return cls(endpoint, topic, encoding)
+        return cls(endpoint, topic, encoding, bind)
 
     def for_replica(self, index: int) -> KvEventsConfig:
         """Replica `index` of a fleet binds the next ports (connecting ones share one)."""
@@ -89,7 +94,7 @@ class KvEventsConfig:
         head, _, port = self.endpoint.rpartition(":")
         if not port.isdigit():
             return self
-        return KvEventsConfig(f"{head}:{int(port) + index}", self.topic, self.encoding)
+        return KvEventsConfig(f"{head}:{int(port) + index}", self.topic, self.encoding, self.bind)
 
 
 class KvEventPublisher:
