@@ -8,8 +8,8 @@ Configured like vLLM (`--kv-events-config`, the same JSON keys):
 
 As vLLM, the publisher *binds* when the endpoint has `*` or `::` or is `ipc://`, otherwise
 it *connects* (to a picker's collector socket). The simulator also takes `"bind": true`
-(not a vLLM key), to bind one specific address such as a loopback alias in tests. The topic defaults to
-`kv@<host>:<port>@<model>`, the server's own address, which is what the picker's
+(not a vLLM key), to bind one specific address such as a loopback alias in tests. The
+topic defaults to `kv@<host>:<port>@<model>`, the server's own address, which is what the picker's
 collector mode matches. `--kv-events-encoding array` sends the tag-first arrays of vLLM
 releases before mid 2026 instead of maps.
 
