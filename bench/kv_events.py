@@ -28,13 +28,14 @@ import statistics
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import zmq
 
 from epp.bodies import tokenizer as tokenizing
-from epp.bodies.parsers import OpenAIParser
+from epp.bodies.parsers import OpenAIParser, ParsedBody
 from epp.datalayer import kv_block_index, kv_event_source, kv_events
 from epp.datalayer.endpoint_metrics import EndpointMetrics
 from epp.datalayer.kv_event_extractor import KvEventsExtractor
@@ -144,49 +145,57 @@ def index_memory(blocks: int, per_event: int) -> float:
     return grown / stored
 
 
+def _timed(fn: Callable[[], object], repeat: int) -> float:
+    """Median milliseconds of `fn`."""
+    samples = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples) * 1000
+
+
+def _prompt_of(tok: tokenizing.ModelTokenizer, text: str, size: int) -> str:
+    """About `size` tokens of `text` (repeated as needed)."""
+    prompt = text
+    while len(tok.encode_text(prompt)) < size:
+        prompt += text
+    lo, hi = 0, len(prompt)
+    while hi - lo > 64:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if len(tok.encode_text(prompt[:mid])) < size else (lo, mid)
+    return prompt[:hi]
+
+
+def _costs(tok: tokenizing.ModelTokenizer, prompt: str, repeat: int) -> dict[str, float]:
+    parser = OpenAIParser()
+    completion = parser.parse("/v1/completions", orjson.dumps({"model": "m", "prompt": prompt}))
+    half = len(prompt) // 2
+    chat = parser.parse("/v1/chat/completions", orjson.dumps({
+        "model": "m", "messages": [{"role": "system", "content": prompt[:half]},
+                                   {"role": "user", "content": prompt[half:]}],
+    }))
+    ids = tok.encode_text(prompt)
+
+    def fresh(body: ParsedBody) -> object:
+        return tokenizing.TokenizerPool(loaded={"m": tok}).token_ids_now(tok, body)
+
+    cached = tokenizing.TokenizerPool(loaded={"m": tok})
+    cached.token_ids_now(tok, completion)
+    return {
+        "tokens": len(ids),
+        "chars": len(prompt),
+        "completion_ms": _timed(lambda: fresh(completion), repeat),
+        "chat_ms": _timed(lambda: fresh(chat), repeat),
+        "keys_ms": _timed(lambda: kv_block_index.chain_keys(ids, BLOCK), repeat),
+        "cached_ms": _timed(lambda: cached.token_ids_now(tok, completion), repeat),
+    }
+
+
 def tokenization(directory: Path, sizes: list[int], repeat: int) -> list[dict[str, float]]:
     tok = tokenizing.load(directory)
     text = "".join(p.read_text() for p in sorted(Path("docs").glob("*.md")))
-    rows = []
-    for size in sizes:
-        prompt = text
-        while len(tok.encode_text(prompt)) < size:
-            prompt += text
-        # Trim to about `size` tokens.
-        lo, hi = 0, len(prompt)
-        while hi - lo > 64:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if len(tok.encode_text(prompt[:mid])) < size else (lo, mid)
-        prompt = prompt[:hi]
-        completion = OpenAIParser().parse(
-            "/v1/completions", orjson.dumps({"model": "m", "prompt": prompt})
-        )
-        chat = OpenAIParser().parse("/v1/chat/completions", orjson.dumps({
-            "model": "m", "messages": [{"role": "system", "content": prompt[: len(prompt) // 2]},
-                                       {"role": "user", "content": prompt[len(prompt) // 2 :]}],
-        }))
-
-        def timed(fn: object) -> float:
-            samples = []
-            for _ in range(repeat):
-                t = time.perf_counter()
-                fn()  # type: ignore[operator]
-                samples.append(time.perf_counter() - t)
-            return statistics.median(samples) * 1000
-
-        ids = tok.encode_text(prompt)
-        fresh = lambda body: tokenizing.TokenizerPool(loaded={"m": tok}).token_ids_now(tok, body)  # noqa: E731
-        cached_pool = tokenizing.TokenizerPool(loaded={"m": tok})
-        cached_pool.token_ids_now(tok, completion)
-        rows.append({
-            "tokens": len(ids),
-            "chars": len(prompt),
-            "completion_ms": timed(lambda: fresh(completion)),
-            "chat_ms": timed(lambda: fresh(chat)),
-            "keys_ms": timed(lambda: kv_block_index.chain_keys(ids, BLOCK)),
-            "cached_ms": timed(lambda: cached_pool.token_ids_now(tok, completion)),
-        })
-    return rows
+    return [_costs(tok, _prompt_of(tok, text, size), repeat) for size in sizes]
 
 
 def main() -> None:

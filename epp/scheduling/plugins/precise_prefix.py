@@ -22,7 +22,7 @@ per model is logged and every one is counted in
 Parameters: `tokenizers` (model name -> tokenizer directory), `loraAdapters` (adapter
 name -> its base model, whose tokenizer it uses; the adapter name is hashed into the
 blocks as vLLM does), `kvEventsExtractorName` (`kv-events-extractor`),
-`maxPrefixBlocksToMatch` (1024), `inlineTokenizeChars` (2048: shorter prompts are
+`maxPrefixBlocksToMatch` (1024), `inlineTokenizeChars` (512: shorter prompts are
 tokenized on the loop, longer ones on a thread).
 """
 
