@@ -174,3 +174,27 @@ async def test_a_prefix_goes_where_it_is_cached_and_not_after_eviction(
                        what=f"{other.pod_name}'s BlockStored events")
         for i in range(3):
             assert await complete(envoy.url, SHARED + f" After {i}?") == other.pod_name
+
+
+async def test_two_pickers_subscribed_to_every_server_agree(tok_dir: Path) -> None:
+    """Replicas share no state: each subscribes to every server's events, and the same
+    events make the same index, so both choose alike whichever of them routed."""
+    async with pool(tok_dir, "connect") as (envoy, picker, servers):
+        port = picker.config.data_sources[1].settings.port  # type: ignore[attr-defined]
+        async with running_picker(
+            endpoints=",".join(s.address for s in servers),
+            config_text=picker_config(tok_dir, f"{{mode: connect, port: {port}}}"),
+        ) as replica:
+            await fresh_metrics(replica)
+            prompts = [TEXT[i * 700 : i * 700 + 900] for i in range(4)]
+            for prompt in prompts:
+                await complete(envoy.url, prompt)  # routed by the first picker only
+
+            def held(by: Picker) -> list[int]:
+                return [held_blocks(by, s, p, tok_dir) for s in servers for p in prompts]
+
+            # The last prompt is cached somewhere (earlier ones may be evicted by now).
+            await wait_for(lambda: held(picker)[len(prompts) - 1 :: len(prompts)] != [0, 0],
+                           what="the routing picker's index")
+            await wait_for(lambda: held(replica) == held(picker),
+                           what="the replica's index to match the routing picker's")
