@@ -7,8 +7,11 @@ the server that holds it now, which the approximate index could not know."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import itertools
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -108,7 +111,24 @@ async def pool(
         )
         envoy = await stack.enter_async_context(EnvoyProcess(options))
         await fresh_metrics(picker)
+        await subscribed(picker, servers)
         yield envoy, picker, servers
+
+
+async def subscribed(picker: Picker, servers: list[SimulatedServer]) -> None:
+    """Serve warm-up prompts directly until each server's events reach the picker: ZMQ
+    drops what a publisher sends before the connection is up (as vLLM's events are lost)."""
+    extractor = picker.config.plugins["kv-events-extractor"]
+    assert isinstance(extractor, KvEventsExtractor)
+    deadline = time.monotonic() + 10
+    for i in itertools.count():
+        waiting = [s for s in servers if not extractor.index.pod(f"static/{s.address}")]  # type: ignore[arg-type]
+        if not waiting:
+            return
+        assert time.monotonic() < deadline, "no KV events reached the picker"
+        for server in waiting:
+            await complete(server.url, f"warm-up {i} " * 20)
+        await asyncio.sleep(0.05)
 
 
 async def complete(url: str, prompt: str) -> str:
@@ -186,6 +206,7 @@ async def test_two_pickers_subscribed_to_every_server_agree(tok_dir: Path) -> No
             config_text=picker_config(tok_dir, f"{{mode: connect, port: {port}}}"),
         ) as replica:
             await fresh_metrics(replica)
+            await subscribed(replica, servers)
             prompts = [TEXT[i * 700 : i * 700 + 900] for i in range(4)]
             for prompt in prompts:
                 await complete(envoy.url, prompt)  # routed by the first picker only
