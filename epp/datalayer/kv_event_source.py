@@ -17,9 +17,8 @@ Two ways to meet the publishers, as vLLM either binds or connects (it binds when
   on consecutive ports). ZMQ reconnects by itself when a server restarts.
 * `mode: bind`: one SUB socket bound at `bindAddress` that every server connects to. The
   topic says who sent a message, so servers must publish with vLLM's topic convention
-  `kv@<ip>:<port>@<model>`, `<ip>:<port>` being the endpoint's address (or `kv@<ip>@...`
-  for a pod with one endpoint); messages naming no endpoint of the pool are dropped and
-  counted.
+  `kv@<ip>:<port>@<model>`, `<ip>:<port>` being the endpoint's address; messages naming
+  no endpoint of the pool are dropped and counted.
 
 `topic` (empty: all) is the ZMQ subscription prefix. Messages published before the
 socket connected are lost (ZMQ PUB/SUB keeps nothing); the extractor sees the first
@@ -196,8 +195,7 @@ class KvEventsDataSource:
 
 
 def _topic_target(topic: str) -> str | None:
-    """`ip:port` of `kv@<ip>:<port>@<model>`; a bare IP stands for the server's first
-    port, which the caller cannot know, so it matches nothing unless it is the target."""
+    """`<ip>:<port>` of `kv@<ip>:<port>@<model>` (IPv6 as `[addr]:port`, as targets are)."""
     parts = topic.split("@")
     return parts[1] if len(parts) >= 2 and parts[1] else None
 
