@@ -469,3 +469,35 @@ latency_predictor_last_training = Gauge(
     ("predictor",),
     registry=REGISTRY,
 )
+
+# Precise prefix routing: KV-cache events from the model servers and the picker's tokenizer.
+kv_events_total = Counter(
+    "inference_extension_kv_events_total",
+    "KV-cache events from model servers by what applying them did: BlockStored, "
+    "BlockRemoved, AllBlocksCleared; unknown (an event type the picker does not know, "
+    "skipped), ignored (another cache medium or KV-cache group), orphaned (stored under a "
+    "parent block the index does not know).",
+    ("outcome",),
+    registry=REGISTRY,
+)
+kv_event_messages_dropped_total = Counter(
+    "inference_extension_kv_event_messages_dropped_total",
+    "KV-event messages not applied, by reason: malformed (not a three-frame msgpack batch), "
+    "unknown_topic (a collector socket got a topic naming no endpoint of the pool).",
+    ("reason",),
+    registry=REGISTRY,
+)
+kv_event_index_resets_total = Counter(
+    "inference_extension_kv_event_index_resets_total",
+    "Times a server's block index was emptied because its event stream had a gap (missed "
+    "messages) or restarted (the sequence number went back).",
+    ("reason",),
+    registry=REGISTRY,
+)
+precise_prefix_approximate_total = Counter(
+    "inference_extension_precise_prefix_approximate_total",
+    "Requests a precise prefix producer matched with the approximate index instead, because "
+    "their model has no tokenizer configured or its tokenizer could not be loaded.",
+    ("plugin",),
+    registry=REGISTRY,
+)

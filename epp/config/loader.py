@@ -109,7 +109,7 @@ def load_config(text: str | None, *, previous: PickerConfig | None = None) -> Pi
         flow = flow_control.settings(doc.flow_control, detector, plugins.instances)
         scheduler = profiles.with_saturation_filter(scheduler, detector)
     _add_trackers(plugins)
-    _bind(plugins)
+    _bind(plugins, doc.data_layer_key)
     in_flight = plugins.default(IN_FLIGHT_TRACKER, IN_FLIGHT_TRACKER)
     assert isinstance(in_flight, InFlightTracker)
     return PickerConfig(
@@ -149,7 +149,7 @@ def _add_trackers(plugins: PluginSet) -> None:
         )
 
 
-def _bind(plugins: PluginSet) -> None:
+def _bind(plugins: PluginSet, doc_key: str) -> None:
     """Plugins that work with another plugin instance (the SLO tracker and profile handler
     with their latency predictor) get it by name through `bind(lookup)`; one named by its
     type and not declared is created with default parameters."""
@@ -162,6 +162,14 @@ def _bind(plugins: PluginSet) -> None:
             found = plugins.instances.get(wanted)
             if found is None and registry.factory(wanted) is not None:
                 found = plugins.default(wanted, wanted)
+                if data_layer_section.is_extractor(found) or data_layer_section.is_source(found):
+                    # Created here it would never be fed: it must be wired in the data layer.
+                    del plugins.instances[wanted]
+                    raise ConfigError(
+                        f"{plugins.where[user]}: {user!r} needs {wanted!r}, which is not wired "
+                        f"in {doc_key}; list it under {doc_key}.sources (e.g. extractors of a "
+                        "kv-events-data-source)"
+                    )
             if found is None:
                 hint = parameters.did_you_mean(wanted, plugins.instances)
                 raise ConfigError(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from epp import parameters
 from epp.bodies import parsers
-from epp.datalayer import custom_metrics, extractors, sources
+from epp.datalayer import custom_metrics, extractors, kv_event_extractor, kv_event_source, sources
 from epp.flowcontrol import fairness, ordering, saturation, workload_aware
 from epp.requestcontrol import inflight
 from epp.scheduling.plugins import (
@@ -22,6 +22,7 @@ from epp.scheduling.plugins import (
     lora_affinity_scorer,
     max_score_picker,
     metric_scorer,
+    precise_prefix,
     prefix_producer,
     prefix_scorer,
     profile_handler,
@@ -90,12 +91,16 @@ _FACTORIES: dict[str, PluginFactory] = {
     "lora-affinity-scorer": lora_affinity_scorer.LoraAffinityScorer.from_parameters,
     "prefix-cache-scorer": prefix_scorer.PrefixCacheScorer.from_parameters,
     "metric-scorer": metric_scorer.MetricScorer.from_parameters,
+    "precise-prefix-cache-scorer": precise_prefix.PrecisePrefixCacheScorer.from_parameters,
     # data producers
     "approx-prefix-cache-producer": prefix_producer.ApproxPrefixCacheProducer.from_parameters,
+    "precise-prefix-cache-producer": precise_prefix.PrecisePrefixCacheProducer.from_parameters,
     # data layer: sources and extractors
     **{type_name: _source_factory(type_name) for type_name in sources.TYPE_NAMES},
     "core-metrics-extractor": extractors.new_core_metrics_extractor,
     "prometheus-metric": custom_metrics.new_prometheus_metric_extractor,
+    kv_event_source.TYPE_NAME: kv_event_source.new_kv_events_data_source,
+    kv_event_extractor.TYPE_NAME: kv_event_extractor.KvEventsExtractor.from_parameters,
     # flow control: ordering and fairness policies, saturation detector (named in a
     # scheduling profile, a detector is also a filter)
     **ORDERING_POLICIES,

@@ -171,6 +171,11 @@ def endpoints_from_pod(pod: Mapping[str, Any], pool: PoolSpec) -> list[Endpoint]
             wanted.add(int(part))
         ports = tuple(p for p in ports if p in wanted)
     engine = labels.get(ENGINE_LABEL, DEFAULT_ENGINE)
+    pod_annotations = (
+        _str_map(pod, annotations, "metadata.annotations")
+        if isinstance(annotations, Mapping)
+        else {}
+    )
     return [
         Endpoint(
             key=EndpointKey(f"{namespace}/{name}-rank-{rank}"),
@@ -181,6 +186,7 @@ def endpoints_from_pod(pod: Mapping[str, Any], pool: PoolSpec) -> list[Endpoint]
             rank=rank,
             labels=labels,
             engine=engine,
+            annotations=pod_annotations,
         )
         for rank, port in enumerate(ports)
         if port in pool.target_ports

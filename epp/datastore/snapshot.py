@@ -45,6 +45,8 @@ class Endpoint:
     rank: int = 0
     labels: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     engine: str = DEFAULT_ENGINE
+    # The pod's annotations (e.g. the port its KV-cache events are published on).
+    annotations: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
     # Precomputed because every routed request sends it in a header.
     target: str = field(default="", compare=False)
 

@@ -117,7 +117,7 @@ class Director:
                 # It may have waited in a queue (e.g. for the pool's first endpoint): route
                 # over the endpoints there are now.
                 candidates = self.candidates(inbound.subset, self._datastore.current)
-                request, result = self.schedule(
+                request, result = await self.schedule(
                     pipeline, inbound, parsed, rewrite, objectives, candidates
                 )
             except BaseException:
@@ -270,7 +270,7 @@ class Director:
         # Endpoints whose metrics went stale get nothing while a fresh one exists.
         return fresh or stale
 
-    def schedule(
+    async def schedule(
         self,
         pipeline: RequestPipeline,
         inbound: InboundRequest,
@@ -288,7 +288,10 @@ class Director:
             priority=objectives.priority,
             slo=objectives.slo,
             max_output_tokens=parsed.max_tokens,
+            body=parsed,
         )
+        if pipeline.scheduler.preparers:
+            await pipeline.scheduler.prepare(request)  # e.g. tokenizing, off the loop
         result = pipeline.scheduler.schedule(request, candidates)
         primary = result.primary
         if primary is None or not primary.targets:

@@ -35,6 +35,7 @@ from prometheus_client import Counter
 from epp import metrics
 from epp.scheduling.interfaces import (
     Candidate,
+    DataPreparer,
     DataProducer,
     Filter,
     Picker,
@@ -178,9 +179,20 @@ class Scheduler:
                 raise ValueError(f"profile registered as {key!r} is named {profile.name!r}")
         self.profiles: Mapping[str, SchedulingProfile] = dict(profiles)
         self.handler = handler
+        preparers: list[DataPreparer] = []
+        for profile in self.profiles.values():
+            for producer in profile.producers:
+                if isinstance(producer, DataPreparer) and producer not in preparers:
+                    preparers.append(producer)
+        self.preparers: tuple[DataPreparer, ...] = tuple(preparers)
         self._pick_labels = _labels("ProfilePicker", handler)
         self._process_labels = _labels("ProcessProfilesResults", handler)
         self._served: dict[str, Counter] = {}
+
+    async def prepare(self, request: SchedulingRequest) -> None:
+        """Let producers that need it work off the loop before `schedule` (tokenizing)."""
+        for preparer in self.preparers:
+            await preparer.prepare(request)
 
     def schedule(
         self, request: SchedulingRequest, candidates: Sequence[Candidate]

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from epp.bodies.parsers import ParsedBody
 from epp.datalayer.endpoint_metrics import EndpointMetrics
 from epp.datastore.snapshot import Endpoint, SloTargets
 
@@ -54,6 +55,8 @@ class SchedulingRequest:
     # Output tokens the client allows (`max_tokens`); 0: not given.
     max_output_tokens: int = 0
     plugin_data: dict[str, object] = field(default_factory=dict)
+    # The parsed body (messages, prompt) for producers that read more than the prompt text.
+    body: ParsedBody | None = None
 
     @property
     def input_tokens(self) -> int:
@@ -115,6 +118,15 @@ class Picker(Plugin, Protocol):
 class DataProducer(Plugin, Protocol):
     def produce(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> None:
         """Compute per-request data (e.g. prefix matches) before filters and scorers run."""
+        ...
+
+
+@runtime_checkable
+class DataPreparer(Plugin, Protocol):
+    async def prepare(self, request: SchedulingRequest) -> None:
+        """Work a data producer must not do on the event loop's critical path (tokenizing
+        a long prompt on a thread), awaited before the scheduling cycle; the producer's
+        `produce` reads what it left in `plugin_data`."""
         ...
 
 

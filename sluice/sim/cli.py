@@ -16,7 +16,7 @@ import sys
 
 from epp import arguments
 from sluice.sim import config as sim_config
-from sluice.sim import engine, fleet
+from sluice.sim import engine, fleet, kv_publisher
 
 _PROG = "sluice simulate"
 
@@ -38,8 +38,10 @@ def replica_configs(
     configs = []
     for i in range(replicas):
         speed = speeds[i % len(speeds)]
-        scaled = cfg.replace(performance=cfg.performance.scaled(speed))
-        configs.append(cfg if speed == 1.0 else scaled)
+        replica = cfg if speed == 1.0 else cfg.replace(performance=cfg.performance.scaled(speed))
+        if cfg.kv_events is not None:
+            replica = replica.replace(kv_events=cfg.kv_events.for_replica(i))
+        configs.append(replica)
     return configs
 
 
@@ -108,6 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
       help="seconds after start when servers stop answering (0 = never; "
            "POST /sim/silence toggles)")
     a("--seed", type=int, default=d.seed, help="seed for failure injection")
+    a("--tokenizer", default="", metavar="DIR",
+      help="model directory whose tokenizer (and chat template) counts prompts, as vLLM "
+           "would; KV events then carry the ids a picker with the same tokenizer computes "
+           "(default: 4 characters a token)")
+    a("--kv-events-config", default="", metavar="JSON",
+      help="publish KV-cache events as vLLM does, e.g. '{\"enable_kv_cache_events\": true, "
+           "\"publisher\": \"zmq\", \"endpoint\": \"tcp://*:5557\"}' (binds with * or ::, "
+           "else connects; replica i binds port+i; topic default kv@<host>:<port>@<model>)")
+    a("--kv-events-encoding", choices=kv_publisher.ENCODINGS, default="map",
+      help="events as maps with a type key (vLLM from mid 2026) or tag-first arrays "
+           "(earlier releases); default %(default)s")
     a("--access-log", type=arguments.boolean, nargs="?", const=True, default=False, metavar="BOOL")
     a("-v", "--verbose", action="count", default=0)
     return p
@@ -140,7 +153,18 @@ def config_from_args(args: argparse.Namespace) -> sim_config.SimConfig:
         slow_start_s=args.slow_start,
         silent_after_s=args.silent_after,
         seed=args.seed,
+        tokenizer=args.tokenizer,
+        kv_events=_kv_events(args),
     )
+
+
+def _kv_events(args: argparse.Namespace) -> kv_publisher.KvEventsConfig | None:
+    if not args.kv_events_config:
+        return None
+    try:
+        return kv_publisher.KvEventsConfig.parse(args.kv_events_config, args.kv_events_encoding)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _pod_names(args: argparse.Namespace) -> list[str]:

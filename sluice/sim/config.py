@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from sluice.sim import engine
+from sluice.sim import engine, kv_publisher
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,6 +24,9 @@ class SimConfig:
     slow_start_s: float = 0.0  # wall seconds after start during which everything is 503
     silent_after_s: float = 0.0  # wall seconds after start when the server goes silent; 0 = never
     seed: int = 0  # failure injection randomness
+    # A model directory whose tokenizer counts prompts (else 4 characters a token).
+    tokenizer: str = ""
+    kv_events: kv_publisher.KvEventsConfig | None = None  # publish KV-cache events
 
     @property
     def names(self) -> tuple[str, ...]:

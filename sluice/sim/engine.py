@@ -143,6 +143,9 @@ class EngineCore:
         self.model = model
         self.stats = stats if stats is not None else metrics_text.VllmStats()
         self.pool = prefix_cache.KVBlockPool(model.kv_cache_blocks)
+        # Told of blocks newly cached (the KV-event publisher); evictions go through
+        # `pool.on_evict`.
+        self.on_stored: Callable[[SimRequest, list[int]], None] | None = None
         self._waiting: deque[SimRequest] = deque()
         self._running: list[SimRequest] = []
         self._loaded_loras: OrderedDict[str, None] = OrderedDict()  # least recent first
@@ -232,7 +235,9 @@ class EngineCore:
                 continue
             r.needs_prefill = False
             if self.model.enable_prefix_caching and r.lease is not None:
-                self.pool.publish(r.lease, r.prompt.block_hashes[r.matched_blocks :])
+                new = self.pool.publish(r.lease, r.prompt.block_hashes[r.matched_blocks :])
+                if new and self.on_stored is not None:
+                    self.on_stored(r, [r.matched_blocks + i for i in new])
             if r.first_token_s is None:
                 self.stats.prompt_tokens += r.prompt.num_tokens
             finished |= self._emit_token(r, now_s)

@@ -15,7 +15,7 @@ capacity. Cached-but-unheld blocks count as free, because they can be evicted at
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 
 class BlockLease:
@@ -41,6 +41,8 @@ class KVBlockPool:
         self._refs: dict[int, int] = {}  # published block hash -> holders
         self._evictable: OrderedDict[int, None] = OrderedDict()  # holders == 0, oldest first
         self._anonymous = 0
+        # Told the hashes of cached blocks evicted to make room (the KV-event publisher).
+        self.on_evict: Callable[[list[int]], None] | None = None
 
     @property
     def blocks_in_use(self) -> int:
@@ -91,19 +93,32 @@ class KVBlockPool:
         lease.anonymous += blocks
         return True
 
-    def publish(self, lease: BlockLease, hashes: Sequence[int]) -> None:
+    def publish(self, lease: BlockLease, hashes: Sequence[int]) -> list[int]:
         """Make anonymous blocks of `lease` matchable under `hashes` (prompt blocks that
         were just computed). A hash that is already cached keeps its existing block; ours
-        stays anonymous, as a duplicate physical block would in vLLM."""
-        for h in hashes:
+        stays anonymous, as a duplicate physical block would in vLLM. Returns the
+        positions in `hashes` that were newly cached."""
+        published: list[int] = []
+        for i, h in enumerate(hashes):
             if lease.anonymous == 0:
-                return
+                break
             if h in self._refs:
                 continue
             self._refs[h] = 1
             lease.hashed.append(h)
             lease.anonymous -= 1
             self._anonymous -= 1
+            published.append(i)
+        return published
+
+    def reset(self) -> bool:
+        """Drop every cached block, as vLLM's /reset_prefix_cache; False (nothing changes)
+        while a running sequence holds blocks."""
+        if self._anonymous or len(self._refs) != len(self._evictable):
+            return False
+        self._refs.clear()
+        self._evictable.clear()
+        return True
 
     def release(self, lease: BlockLease) -> None:
         """Give back every block of `lease`; safe to call more than once."""
@@ -122,7 +137,11 @@ class KVBlockPool:
 
     def _take(self, blocks: int) -> None:
         shortfall = blocks - self._never_used()
+        evicted: list[int] = []
         for _ in range(max(0, shortfall)):
             h, _ = self._evictable.popitem(last=False)
             del self._refs[h]
+            evicted.append(h)
+        if evicted and self.on_evict is not None:
+            self.on_evict(evicted)
         self._anonymous += blocks

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
@@ -21,8 +22,10 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from epp.bodies import tokenizer as tokenizing
+from epp.bodies.parsers import ParsedBody
 from sluice.sim import config as sim_config
-from sluice.sim import engine, faults, metrics_text, openai_api, realtime, tokens
+from sluice.sim import engine, faults, kv_publisher, metrics_text, openai_api, realtime, tokens
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +78,14 @@ class SimulatedServer:
             "num_gpu_blocks": str(perf.kv_cache_blocks),
         }
         self.requests_received = 0
+        self.tokenizer: tokenizing.ModelTokenizer | None = None
+        if self.config.tokenizer:
+            try:
+                self.tokenizer = tokenizing.load(self.config.tokenizer)
+            except tokenizing.TokenizerError as exc:
+                raise ValueError(f"--tokenizer: {exc}") from None
+        self._tokenized = tokenizing.TokenizerPool()
+        self.kv_events: kv_publisher.KvEventPublisher | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -100,6 +111,7 @@ class SimulatedServer:
             web.post("/v1/unload_lora_adapter", self._unload_lora),
             web.get("/sim/state", self._state),
             web.post("/sim/silence", self._silence),
+            web.post("/reset_prefix_cache", self._reset_prefix_cache),
         ])
         runner = web.AppRunner(
             app,
@@ -117,6 +129,14 @@ class SimulatedServer:
             await runner.cleanup()
             raise
         self._runner = runner
+        if self.config.kv_events is not None:
+            self.kv_events = kv_publisher.KvEventPublisher(
+                self.config.kv_events,
+                topic=f"kv@{self.address}@{self.config.names[0]}",
+                block_size=self.config.performance.block_size,
+                lora_ids={name: i + 1 for i, name in enumerate(self.config.lora_modules)},
+            )
+            self.kv_events.attach(self.engine.core)
         self.engine.start()
         self.faults.start()
 
@@ -126,6 +146,9 @@ class SimulatedServer:
             await self._runner.cleanup()
             self._runner = None
         await self.engine.stop()
+        if self.kv_events is not None:
+            self.kv_events.close()
+            self.kv_events = None
 
     async def __aenter__(self) -> SimulatedServer:
         await self.start()
@@ -191,7 +214,7 @@ class SimulatedServer:
         try:
             parsed = openai_api.parse(body, chat=chat)
             lora = self._resolve(parsed.model)
-            prompt, max_tokens, limit_reason = self._plan(parsed, lora)
+            prompt, max_tokens, limit_reason = self._plan(parsed, lora, body)
         except openai_api.ApiError as e:
             return web.Response(status=e.status, body=e.body(), content_type=_JSON)
         if self.faults.should_fail():
@@ -233,14 +256,26 @@ class SimulatedServer:
                 self.engine.abort(sim_request)
 
     def _plan(
-        self, parsed: openai_api.ParsedRequest, lora: str | None
+        self, parsed: openai_api.ParsedRequest, lora: str | None, body: bytes = b""
     ) -> tuple[tokens.Prompt, int, str]:
         block_size = self.config.performance.block_size
-        seed = tokens.hash_seed(lora or self.config.model, parsed.cache_salt)
-        if parsed.prompt_ids is not None:
-            prompt = tokens.token_ids_prompt(parsed.prompt_ids, block_size, seed)
+        salt = parsed.cache_salt
+        seed = tokens.hash_seed(lora or self.config.model, salt)
+        ids = parsed.prompt_ids
+        if ids is None and self.tokenizer is not None:
+            # As vLLM: the model's tokenizer, through its chat template for chat.
+            document = orjson.loads(body)
+            api = "chat/completions" if parsed.chat else "completions"
+            parsed_body = ParsedBody(api, parsed.model, "", document=document)
+            found = self._tokenized.token_ids_now(self.tokenizer, parsed_body)
+            ids = tuple(found) if found is not None else None
+        if ids is not None:
+            prompt = tokens.token_ids_prompt(ids, block_size, seed, salt)
         else:
-            prompt = tokens.text_prompt(parsed.prompt_text or "", block_size, seed)
+            text = parsed.prompt_text or ""
+            prompt = tokens.text_prompt(text, block_size, seed, salt)
+            if self.kv_events is not None:
+                prompt = dataclasses.replace(prompt, token_ids=tokens.pseudo_token_ids(text))
         if prompt.num_tokens == 0:
             raise openai_api.ApiError(400, "The decoder prompt cannot be empty", "prompt")
         context = self.config.context_tokens
@@ -320,6 +355,14 @@ class SimulatedServer:
             for name, path in self._adapters.items()
         ]
         return web.json_response({"object": "list", "data": data}, dumps=_dumps)
+
+    async def _reset_prefix_cache(self, request: web.Request) -> web.Response:
+        """vLLM's POST /reset_prefix_cache: drops every cached block (AllBlocksCleared)."""
+        if not self.engine.core.pool.reset():
+            return _error(400, "cannot reset the prefix cache while requests hold blocks")
+        if self.kv_events is not None:
+            self.kv_events.cleared()
+        return web.Response(status=200)
 
     async def _health(self, request: web.Request) -> web.Response:
         if (held := await self._gate()) is not None:

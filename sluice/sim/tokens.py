@@ -36,6 +36,9 @@ class Prompt:
 
     num_tokens: int
     block_hashes: tuple[int, ...]
+    # The ids, when the prompt was tokenized for real or given as ids (KV events carry them).
+    token_ids: tuple[int, ...] = ()
+    cache_salt: str | None = None
 
 
 def hash_seed(model: str, cache_salt: str | None = None) -> int:
@@ -47,22 +50,36 @@ def count_text_tokens(text: str) -> int:
     return -(-len(text) // CHARS_PER_TOKEN)
 
 
-def text_prompt(text: str, block_size: int, seed: int) -> Prompt:
+def text_prompt(
+    text: str, block_size: int, seed: int, cache_salt: str | None = None
+) -> Prompt:
     block_chars = block_size * CHARS_PER_TOKEN
     full_blocks = len(text) // block_chars
     blocks = (
         text[i * block_chars : (i + 1) * block_chars].encode() for i in range(full_blocks)
     )
-    return Prompt(count_text_tokens(text), _chain(blocks, seed))
+    return Prompt(count_text_tokens(text), _chain(blocks, seed), cache_salt=cache_salt)
 
 
-def token_ids_prompt(ids: Sequence[int], block_size: int, seed: int) -> Prompt:
+def pseudo_token_ids(text: str) -> tuple[int, ...]:
+    """Stand-in ids for a prompt counted in characters: one per 4 characters (what KV
+    events carry when the simulator has no tokenizer; no picker tokenizer reproduces
+    them, so they only serve to exercise the event path)."""
+    return tuple(
+        xxhash.xxh32_intdigest(text[i : i + CHARS_PER_TOKEN].encode()) & 0xFFFF
+        for i in range(0, len(text), CHARS_PER_TOKEN)
+    )
+
+
+def token_ids_prompt(
+    ids: Sequence[int], block_size: int, seed: int, cache_salt: str | None = None
+) -> Prompt:
     full_blocks = len(ids) // block_size
     blocks = (
         struct.pack(f"<{block_size}q", *ids[i * block_size : (i + 1) * block_size])
         for i in range(full_blocks)
     )
-    return Prompt(len(ids), _chain(blocks, seed))
+    return Prompt(len(ids), _chain(blocks, seed), tuple(ids), cache_salt)
 
 
 def _chain(blocks: Iterable[bytes], seed: int) -> tuple[int, ...]:

@@ -285,7 +285,23 @@ DOCUMENTED_PARAMETERS: dict[str, dict[str, object]] = {
     },
     "prometheus-metric": {"selector": 'q{a="b"}', "metricName": "depth",
                           "aggregation": "max"},
+    "kv-events-data-source": {"mode": "bind", "bindAddress": "tcp://*:5557", "topic": "kv@",
+                              "maxMessagesPerTick": 100, "port": 5557,
+                              "portAnnotation": "example.com/kv-port"},
+    "kv-events-extractor": {"maxBlocksPerServer": 1000},
+    "precise-prefix-cache-producer": {"tokenizers": {"m": "/tokenizers/m"},
+                                      "loraAdapters": {"a": "m"},
+                                      "kvEventsExtractorName": "kv-events-extractor",
+                                      "maxPrefixBlocksToMatch": 64, "inlineTokenizeChars": 0},
+    "precise-prefix-cache-scorer": {
+        "prefixMatchInfoProducerName": "precise-prefix-cache-producer",
+        "minBlocksForFullScore": 8,
+    },
 }
+_KV_EVENTS = {"sources": [
+    {"pluginRef": "metrics-data-source", "extractors": [{"pluginRef": "core-metrics-extractor"}]},
+    {"pluginRef": "kv-events-data-source", "extractors": [{"pluginRef": "kv-events-extractor"}]},
+]}
 
 
 @pytest.mark.parametrize("type_name", sorted(DOCUMENTED_PARAMETERS))
@@ -306,6 +322,8 @@ def test_documented_parameters_load(type_name: str) -> None:
                              "extractors": [{"pluginRef": type_name}]}]}
     elif not type_name.endswith("-handler") and type_name != "queue-scorer":
         refs.append({"pluginRef": type_name})
+    if type_name.startswith(("kv-events-", "precise-prefix-")):
+        data = _KV_EVENTS  # a KV-event source feeds only the KV-event extractor
     if type_name == "metric-scorer":
         plugins.append({"type": "prometheus-metric", "name": "depth",
                         "parameters": {"selector": "q"}})
