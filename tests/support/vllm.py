@@ -56,6 +56,9 @@ _LOG_TAIL_LINES = 15
 
 def missing_reason() -> str | None:
     """Why real vLLM cannot be started here, or None when it can."""
+    failure = CACHE / "vllm-setup-failure.txt"
+    if failure.is_file():
+        return f"scripts/vllm-setup failed: {failure.read_text().strip()}"
     if not (VENV / ".sluice-stamp").is_file() or not (VENV / "bin" / "python").is_file():
         return f"no vLLM venv at {VENV.relative_to(ROOT)}: run scripts/vllm-setup"
     if not (MODEL / ".sluice-stamp").is_file():
