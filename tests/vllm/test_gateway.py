@@ -201,14 +201,46 @@ async def test_streamed_usage_is_counted_by_the_picker(pool, path, fields):
         )
 
 
-async def test_a_lora_adapter_is_served_through_the_gateway(pool):
-    async with gateway(endpoints=endpoints(pool)) as (envoy, _):
+def _requests_counted_as(model: str) -> float:
+    return sum(
+        sample.value
+        for family in metrics.REGISTRY.collect()
+        for sample in family.samples
+        if sample.name == "inference_objective_request_total"
+        and sample.labels["model_name"] == model
+    )
+
+
+async def test_a_lora_adapter_is_served_and_counted_under_its_own_name(pool):
+    async with gateway(endpoints=endpoints(pool)) as (envoy, picker):
         status, answer = await post(
             envoy, "/v1/completions", completion(3, prompt=PROMPT, model="tiny-lora-2")
         )
         assert status == 200, answer
         assert answer["model"] == "tiny-lora-2"
         assert answer["usage"]["completion_tokens"] == 3
+        await wait_for(
+            lambda: any(
+                "tiny-lora-2" in metrics_of(picker, s).served_adapters for s in pool.servers
+            ),
+            timeout_s=30,
+            what="the adapter in a scraped LoRA series",
+        )
+        # Idle servers: vLLM names an adapter in `vllm:lora_requests_info` only while it
+        # has requests, yet the adapter is a model the pool serves, not an `other`.
+        await wait_for(
+            lambda: all(not metrics_of(picker, s).running_adapters for s in pool.servers),
+            timeout_s=30,
+            what="no adapter in use",
+        )
+        counted = _requests_counted_as("tiny-lora-2")
+        status, answer = await post(
+            envoy, "/v1/completions", completion(3, prompt=PROMPT, model="tiny-lora-2")
+        )
+        assert status == 200, answer
+        assert answer["model"] == "tiny-lora-2"
+        assert answer["usage"]["completion_tokens"] == 3
+        assert _requests_counted_as("tiny-lora-2") == counted + 1
 
 
 REWRITE_MANIFEST = """
