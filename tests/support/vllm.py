@@ -30,6 +30,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import aiohttp
 import zmq
@@ -313,8 +314,15 @@ class KvEventCollector:
         self._context.term()
 
 
+class EventReceiver(Protocol):
+    """A SUB socket's reading end: `KvEventCollector`, or a test's own socket connected to
+    a server that binds (`kv_events_bind`)."""
+
+    async def receive(self, timeout_s: float) -> Message | None: ...
+
+
 async def first_events(
-    collector: KvEventCollector, server: VllmServer, timeout_s: float = 30.0
+    collector: EventReceiver, server: VllmServer, timeout_s: float = 30.0
 ) -> list[Message]:
     """Sends one-block prompts to `server` until its KV events reach `collector`; returns
     the messages received. Events published before the subscription took hold are lost
