@@ -7,13 +7,15 @@ exit stops each whole process group (the API server and its engine-core child), 
 process outlives the block. A server that dies while starting fails the block with the
 last lines of its log.
 
-`KvEventCollector` is the other end of vLLM's KV events: a SUB socket bound on 127.0.0.1
-that the servers' publishers connect to (vLLM connects where its endpoint has no `*`).
-`write_frames`/`read_frames` store such messages in the fixture format of
-tests/fixtures/vllm_kv_events (its README describes it).
+KV events: `KvEventCollector` is a SUB socket bound on 127.0.0.1 that the servers'
+publishers connect to (vLLM connects where its endpoint has no `*`); with
+`kv_events_bind` each server binds `tcp://*:<port>` instead (vLLM binds only on a
+wildcard) and `VllmServer.kv_events_endpoint` is where to connect. Batches published
+before the subscription takes hold are lost: `first_events` waits until events flow.
+`write_frames`/`read_frames` store messages in the format of tests/fixtures/vllm_kv_events.
 
-`missing_reason()` says why real vLLM cannot run here (no venv or no model yet); the
-tests skip with it.
+`missing_reason()` says why real vLLM cannot run here (set-up failed, no venv or no model
+yet); the tests skip with it.
 """
 
 from __future__ import annotations
