@@ -315,6 +315,7 @@ def _known_models(snapshot: Snapshot, store: MetricsStore) -> set[str]:
         names |= m.served_models
         names |= m.running_adapters
         names |= m.waiting_adapters
+        names |= m.served_adapters  # an adapter between its requests is still served
     for model, targets in snapshot.rewrites_exact.items():
         names.add(model)
         names.update(target.model for target in targets)

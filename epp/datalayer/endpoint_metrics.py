@@ -37,6 +37,9 @@ class EndpointMetrics:
     running_adapters: frozenset[str] = frozenset()
     waiting_adapters: frozenset[str] = frozenset()
     max_adapters: int = 0
+    # Every adapter any of its LoRA series names, current or old: vLLM lists an adapter
+    # only while it has requests, and keeps the old label sets, so this is what it served.
+    served_adapters: frozenset[str] = frozenset()
     served_models: frozenset[str] = frozenset()  # the `model_name` labels of its metrics
     cache_block_size: int = 0
     cache_num_blocks: int = 0
@@ -118,6 +121,7 @@ class MetricsStore:
             metrics.served_models != previous.served_models
             or metrics.running_adapters != previous.running_adapters
             or metrics.waiting_adapters != previous.waiting_adapters
+            or metrics.served_adapters != previous.served_adapters
         ):
             self.on_models_changed()
 

@@ -16,6 +16,8 @@ What happens when a metric is not on the page:
   fails and the endpoint goes stale instead of looking idle.
 * LoRA info: no series means the server has no LoRA adapters: empty sets, max 0
   (vLLM publishes `vllm:lora_requests_info` only with LoRA enabled; SGLang has none).
+  The newest series says which adapters have requests now; every series, old ones
+  included, says which adapters the server has served (`served_adapters`).
   An absent series is looked for again every ABSENT_RECHECK_TICKS ticks, not every tick.
 * cache info: the previous value stays (it is static configuration; 0 = unknown); once
   read it is refreshed every STATIC_REFRESH_TICKS ticks.
@@ -255,10 +257,20 @@ class CoreMetricsExtractor:
     ) -> bool:
         """Fill the LoRA fields; False when the page has no such series."""
         latest: prometheus_text.Sample | None = None
+        served: frozenset[str] = _NO_ADAPTERS
         for sample in page.samples(metric):
+            if not math.isfinite(sample.value):
+                continue
             # The value is the time the series was last updated; the newest one is current.
-            if math.isfinite(sample.value) and (latest is None or sample.value > latest.value):
+            if latest is None or sample.value > latest.value:
                 latest = sample
+            # Old series name adapters that are idle now but still served (vLLM keeps them).
+            if len(served) < _MAX_SERVED_MODELS:
+                served = served.union(
+                    _adapter_set(sample.labels.get("running_lora_adapters", "")),
+                    _adapter_set(sample.labels.get("waiting_lora_adapters", "")),
+                )
+        changes["served_adapters"] = served
         if latest is None:
             changes["running_adapters"] = _NO_ADAPTERS
             changes["waiting_adapters"] = _NO_ADAPTERS

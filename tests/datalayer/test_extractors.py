@@ -59,6 +59,18 @@ def test_vllm_lora_info_uses_the_newest_series() -> None:
     assert metrics.max_adapters == 4
 
 
+def test_adapters_of_old_lora_series_are_still_served() -> None:
+    # What vLLM 0.32.0 shows after a request for sql-lora ended: the newest series is
+    # empty, the one from while it ran is kept.
+    text = pages.vllm_page(
+        lora_series=[("sql-lora", "sql-lora", 2, 1746139100.5), ("", "chat-lora", 2, 1746139201.0)]
+    )
+    metrics = _extract(text)
+    assert metrics.running_adapters == frozenset()
+    assert metrics.served_adapters == {"sql-lora", "chat-lora"}
+    assert _extract(pages.vllm_page(), current=metrics).served_adapters == frozenset()
+
+
 def test_vllm_lora_info_with_empty_adapter_lists() -> None:
     metrics = _extract(pages.vllm_page(lora_series=[("", "", 8, 1746139201.0)]))
     assert metrics.running_adapters == frozenset()
