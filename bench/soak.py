@@ -42,6 +42,20 @@ plugins:
 """
 
 
+async def wait_tcp(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nothing listens on 127.0.0.1:{port}") from None
+            await asyncio.sleep(0.1)
+        else:
+            writer.close()
+            return
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -154,17 +168,27 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     async with AsyncExitStack() as stack:
         backends = await stack.enter_async_context(simulators(2, sim_args))
         grpc, health, metrics_port = free_tcp_port(), free_tcp_port(), free_tcp_port()
-        picker = await stack.enter_async_context(
-            child(
-                PYTHON, "-m", "sluice.cli", "picker",
-                "--endpoints", ",".join(backends), "--host", "127.0.0.1",
-                "--grpc-port", str(grpc), "--grpc-health-port", str(health),
-                "--metrics-port", str(metrics_port), "--secure-serving=false",
-                "--config-text", CONFIG, "--request-body-timeout", args.body_timeout,
-            )
-        )  # fmt: skip
-        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        await wait_http(metrics_url)
+        metrics_url: str | None = None
+        if args.ext_proc == "null":  # the protocol floor: what gRPC and Envoy alone cost
+            picker = await stack.enter_async_context(
+                child(
+                    PYTHON, str(HERE / "null_extproc.py"), "--port", str(grpc),
+                    "--endpoints", ",".join(backends),
+                )
+            )  # fmt: skip
+            await wait_tcp(grpc)
+        else:
+            picker = await stack.enter_async_context(
+                child(
+                    PYTHON, "-m", "sluice.cli", "picker",
+                    "--endpoints", ",".join(backends), "--host", "127.0.0.1",
+                    "--grpc-port", str(grpc), "--grpc-health-port", str(health),
+                    "--metrics-port", str(metrics_port), "--secure-serving=false",
+                    "--config-text", CONFIG, "--request-body-timeout", args.body_timeout,
+                )
+            )  # fmt: skip
+            metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+            await wait_http(metrics_url)
         envoy = await stack.enter_async_context(
             EnvoyProcess(envoy_config.GatewayOptions(picker_port=grpc), concurrency=1)
         )
@@ -194,7 +218,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             task.add_done_callback(tasks.discard)
             sent += 1
             if time.monotonic() >= next_sample:
-                series, took = await scrape(session, metrics_url)
+                series, took = 0, 0.0
+                if metrics_url is not None:
+                    series, took = await scrape(session, metrics_url)
                 sample = {
                     "t_s": time.monotonic() - t0,
                     "rss_mb": rss_mb(picker.pid),
@@ -211,6 +237,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 next_sample += args.sample_every
         await asyncio.gather(*tasks, return_exceptions=True)
     return {
+        "ext_proc": args.ext_proc,
         "rate": args.rate,
         "duration_s": args.duration,
         "hostile_fraction": args.hostile,
@@ -253,6 +280,12 @@ def main() -> None:
     parser.add_argument("--sample-every", type=float, default=10.0, help="seconds")
     parser.add_argument("--body-timeout", default="5s", help="picker --request-body-timeout")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--ext-proc",
+        choices=("picker", "null"),
+        default="picker",
+        help="null: the do-nothing ext_proc server (bench/null_extproc.py) in the picker's place",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results" / "soak.json")
     parser.add_argument("--plot", type=Path, default=HERE / "figures" / "soak.png")
     args = parser.parse_args()
