@@ -5,7 +5,8 @@ same pool, same run.
 
 Four simulated vLLM servers with small KV caches (600 blocks of 16 tokens: about nine of
 the long contexts each, so the pool holds about half of them); 80 tenants, each with its
-own 1000-token context and a short question, tenant popularity Zipf-skewed (exponent 1).
+own context of about 1000 tokens (600 filler words
+in the tiny tokenizer) and a short question, tenant popularity Zipf-skewed (exponent 1).
 Under this pressure servers keep evicting: the approximate index cannot see that, the
 precise one is told. The servers tokenize with the same tokenizer the precise picker is
 given (`tests/support/tiny_tokenizer.py`), so the token ids in their events are the
@@ -63,7 +64,7 @@ SIM_ARGS = [
 
 def workload(seed: int) -> workloads.WorkloadSpec:
     return workloads.WorkloadSpec(
-        kind="shared-prefix", model=MODEL, groups=80, prefix_tokens=1000, question_tokens=40,
+        kind="shared-prefix", model=MODEL, groups=80, prefix_tokens=600, question_tokens=40,
         max_tokens=16, prefix_skew=1.0, seed=seed,
     )  # fmt: skip
 
