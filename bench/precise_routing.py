@@ -4,9 +4,9 @@ KV-cache events (the shipped precise-prefix config) and sglang-router's cache_aw
 same pool, same run.
 
 Four simulated vLLM servers with small KV caches (600 blocks of 16 tokens: about nine of
-the long contexts each, so the pool holds about half of them); 80 tenants, each with its
-own context of about 1000 tokens (600 filler words
-in the tiny tokenizer) and a short question, tenant popularity Zipf-skewed (exponent 1).
+the long contexts each, so the pool holds under half of them); 80 tenants, each with its
+own context of about 1000 tokens (600 filler words in the tokenizer below) and a short
+question, tenant popularity Zipf-skewed (exponent 1).
 Under this pressure servers keep evicting: the approximate index cannot see that, the
 precise one is told. The servers tokenize with the same tokenizer the precise picker is
 given (`tests/support/tiny_tokenizer.py`), so the token ids in their events are the
