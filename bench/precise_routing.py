@@ -98,6 +98,26 @@ async def server_prefix_counters(backends: Sequence[str]) -> tuple[float, float]
     return hits, queries
 
 
+PRECISE_COUNTERS = (
+    "inference_extension_kv_events_total",
+    "inference_extension_kv_event_index_resets_total",
+    "inference_extension_precise_prefix_approximate_total",
+)
+
+
+async def precise_picker_counters(url: str) -> dict[str, float]:
+    """Event, index-reset and approximate-fallback counters of the precise picker, summed
+    per series name with its labels (e.g. the event outcome)."""
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        text = await response.text()
+    counters: dict[str, float] = {}
+    for line in text.splitlines():
+        series, _, value = line.rpartition(" ")
+        if series.startswith(PRECISE_COUNTERS):
+            counters[series] = counters.get(series, 0.0) + float(value)
+    return counters
+
+
 async def measure(
     url: str, requests: int, rate: float | None, seed: int, concurrency: int = 64
 ) -> list[runner.RequestResult]:
@@ -127,7 +147,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
             )
             urls[name] = (await stack.enter_async_context(EnvoyProcess(options))).url
         precise = precise_config(tokenizer_dir, collector, workdir / "precise-prefix.yaml")
-        for name, extra in (("approximate", []), ("precise", ["--config-file", str(precise)])):
+        # The precise picker's own metrics show that events arrived and nothing fell back
+        # to its approximate index (a later --metrics-port wins over the harness's).
+        metrics_port = free_tcp_port()
+        precise_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        precise_args = ["--config-file", str(precise), "--metrics-port", str(metrics_port)]
+        for name, extra in (("approximate", []), ("precise", precise_args)):
             _, port = await stack.enter_async_context(picker(backends, extra))
             options = gateway_settings.GatewayOptions(picker_port=port)
             urls[name] = (await stack.enter_async_context(EnvoyProcess(options))).url
@@ -181,6 +206,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
                 f"{approximate / s.ttft_p90_s:.2f}x), server prefix hit "
                 f"{server_hits[name][0.8]:.0%}"
             )
+        out["precise_picker"] = await precise_picker_counters(precise_metrics)
+        print("precise picker:", out["precise_picker"])
         try:
             plots.plot_comparison(
                 series, RESULTS / "precise_routing.png",
