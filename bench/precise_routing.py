@@ -148,12 +148,15 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
             urls[name] = (await stack.enter_async_context(EnvoyProcess(options))).url
         precise = precise_config(tokenizer_dir, collector, workdir / "precise-prefix.yaml")
         # The precise picker's own metrics show that events arrived and nothing fell back
-        # to its approximate index (a later --metrics-port wins over the harness's).
+        # to its approximate index.
         metrics_port = free_tcp_port()
         precise_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
-        precise_args = ["--config-file", str(precise), "--metrics-port", str(metrics_port)]
-        for name, extra in (("approximate", []), ("precise", precise_args)):
-            _, port = await stack.enter_async_context(picker(backends, extra))
+        pickers = {
+            "approximate": picker(backends),
+            "precise": picker(backends, ["--config-file", str(precise)], metrics_port),
+        }
+        for name, started in pickers.items():
+            _, port = await stack.enter_async_context(started)
             options = gateway_settings.GatewayOptions(picker_port=port)
             urls[name] = (await stack.enter_async_context(EnvoyProcess(options))).url
         if sglang_router_binary():
