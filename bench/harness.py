@@ -63,10 +63,10 @@ async def simulators(count: int, sim_args: Sequence[str] = ()) -> AsyncIterator[
 
 @contextlib.asynccontextmanager
 async def picker(
-    endpoints: Sequence[str], extra: Sequence[str] = ()
+    endpoints: Sequence[str], extra: Sequence[str] = (), metrics_port: int | None = None
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, int]]:
     """`sluice picker` on static endpoints; yields the process and its ext_proc port."""
-    port, health, metrics = free_tcp_port(), free_tcp_port(), free_tcp_port()
+    port, health, metrics = free_tcp_port(), free_tcp_port(), metrics_port or free_tcp_port()
     async with child(
         PYTHON, "-m", "sluice.cli", "picker",
         "--endpoints", ",".join(endpoints),
