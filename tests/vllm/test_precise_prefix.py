@@ -170,7 +170,7 @@ async def test_a_long_prompt_goes_where_vllm_cached_it_and_not_after_eviction(
 ) -> None:
     tokenizer = tokenizing.load(vllm.MODEL)
     prefix = words("shared-prefix", 400)
-    tokens = tokenizer.encode_text(prefix)
+    tokens = list(tokenizer.encode_text(prefix))
     async with aiohttp.ClientSession() as session:
         body = {"model": vllm.MODEL_NAME, "prompt": prefix}
         async with session.post(gateway.servers[0].url + "/tokenize", json=body) as response:
