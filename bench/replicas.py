@@ -134,7 +134,10 @@ async def _complete(session: aiohttp.ClientSession, url: str, body: bytes) -> No
 
 async def run(index: str, args: argparse.Namespace, tok_dir: Path) -> Outcome:
     """A fresh set of servers and two replicas; the workload through both."""
-    text = (DOCS / "configuration.md").read_text()
+    text = "".join((DOCS / name).read_text() for name in ("configuration.md", "data-layer.md"))
+    if len(text) < args.tenants * 1500:
+        raise SystemExit(f"--tenants {args.tenants}: the docs hold contexts for at most "
+                         f"{len(text) // 1500} tenants")
     rng = random.Random(args.seed)
     contexts = [text[i * 1500 : i * 1500 + args.context_chars] for i in range(args.tenants)]
     weights = [1 / (rank + 1) ** args.zipf for rank in range(args.tenants)]
