@@ -63,7 +63,9 @@ plugins:
 - {{type: queue-scorer}}
 """
     if index == "precise":
-        return head + f"""\
+        return (
+            head
+            + f"""\
 - {{type: precise-prefix-cache-producer, parameters: {{tokenizers: {{tiny: '{tok_dir}'}}}}}}
 - {{type: precise-prefix-cache-scorer}}
 {_SOURCES}
@@ -73,7 +75,10 @@ schedulingProfiles:
   - {{pluginRef: precise-prefix-cache-scorer, weight: 3}}
   - {{pluginRef: queue-scorer, weight: 1}}
 """
-    return head + f"""\
+        )
+    return (
+        head
+        + f"""\
 - {{type: approx-prefix-cache-producer, parameters: {{blockSizeTokens: {BLOCK}}}}}
 - {{type: prefix-cache-scorer}}
 {_SOURCES}
@@ -83,6 +88,7 @@ schedulingProfiles:
   - {{pluginRef: prefix-cache-scorer, weight: 3}}
   - {{pluginRef: queue-scorer, weight: 1}}
 """
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,21 +142,29 @@ async def run(index: str, args: argparse.Namespace, tok_dir: Path) -> Outcome:
     """A fresh set of servers and two replicas; the workload through both."""
     text = "".join((DOCS / name).read_text() for name in ("configuration.md", "data-layer.md"))
     if len(text) < args.tenants * 1500:
-        raise SystemExit(f"--tenants {args.tenants}: the docs hold contexts for at most "
-                         f"{len(text) // 1500} tenants")
+        raise SystemExit(
+            f"--tenants {args.tenants}: the docs hold contexts for at most "
+            f"{len(text) // 1500} tenants"
+        )
     rng = random.Random(args.seed)
     contexts = [text[i * 1500 : i * 1500 + args.context_chars] for i in range(args.tenants)]
     weights = [1 / (rank + 1) ** args.zipf for rank in range(args.tenants)]
     events_port = free_tcp_port("127.0.0.1")
     hosts = [f"127.0.0.{10 + i}" for i in range(args.servers)]
     perf = engine.PerformanceModel(
-        block_size=BLOCK, kv_cache_blocks=args.kv_blocks, ttft_ms=1.0,
-        prefill_ms_per_token=0.0, itl_ms=1.0,
+        block_size=BLOCK,
+        kv_cache_blocks=args.kv_blocks,
+        ttft_ms=1.0,
+        prefill_ms_per_token=0.0,
+        itl_ms=1.0,
     )
     servers = [
         SimulatedServer(
             sim_config.SimConfig(
-                model="tiny", tokenizer=str(tok_dir), performance=perf, default_max_tokens=1,
+                model="tiny",
+                tokenizer=str(tok_dir),
+                performance=perf,
+                default_max_tokens=1,
                 kv_events=kv_publisher.KvEventsConfig(f"tcp://{host}:{events_port}", bind=True),
             ),
             pod_name=f"sim-{i}",
@@ -163,9 +177,7 @@ async def run(index: str, args: argparse.Namespace, tok_dir: Path) -> Outcome:
     async with contextlib.AsyncExitStack() as stack:
         for server in servers:
             await stack.enter_async_context(server)
-        gateways = await stack.enter_async_context(
-            _gateways(index, servers, tok_dir, events_port)
-        )
+        gateways = await stack.enter_async_context(_gateways(index, servers, tok_dir, events_port))
         session = await stack.enter_async_context(aiohttp.ClientSession())
         start = time.monotonic()
         for n in range(args.requests):

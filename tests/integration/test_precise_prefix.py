@@ -247,8 +247,9 @@ async def test_two_pickers_behind_their_own_envoys_choose_the_same_server(
             prefixes = [TEXT[i * 500 : i * 500 + 400] for i in range(2)]  # ~6 blocks each
 
             def settled(prompt: str) -> bool:
-                held = [held_blocks(p, s, prompt, tok_dir) for p in (picker, replica)
-                        for s in servers]
+                held = [
+                    held_blocks(p, s, prompt, tok_dir) for p in (picker, replica) for s in servers
+                ]
                 return held[:2] == held[2:] and max(held) > 0
 
             for round_ in range(4):
@@ -264,5 +265,7 @@ async def test_two_pickers_behind_their_own_envoys_choose_the_same_server(
                         (chosen,) = choices
                         answered = await complete(through.url, prompt)
                         assert answered == by_address[chosen].pod_name
-                    await wait_for(lambda p=prompt: settled(p),  # type: ignore[misc]
-                                   what=f"both indexes to hold {answered}'s blocks alike")
+                    await wait_for(
+                        lambda p=prompt: settled(p),  # type: ignore[misc]
+                        what=f"both indexes to hold {answered}'s blocks alike",
+                    )
