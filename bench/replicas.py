@@ -10,8 +10,11 @@ request counts as a disagreement when they name different servers.
 
 Run once with the approximate prefix index (each replica learns only from what it routed
 itself) and once with the precise one (both learn from the servers' events). Ties are
-broken at random, so a prompt cached nowhere is a coin toss for both; the figure for
-prompts whose prefix some server holds (after the tenant's first request) is given apart.
+broken at random, so a prompt cached nowhere is a coin toss for both. Beside the share of
+all requests, two figures read the truth off the servers' events (both configs keep the
+event index; only precise routes on it): the share among prompts some server holds blocks
+of, and the "costly" share, where the two choices hold different numbers of the prompt's
+blocks (a disagreement between equally good servers costs nothing).
 
     .venv/bin/python -m bench.replicas
 """
@@ -32,6 +35,9 @@ from pathlib import Path
 import aiohttp
 import orjson
 
+from epp.bodies import tokenizer as tokenizing
+from epp.datalayer import kv_block_index
+from epp.datalayer.kv_event_extractor import KvEventsExtractor
 from epp.picker import Picker
 from sluice.gateway import envoy_config
 from sluice.gateway.envoy_process import EnvoyProcess
@@ -96,16 +102,23 @@ class Outcome:
     index: str
     requests: int
     disagreements: int
-    repeat_requests: int  # the tenant had been served before
-    repeat_disagreements: int
+    # Per the servers' own events: some server held blocks of the prompt.
+    cached_requests: int
+    cached_disagreements: int
+    # The two choices held different numbers of the prompt's blocks: the choice mattered.
+    costly_disagreements: int
 
     @property
     def share(self) -> float:
         return self.disagreements / self.requests
 
     @property
-    def repeat_share(self) -> float:
-        return self.repeat_disagreements / max(self.repeat_requests, 1)
+    def cached_share(self) -> float:
+        return self.cached_disagreements / max(self.cached_requests, 1)
+
+    @property
+    def costly_share(self) -> float:
+        return self.costly_disagreements / self.requests
 
 
 @contextlib.asynccontextmanager
@@ -172,8 +185,8 @@ async def run(index: str, args: argparse.Namespace, tok_dir: Path) -> Outcome:
         )
         for i, host in enumerate(hosts)
     ]
-    disagreements = repeats = repeat_disagreements = 0
-    seen: set[int] = set()
+    disagreements = cached = cached_disagreements = costly = 0
+    tokenizer = tokenizing.load(tok_dir)
     async with contextlib.AsyncExitStack() as stack:
         for server in servers:
             await stack.enter_async_context(server)
@@ -188,13 +201,29 @@ async def run(index: str, args: argparse.Namespace, tok_dir: Path) -> Outcome:
             choices = [await would_choose(picker, body) for _, picker in gateways]
             differ = choices[0] != choices[1]
             disagreements += differ
-            if tenant in seen:
-                repeats += 1
-                repeat_disagreements += differ
-            seen.add(tenant)
+            # Both configs keep the event index (only precise routes on it): the truth.
+            held = _held_blocks(gateways[0][1], tokenizer, prompt)
+            if max(held.values()) > 0:
+                cached += 1
+                cached_disagreements += differ
+            costly += held[choices[0]] != held[choices[1]]
             envoy, _ = gateways[n % 2]
             await _complete(session, envoy.url, body)
-    return Outcome(index, args.requests, disagreements, repeats, repeat_disagreements)
+    return Outcome(index, args.requests, disagreements, cached, cached_disagreements, costly)
+
+
+def _held_blocks(
+    picker: Picker, tokenizer: tokenizing.ModelTokenizer, prompt: str
+) -> dict[str, int]:
+    """Leading blocks of `prompt` each server holds, by the servers' KV events."""
+    extractor = picker.config.plugins["kv-events-extractor"]
+    assert isinstance(extractor, KvEventsExtractor)
+    keys = kv_block_index.chain_keys(tokenizer.encode_text(prompt), BLOCK)
+    held = {}
+    for endpoint in picker.reconciler.current.endpoints:
+        pod = extractor.index.pod(endpoint.key)
+        held[endpoint.target] = 0 if pod is None else pod.matched(keys)
+    return held
 
 
 def main() -> None:
@@ -221,11 +250,13 @@ def main() -> None:
             return [await run(index, args, tok_dir) for index in ("approximate", "precise")]
 
     outcomes = asyncio.run(both())
-    print(f"{'index':<12} {'requests':>8} {'differ':>7} {'repeat tenants: differ':>23}")
+    print(
+        f"{'index':<12} {'requests':>8} {'differ':>7} {'prefix cached: differ':>24} {'costly':>7}"
+    )
     for o in outcomes:
         print(
             f"{o.index:<12} {o.requests:>8} {o.share:>7.1%} "
-            f"{o.repeat_share:>14.1%} of {o.repeat_requests}"
+            f"{o.cached_share:>15.1%} of {o.cached_requests:<5} {o.costly_share:>7.1%}"
         )
     if args.json is not None:
         args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=2) + "\n")

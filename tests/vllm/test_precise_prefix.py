@@ -10,9 +10,11 @@ prompt goes to the server that holds it now.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import random
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -157,12 +159,19 @@ async def served_requests(server: vllm.VllmServer) -> float:
 
 
 async def answered_by(gateway: Gateway, prompt: str) -> vllm.VllmServer:
-    """Send `prompt` through Envoy; the server whose finished-request count went up."""
+    """Send `prompt` through Envoy; the server whose finished-request count went up (polled:
+    vLLM may count a request just after answering it)."""
     before = [await served_requests(s) for s in gateway.servers]
     await complete(gateway.envoy.url, prompt)
-    after = [await served_requests(s) for s in gateway.servers]
-    (server,) = [s for s, b, a in zip(gateway.servers, before, after, strict=True) if a > b]
-    return server
+    deadline = time.monotonic() + 10
+    while True:
+        after = [await served_requests(s) for s in gateway.servers]
+        risen = [s for s, b, a in zip(gateway.servers, before, after, strict=True) if a > b]
+        if risen:
+            (server,) = risen
+            return server
+        assert time.monotonic() < deadline, "no server counted the request"
+        await asyncio.sleep(0.05)
 
 
 async def test_a_long_prompt_goes_where_vllm_cached_it_and_not_after_eviction(
