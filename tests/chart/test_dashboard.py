@@ -74,11 +74,24 @@ def exposed(text: str) -> set[str]:
     return {s.name for family in text_string_to_metric_families(text) for s in family.samples}
 
 
+# Precise prefix routing is not configured in the live run below (it needs KV events and a
+# tokenizer); its counters have labels, so they show only once something is counted.
+# tests/integration/test_precise_prefix.py runs a picker that counts them.
+NOT_IN_THE_LIVE_RUN = frozenset(
+    {
+        "inference_extension_kv_events_total",
+        "inference_extension_kv_event_messages_dropped_total",
+        "inference_extension_kv_event_index_resets_total",
+        "inference_extension_precise_prefix_approximate_total",
+    }
+)
+
+
 def missing_names(picker_names: set[str], server_names: set[str]) -> list[str]:
     """`where: name` for every dashboard query name neither exposition has."""
     missing = []
     for query in promql.dashboard_queries(DASHBOARD):
-        for name in sorted(query.names):
+        for name in sorted(query.names - NOT_IN_THE_LIVE_RUN):
             source = server_names if name.startswith(MODEL_SERVER_PREFIX) else picker_names
             if name not in source:
                 missing.append(f"{query.where}: {name}")
