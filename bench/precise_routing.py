@@ -40,6 +40,7 @@ import yaml
 
 from bench.harness import picker, simulators
 from bench.skewed_prefix import sglang_router, sglang_router_binary
+from epp.datalayer import prometheus_text
 from sluice.gateway import settings as gateway_settings
 from sluice.gateway.envoy_process import EnvoyProcess
 from sluice.gateway.ports import free_tcp_port
@@ -82,19 +83,19 @@ def precise_config(tokenizer_dir: Path, collector: str, into: Path) -> Path:
     return into
 
 
+async def _page(session: aiohttp.ClientSession, url: str) -> prometheus_text.MetricsPage:
+    async with session.get(url) as response:
+        return prometheus_text.MetricsPage(await response.text())
+
+
 async def server_prefix_counters(backends: Sequence[str]) -> tuple[float, float]:
     """(hits, queries) in tokens, summed over the servers' own /metrics."""
     hits = queries = 0.0
     async with aiohttp.ClientSession() as session:
         for backend in backends:
-            async with session.get(f"http://{backend}/metrics") as response:
-                text = await response.text()
-            for line in text.splitlines():
-                name, _, value = line.partition(" ")
-                if name.startswith("vllm:prefix_cache_hits_total"):
-                    hits += float(value.split()[0])
-                elif name.startswith("vllm:prefix_cache_queries_total"):
-                    queries += float(value.split()[0])
+            page = await _page(session, f"http://{backend}/metrics")
+            hits += sum(s.value for s in page.samples("vllm:prefix_cache_hits_total"))
+            queries += sum(s.value for s in page.samples("vllm:prefix_cache_queries_total"))
     return hits, queries
 
 
@@ -106,15 +107,16 @@ PRECISE_COUNTERS = (
 
 
 async def precise_picker_counters(url: str) -> dict[str, float]:
-    """Event, index-reset and approximate-fallback counters of the precise picker, summed
-    per series name with its labels (e.g. the event outcome)."""
-    async with aiohttp.ClientSession() as session, session.get(url) as response:
-        text = await response.text()
+    """Event, index-reset and approximate-fallback counters of the precise picker, per
+    series (name and labels, e.g. the event outcome)."""
+    async with aiohttp.ClientSession() as session:
+        page = await _page(session, url)
     counters: dict[str, float] = {}
-    for line in text.splitlines():
-        series, _, value = line.rpartition(" ")
-        if series.startswith(PRECISE_COUNTERS):
-            counters[series] = counters.get(series, 0.0) + float(value)
+    for name in PRECISE_COUNTERS:
+        for sample in page.samples(name):
+            labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
+            series = f"{name}{{{labels}}}" if labels else name
+            counters[series] = counters.get(series, 0.0) + sample.value
     return counters
 
 

@@ -294,33 +294,30 @@ class Picker:
         metrics.pool_average_queue_size.labels(name).set(summary.average_queue_size)
         if self.flow_controller is not None:
             self.flow_controller.publish_saturation()
-        metrics.known_models.replace(_known_models(snapshot, self.metrics_store))
+        metrics.known_models.replace(self._known_models())
 
     def _known_models(self) -> set[str]:
-        return _known_models(self.reconciler.current, self.metrics_store)
+        """Models whose names keep their own metric label: what the pool's servers report
+        serving (model_name labels, LoRA adapters) and what rewrites name."""
+        snapshot, store = self.reconciler.current, self.metrics_store
+        names: set[str] = set()
+        for endpoint in snapshot.endpoints:
+            m = store.get(endpoint.key)
+            names |= m.served_models
+            names |= m.running_adapters
+            names |= m.waiting_adapters
+            names |= m.served_adapters  # an adapter between its requests is still served
+        for model, targets in snapshot.rewrites_exact.items():
+            names.add(model)
+            names.update(target.model for target in targets)
+        names.update(target.model for target in snapshot.rewrite_catch_all)
+        return names
 
     async def _pool_gauges(self) -> None:
         while True:
             self.refresh_pool_gauges()
             metrics.remove_idle_series(time.monotonic())
             await asyncio.sleep(self.options.pool_gauge_interval_s)
-
-
-def _known_models(snapshot: Snapshot, store: MetricsStore) -> set[str]:
-    """Models whose names keep their own metric label: what the pool's servers report
-    serving (model_name labels, LoRA adapters) and what rewrites name."""
-    names: set[str] = set()
-    for endpoint in snapshot.endpoints:
-        m = store.get(endpoint.key)
-        names |= m.served_models
-        names |= m.running_adapters
-        names |= m.waiting_adapters
-        names |= m.served_adapters  # an adapter between its requests is still served
-    for model, targets in snapshot.rewrites_exact.items():
-        names.add(model)
-        names.update(target.model for target in targets)
-    names.update(target.model for target in snapshot.rewrite_catch_all)
-    return names
 
 
 def _config_text(options: PickerOptions) -> str | None:

@@ -34,7 +34,7 @@ from epp.requestcontrol.lifecycle import Lifecycle
 from epp.requestcontrol.unanswered import UnansweredRequests
 from epp.scheduling.interfaces import Candidate, SchedulingRequest
 
-ObjectiveLabels = tuple[str, str, str]  # model, target model, priority
+ObjectiveLabels = metrics.ObjectiveLabels  # model, target model, priority
 
 
 @dataclass(frozen=True, slots=True)
