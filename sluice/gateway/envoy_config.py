@@ -39,6 +39,11 @@ bodies are not affected. The picker cluster therefore has an active TCP health c
 the ext_proc stream fails while being opened, before any body is handed over, and FailOpen
 requests reach the pool with their bodies intact. Requests inside the detection window (at
 most one interval), or cut off by a picker that dies mid-stream, still get 500.
+
+Replicas. `GatewayOptions.picker_endpoints` puts several pickers in the one ext_proc cluster,
+balanced round robin per ext_proc stream (that is, per request), each health checked as
+above. Nothing makes one client's requests stick to one replica: each replica must see every
+model server's state itself (for precise prefix routing, every pod's KV events).
 """
 
 from __future__ import annotations
@@ -245,16 +250,19 @@ def _clusters(options: GatewayOptions) -> list[dict[str, Any]]:
 
 
 def _picker_cluster(options: GatewayOptions) -> dict[str, Any]:
-    cluster = {
+    pickers = options.pickers
+    dns = any(_discovery_type(host) == "STRICT_DNS" for host, _ in pickers)
+    cluster: dict[str, Any] = {
         "name": PICKER_CLUSTER,
-        "type": _discovery_type(options.picker_host),
+        "type": "STRICT_DNS" if dns else "STATIC",
+        # Each request's ext_proc stream is balanced on its own (one HTTP/2 stream per
+        # request), so replicas share the requests even over long-lived connections.
+        "lb_policy": "ROUND_ROBIN",
         "connect_timeout": _duration(options.connect_timeout_s),
         "per_connection_buffer_limit_bytes": options.buffer_limit_bytes,
         "typed_extension_protocol_options": _http_protocol_options(http2=True),
         "circuit_breakers": _circuit_breakers(options),
-        "load_assignment": _load_assignment(
-            PICKER_CLUSTER, [(options.picker_host, options.picker_port)]
-        ),
+        "load_assignment": _load_assignment(PICKER_CLUSTER, list(pickers)),
     }
     if options.picker_tls:
         cluster["transport_socket"] = _picker_tls(options)
@@ -271,7 +279,8 @@ def _picker_cluster(options: GatewayOptions) -> dict[str, Any]:
             }
         ]
         # Without panic routing an unhealthy picker means "no healthy upstream": the ext_proc
-        # stream then fails while it is being opened, before Envoy hands it any body.
+        # stream then fails while it is being opened, before Envoy hands it any body. With
+        # several replicas the healthy ones take the streams of one that is down.
         cluster["common_lb_config"] = {"healthy_panic_threshold": {"value": 0}}
     return cluster
 

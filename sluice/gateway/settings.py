@@ -79,6 +79,10 @@ class GatewayOptions:
     # picker mode: where the ext_proc gRPC server listens, and how to reach it.
     picker_host: str = "127.0.0.1"
     picker_port: int = 9002
+    # Several picker replicas behind this one Envoy: (host, port) of each; when given, they
+    # replace picker_host/picker_port. Each ext_proc stream (one per request) goes to one
+    # replica, round robin, so replicas must each hold the whole view (see docs on replicas).
+    picker_endpoints: tuple[tuple[str, int], ...] = ()
     picker_tls: bool = False
     picker_ca_file: str | None = None  # verify the picker's certificate; None: no verification
     picker_sni: str | None = None
@@ -121,6 +125,11 @@ class GatewayOptions:
     access_log_path: str | None = None
     destination_header: str = DESTINATION_HEADER
 
+    @property
+    def pickers(self) -> tuple[tuple[str, int], ...]:
+        """Every picker replica's (host, port): `picker_endpoints`, or the single picker."""
+        return self.picker_endpoints or ((self.picker_host, self.picker_port),)
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", GatewayMode(self.mode))
         object.__setattr__(self, "failure_mode", FailureMode(self.failure_mode))
@@ -131,10 +140,18 @@ class GatewayOptions:
             self, "destination_cluster", DestinationCluster(self.destination_cluster)
         )
         object.__setattr__(self, "backends", tuple(self.backends))
+        object.__setattr__(
+            self, "picker_endpoints", tuple((host, port) for host, port in self.picker_endpoints)
+        )
         for name in ("listen_port", "admin_port", "picker_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise ValueError(f"{name}={port} is not a TCP port (0-65535; 0 = any free port)")
+        for host, port in self.picker_endpoints:
+            if not host or not 0 < port <= 65535:
+                raise ValueError(f"picker endpoint {host}:{port} needs a host and a port 1-65535")
+        if len(set(self.picker_endpoints)) != len(self.picker_endpoints):
+            raise ValueError(f"picker_endpoints has duplicates: {self.picker_endpoints}")
         for backend in self.backends:
             parse_endpoint(backend)
         for hinted in self.subset_hint or ():

@@ -168,6 +168,47 @@ def test_picker_host_name_uses_dns() -> None:
     )
 
 
+def test_one_picker_by_default_is_one_endpoint() -> None:
+    picker = _clusters(envoy_config.render_bootstrap(GatewayOptions(picker_port=9100)))[
+        envoy_config.PICKER_CLUSTER
+    ]
+    [endpoint] = picker["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert endpoint["endpoint"]["address"]["socket_address"] == {
+        "address": "127.0.0.1",
+        "port_value": 9100,
+    }
+
+
+def test_picker_replicas_are_one_round_robin_cluster_with_health_checks() -> None:
+    options = GatewayOptions(
+        picker_port=9100,  # ignored: picker_endpoints replaces the single picker
+        picker_endpoints=(("127.0.0.1", 9002), ("127.0.0.2", 9002), ("127.0.0.1", 9003)),
+    )
+    bootstrap = envoy_config.render_bootstrap(options)
+    picker = _clusters(bootstrap)[envoy_config.PICKER_CLUSTER]
+    assert picker["type"] == "STATIC"
+    assert picker["lb_policy"] == "ROUND_ROBIN"
+    endpoints = picker["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert [e["endpoint"]["address"]["socket_address"] for e in endpoints] == [
+        {"address": "127.0.0.1", "port_value": 9002},
+        {"address": "127.0.0.2", "port_value": 9002},
+        {"address": "127.0.0.1", "port_value": 9003},
+    ]
+    [check] = picker["health_checks"]
+    assert check["tcp_health_check"] == {} and check["unhealthy_threshold"] == 1
+    assert picker["common_lb_config"] == {"healthy_panic_threshold": {"value": 0}}
+    # Still one ext_proc filter, streaming to the one cluster.
+    assert _ext_proc(bootstrap)["grpc_service"] == {
+        "envoy_grpc": {"cluster_name": envoy_config.PICKER_CLUSTER}
+    }
+
+
+def test_picker_replicas_named_by_dns_use_dns() -> None:
+    options = GatewayOptions(picker_endpoints=(("127.0.0.1", 9002), ("picker-1.sluice", 9002)))
+    picker = _clusters(envoy_config.render_bootstrap(options))[envoy_config.PICKER_CLUSTER]
+    assert picker["type"] == "STRICT_DNS"
+
+
 def test_direct_mode_has_no_ext_proc_and_balances_the_pool() -> None:
     options = GatewayOptions(mode=GatewayMode.DIRECT, backends=("10.0.0.1:8000", "[::1]:8001"))
     bootstrap = envoy_config.render_bootstrap(options)
@@ -197,6 +238,9 @@ def test_direct_mode_has_no_ext_proc_and_balances_the_pool() -> None:
         ({"destination_cluster": "override-host"}, "'override-host' needs backends"),
         ({"destination_cluster": "dns"}, "'dns' is not a valid DestinationCluster"),
         ({"mode": "sideways"}, "sideways"),
+        ({"picker_endpoints": (("127.0.0.1", 0),)}, "port 1-65535"),
+        ({"picker_endpoints": (("", 9002),)}, "needs a host"),
+        ({"picker_endpoints": (("127.0.0.1", 9002),) * 2}, "duplicates"),
     ],
 )
 def test_bad_options_are_rejected_with_the_reason(kwargs: dict[str, Any], message: str) -> None:
@@ -224,6 +268,8 @@ _VARIANTS = [
     GatewayOptions(route_timeout_s=0, stream_idle_timeout_s=0, request_timeout_s=0),
     GatewayOptions(picker_tls=True, subset_hint=("127.0.0.1:8000",), access_log_path="/dev/null"),
     GatewayOptions(picker_host="localhost", picker_tls=True, picker_ca_file="<generated>"),
+    GatewayOptions(picker_endpoints=(("127.0.0.1", 9002), ("127.0.0.1", 9003))),
+    GatewayOptions(picker_endpoints=(("localhost", 9002), ("127.0.0.1", 9003)), picker_tls=True),
     *(
         GatewayOptions(request_body_mode=req, response_body_mode=resp, failure_mode=failure)
         for req, resp, failure in itertools.product(
