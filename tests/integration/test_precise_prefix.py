@@ -29,7 +29,7 @@ from sluice.sim import config as sim_config
 from sluice.sim import engine, kv_publisher
 from sluice.sim.server import SimulatedServer
 from tests.support import tiny_tokenizer
-from tests.support.picker import fresh_metrics, running_picker, wait_for, would_choose
+from tests.support.picker import fresh_metrics, running_picker, wait_for
 
 pytestmark = pytest.mark.envoy
 
@@ -219,53 +219,3 @@ async def test_two_pickers_subscribed_to_every_server_agree(tok_dir: Path) -> No
                            what="the routing picker's index")
             await wait_for(lambda: held(replica) == held(picker),
                            what="the replica's index to match the routing picker's")
-
-
-async def test_two_pickers_behind_their_own_envoys_choose_the_same_server(
-    tok_dir: Path,
-) -> None:
-    """Requests alternate between two gateways (Envoy and picker each); before each one,
-    both pickers are asked where they would send it: for a prefix cached anywhere, both
-    name the same server, and that server answers."""
-    async with pool(tok_dir, "connect") as (envoy, picker, servers):
-        port = picker.config.data_sources[1].settings.port  # type: ignore[attr-defined]
-        async with contextlib.AsyncExitStack() as stack:
-            replica = await stack.enter_async_context(
-                running_picker(
-                    endpoints=",".join(s.address for s in servers),
-                    config_text=picker_config(tok_dir, f"{{mode: connect, port: {port}}}"),
-                )
-            )
-            options = envoy_config.GatewayOptions(
-                mode=envoy_config.GatewayMode.PICKER, picker_port=replica.grpc_port
-            )
-            replica_envoy = await stack.enter_async_context(EnvoyProcess(options))
-            await fresh_metrics(replica)
-            await subscribed(replica, servers)
-            by_address = {s.address: s for s in servers}
-            gateways = [(envoy, picker), (replica_envoy, replica)]
-            prefixes = [TEXT[i * 500 : i * 500 + 400] for i in range(2)]  # ~6 blocks each
-
-            def settled(prompt: str) -> bool:
-                held = [
-                    held_blocks(p, s, prompt, tok_dir) for p in (picker, replica) for s in servers
-                ]
-                return held[:2] == held[2:] and max(held) > 0
-
-            for round_ in range(4):
-                for i, prefix in enumerate(prefixes):
-                    prompt = prefix + f" Question {round_}?"
-                    body = orjson.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 1})
-                    through, _ = gateways[(round_ * len(prefixes) + i) % 2]
-                    if round_ == 0:
-                        answered = await complete(through.url, prompt)
-                    else:
-                        choices = {await would_choose(p, body) for _, p in gateways}
-                        assert len(choices) == 1, f"the replicas disagree on {prompt!r}"
-                        (chosen,) = choices
-                        answered = await complete(through.url, prompt)
-                        assert answered == by_address[chosen].pod_name
-                    await wait_for(
-                        lambda p=prompt: settled(p),  # type: ignore[misc]
-                        what=f"both indexes to hold {answered}'s blocks alike",
-                    )

@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from epp.picker import Picker, PickerOptions
-from epp.requestcontrol.request import InboundRequest
 
 
 async def wait_for(
@@ -78,22 +77,3 @@ async def fresh_metrics(picker: Picker) -> None:
         )
 
     await wait_for(scraped, what="a fresh scrape of every endpoint")
-
-
-async def would_choose(picker: Picker, body: bytes, path: str = "/v1/completions") -> str:
-    """The endpoint (`ip:port`) `picker` would route this request to now, without routing
-    it: the request is parsed, rewritten and scheduled as a real one, but neither admitted
-    nor recorded (no pre-request hooks), so the picker's state is left as it was."""
-    director = picker.director
-    pipeline = director.pipeline
-    inbound = InboundRequest(
-        request_id="probe", path=path, headers={"content-type": "application/json"}, body=body
-    )
-    snapshot = picker.reconciler.current
-    parsed = director.parse(pipeline, inbound)
-    rewrite = director.rewrite(inbound, parsed, snapshot)
-    objectives = director.objectives(pipeline, inbound, snapshot)
-    candidates = director.candidates(None, snapshot)
-    _, result = await director.schedule(pipeline, inbound, parsed, rewrite, objectives, candidates)
-    assert result.primary is not None  # `schedule` raised otherwise
-    return result.primary.targets[0].endpoint.target

@@ -42,9 +42,13 @@ class PickerProcess:
 
 @contextlib.asynccontextmanager
 async def picker_process(
-    endpoints: Sequence[str], config_file: Path, *extra: str, startup_timeout_s: float = 30.0
+    endpoints: Sequence[str],
+    config_file: Path | None,
+    *extra: str,
+    startup_timeout_s: float = 30.0,
 ) -> AsyncIterator[PickerProcess]:
-    """`sluice picker` on static `endpoints` with `config_file`, once its /metrics answers."""
+    """`sluice picker` on static `endpoints` with `config_file` (None: the default profile),
+    once its /metrics answers."""
     grpc_port, health_port, metrics_port = (free_tcp_port() for _ in range(3))
     # A file, not a pipe: nobody reads a pipe while the picker runs, and a full one blocks it.
     log = tempfile.TemporaryFile()  # noqa: SIM115  # closed after the process ends
@@ -52,7 +56,7 @@ async def picker_process(
         *processes.sluice_command(
             "picker",
             "--endpoints", ",".join(endpoints),
-            "--config-file", str(config_file),
+            *(["--config-file", str(config_file)] if config_file is not None else []),
             "--host", "127.0.0.1",
             "--grpc-port", str(grpc_port),
             "--grpc-health-port", str(health_port),
