@@ -4,7 +4,12 @@
 tokens (`max_tokens`, when the request gives it and `countOutputTokens` is true); the
 fastest candidate scores 1 and every other one fastest/its own, so a candidate twice as
 slow scores 0.5. Prefix affinity is inside the prediction (uncached tokens cost prefill
-time), weighed against the queueing it would cause, not by a fixed weight.
+time), weighed against the queueing it would cause, not by a fixed weight. With
+`amortizeMisses` (default true) the extra prefill of a cache miss counts shared among the
+requests in flight with the same prefix (`predictor.amortized_ttft`): one request alone
+would always rather queue at a holder than pay a whole prefill elsewhere, which leaves a
+hot prefix on one endpoint however long its queue (TTFT p90 at the cost of a miss); the
+new copy serves that queue's followers.
 
 `slo-scorer` (requests with latency objectives; the others score 0 everywhere): headroom
 = objective - prediction, for TTFT and TPOT, relative to the objective. Candidates that
@@ -82,23 +87,28 @@ class LatencyScorer(_PredictionScorer):
         predictor_name: str = LatencyPredictor.type_name,
         *,
         count_output_tokens: bool = True,
+        amortize_misses: bool = True,
     ) -> None:
         super().__init__(name, predictor_name)
         self.count_output_tokens = count_output_tokens
+        self.amortize_misses = amortize_misses
 
     @classmethod
     def from_parameters(cls, name: str, params: Mapping[str, object] | None) -> LatencyScorer:
         reader = parameters.ParameterReader(params)
         predictor = reader.string("predictorName", LatencyPredictor.type_name)
         count_output = reader.boolean("countOutputTokens", True)
+        amortize = reader.boolean("amortizeMisses", True)
         reader.finish()
-        return cls(name, predictor, count_output_tokens=count_output)
+        return cls(name, predictor, count_output_tokens=count_output, amortize_misses=amortize)
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
         prediction = self._prediction(request)
         if prediction is None:
             return self._fallback_scores(request, candidates)
         latency, tpot = prediction.for_candidates(candidates)
+        if self.amortize_misses:
+            latency = prediction.amortized_for(candidates)
         if self.count_output_tokens and request.max_output_tokens > 1:
             latency = latency + tpot * (request.max_output_tokens - 1)
         scores = float(latency.min()) / latency
