@@ -264,3 +264,35 @@ def test_slo_deadline_policy_serves_the_tightest_objective_first() -> None:
     for i in items:
         queue.push(i, 0.0)
     assert [queue.pop(0.0) for _ in range(4)] == [items[2], items[1], items[0], items[3]]
+
+
+def test_slo_scorer_packing_leaves_the_roomiest_endpoint_to_tight_objectives() -> None:
+    """headroom: least sends a loose objective where it still meets it with the margin;
+    the margin turns "barely meets" into a miss."""
+    cands = candidates(0, 0, 0)
+    req = slo_request(ttft_ms=1000)
+    predicted(req, cands, ttft=[0.1, 0.6, 0.8], tpot=[0.01, 0.01, 0.01])
+    pack = SloScorer(prefer_least_headroom=True, safety_margin=0.3)
+    fast, packed, risky = pack.score(req, cands)
+    assert packed == pytest.approx(1.0) and fast == pytest.approx(0.2)
+    assert 0 < risky <= 0.01  # 0.8 s of a 1 s objective: inside the 30% margin
+    most, less, _ = SloScorer().score(req, cands)
+    assert most > less  # the default keeps preferring room
+
+
+def test_slo_scorer_parameters() -> None:
+    scorer = SloScorer.from_parameters("s", {"headroom": "least", "safetyMargin": 0.25})
+    assert scorer.prefer_least_headroom and scorer.safety_margin == 0.25
+    with pytest.raises(ValueError, match="headroom"):
+        SloScorer.from_parameters("s", {"headroom": "some"})
+    with pytest.raises(ValueError, match="safetyMargin"):
+        SloScorer.from_parameters("s", {"safetyMargin": 1.5})
+
+
+@given(st.lists(st.floats(-5, 5, allow_nan=False), min_size=1, max_size=20))
+def test_headroom_scores_packing_keeps_meeting_above_missing(headroom: list[float]) -> None:
+    scores = headroom_scores(np.array(headroom), prefer_least=True)
+    for h, s in zip(headroom, scores, strict=True):
+        assert (0.2 <= s <= 1.0) if h >= 0 else (0 < s <= 0.01)
+    meeting = sorted((h, s) for h, s in zip(headroom, scores, strict=True) if h >= 0)
+    assert all(a[1] >= b[1] - 1e-12 for a, b in itertools.pairwise(meeting))
