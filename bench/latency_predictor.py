@@ -110,7 +110,7 @@ async def record(requests: int, rate: float) -> list[dict[str, Any]]:
                 PickerOptions(
                     host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0,
                     endpoints=",".join(backends), secure_serving=False,
-                    config_text=CONFIG.read_text(),
+                    config_text=CONFIG.read_text(), response_sample_rate=1.0,
                 )
             )  # fmt: skip
             await picker.start()

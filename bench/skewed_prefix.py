@@ -105,7 +105,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         for name, config in configs.items():
             if args.routers and name not in args.routers:
                 continue
-            extra = ["--config-file", str(config)] if config else []
+            extra = ["--response-sample-rate", str(args.sample_rate)]
+            extra += ["--config-file", str(config)] if config else []
             _, port = await stack.enter_async_context(picker(backends, extra))
             options = gateway_settings.GatewayOptions(picker_port=port)
             urls[name] = (await stack.enter_async_context(EnvoyProcess(options))).url
@@ -174,6 +175,11 @@ def main() -> None:
     parser.add_argument("--calibration-requests", type=int, default=500)
     parser.add_argument("--warmup-requests", type=int, default=200)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--sample-rate", type=float, default=1.0,
+        help="pickers' --response-sample-rate: the responses the latency predictor learns "
+        "from (the picker's default 0.01 leaves it cold for a run this short)",
+    )  # fmt: skip
     parser.add_argument(
         "--routers", type=lambda v: set(v.split(",")), default=set(),
         help="only these (comma-separated; default: all)",

@@ -112,7 +112,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         for name, config in pickers.items():
             if args.pickers and name not in args.pickers:
                 continue
-            extra = ["--config-file", str(config)] if config else []
+            extra = ["--response-sample-rate", str(args.sample_rate)]
+            extra += ["--config-file", str(config)] if config else []
             _, port = await stack.enter_async_context(picker(backends, extra))
             envoy = EnvoyProcess(gateway_settings.GatewayOptions(picker_port=port))
             urls[name] = (await stack.enter_async_context(envoy)).url
@@ -181,6 +182,11 @@ def main() -> None:
     parser.add_argument("--warmup-requests", type=int, default=250)
     parser.add_argument("--slo-ms", type=float, default=300.0, help="TTFT objective")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--sample-rate", type=float, default=1.0,
+        help="pickers' --response-sample-rate: the responses the latency predictor learns "
+        "from (the picker's default 0.01 leaves it cold for a run this short)",
+    )  # fmt: skip
     parser.add_argument("--workload", choices=("shared-prefix", "mixed"), default="shared-prefix")
     parser.add_argument(
         "--batch-slo-ms", type=float, default=3000.0, help="mixed: the batch class's TTFT"
