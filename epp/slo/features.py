@@ -71,10 +71,13 @@ class InFlight:
     def remove(self, key: EndpointKey, request: int) -> None:
         hashes = self._hashes.pop(request, None)
         if hashes:
-            self._blocks.subtract(hashes)
+            blocks = self._blocks
             for block in hashes:
-                if self._blocks[block] <= 0:
-                    del self._blocks[block]
+                left = blocks[block] - 1
+                if left > 0:
+                    blocks[block] = left
+                else:
+                    del blocks[block]
         entries = self._entries.get(key)
         if entries is None:
             return
