@@ -188,6 +188,10 @@ def test_malformed_slo_headers_are_absent_and_counted(value: str) -> None:
 # ---- the tracker on every path -------------------------------------------------------------
 
 
+# No training round during these tests: one would drain the buffer they inspect.
+UNTRAINED = PredictorSettings(min_samples=1, retrain_interval_s=1e9, retrain_samples=10**6)
+
+
 def _route(tracker: SloRequestTracker, predictor: LatencyPredictor, name: str, i: int) -> tuple[
     SchedulingRequest, Candidate
 ]:
@@ -219,7 +223,7 @@ ENDINGS = {
 def test_tracker_leaves_nothing_in_flight_whatever_the_interleaving(
     plan: list[tuple[str, str]], rng: random.Random
 ) -> None:
-    predictor = LatencyPredictor(settings=PredictorSettings(min_samples=1))
+    predictor = LatencyPredictor(settings=UNTRAINED)
     tracker = SloRequestTracker()
     tracker.bind(lambda name, kind: predictor)
     started = [(*_route(tracker, predictor, name, i), ending) for i, (name, ending) in
@@ -234,7 +238,7 @@ def test_tracker_leaves_nothing_in_flight_whatever_the_interleaving(
 
 
 def test_tracker_learns_only_from_complete_successful_responses() -> None:
-    predictor = LatencyPredictor(settings=PredictorSettings(min_samples=1))
+    predictor = LatencyPredictor(settings=UNTRAINED)
     tracker = SloRequestTracker()
     tracker.bind(lambda name, kind: predictor)
     for i, ending in enumerate(["upstream-error", "client-gone", "no-response", "ok-json"]):
