@@ -12,6 +12,9 @@ column is skipped with a note.
 
     .venv/bin/python -m bench.skewed_prefix            # ~15 minutes
     .venv/bin/python -m bench.skewed_prefix --quick    # ~6 minutes, noisier
+
+To diagnose or compare a candidate profile cheaply: `--routers default,predicted-latency
+--loads 0.8 --capacity 16.6`, and `--config NAME=PATH` adds a picker with that config.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ async def measure(url: str, requests: int, rate: float | None, seed: int, concur
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    loads = [0.5, 0.8, 1.0]
+    loads: list[float] = args.loads
     out: dict[str, object] = {"loads": loads, "sim_args": SIM_ARGS}
     async with AsyncExitStack() as stack:
         backends = await stack.enter_async_context(simulators(8, SIM_ARGS))
@@ -94,21 +97,36 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 mode=gateway_settings.GatewayMode.DIRECT, backends=tuple(backends), lb_policy=policy
             )
             urls[name] = (await stack.enter_async_context(EnvoyProcess(options))).url
-        for name, config in (("default", None), ("predicted-latency", "predicted-latency.yaml")):
-            extra = ["--config-file", str(CONFIGS / config)] if config else []
+        configs: dict[str, Path | None] = {
+            "default": None,
+            "predicted-latency": CONFIGS / "predicted-latency.yaml",
+        }
+        configs.update(args.config)
+        for name, config in configs.items():
+            if args.routers and name not in args.routers:
+                continue
+            extra = ["--response-sample-rate", str(args.sample_rate)]
+            extra += ["--config-file", str(config)] if config else []
             _, port = await stack.enter_async_context(picker(backends, extra))
             options = gateway_settings.GatewayOptions(picker_port=port)
             urls[name] = (await stack.enter_async_context(EnvoyProcess(options))).url
-        if sglang_router_binary():
+        if args.routers and "sglang-router" not in args.routers:
+            pass
+        elif sglang_router_binary():
             urls["sglang-router"] = await stack.enter_async_context(sglang_router(backends))
         else:
             print("sglang-router not installed (scripts/setup test,compare): skipped")
-        capacity = summary.summarise(
-            await measure(urls["least-request"], args.calibration_requests, None, seed=99)
-        ).throughput_rps
+        capacity = (
+            args.capacity
+            or summary.summarise(
+                await measure(urls["least-request"], args.calibration_requests, None, seed=99)
+            ).throughput_rps
+        )
         out["capacity_rps"] = capacity
         print(f"pool capacity (closed loop, least-request): {capacity:.1f} req/s", flush=True)
         del urls["least-request"]  # the calibration reference, not a contender here
+        if args.routers:
+            urls = {name: url for name, url in urls.items() if name in args.routers}
         series: dict[str, list[tuple[float, summary.Summary]]] = {name: [] for name in urls}
         rows = []
         for name, url in urls.items():
@@ -129,12 +147,13 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         table = summary.table(rows)
         out["table"] = table
         print(table)
-        at_80 = {name: dict(points)[0.8] for name, points in series.items()}
-        rr = at_80["round-robin"].ttft_p90_s
+        at_80 = {name: dict(points)[0.8] for name, points in series.items() if 0.8 in loads}
+        rr = at_80["round-robin"].ttft_p90_s if "round-robin" in at_80 else None
         for name, s in at_80.items():
+            versus = f" (round-robin / it = {rr / s.ttft_p90_s:.1f}x)" if rr else ""
             print(
-                f"at 80%: {name} TTFT p90 {s.ttft_p90_s * 1000:.0f} ms (round-robin / it = "
-                f"{rr / s.ttft_p90_s:.1f}x), prefix hit {s.prefix_hit_rate:.0%}"
+                f"at 80%: {name} TTFT p90 {s.ttft_p90_s * 1000:.0f} ms{versus}, "
+                f"prefix hit {s.prefix_hit_rate:.0%}"
             )
         try:
             plots.plot_comparison(
@@ -145,12 +164,35 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
+def _named_path(value: str) -> tuple[str, Path]:
+    name, _, path = value.partition("=")
+    return name, Path(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=40.0, help="per load level and router")
     parser.add_argument("--calibration-requests", type=int, default=500)
     parser.add_argument("--warmup-requests", type=int, default=200)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--sample-rate", type=float, default=1.0,
+        help="pickers' --response-sample-rate: the responses the latency predictor learns "
+        "from (the picker's default 0.01 leaves it cold for a run this short)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--routers", type=lambda v: set(v.split(",")), default=set(),
+        help="only these (comma-separated; default: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--loads", type=lambda v: [float(x) for x in v.split(",")], default=[0.5, 0.8, 1.0],
+        help="fractions of capacity (comma-separated)",
+    )  # fmt: skip
+    parser.add_argument("--capacity", type=float, default=0.0, help="req/s; skips calibration")
+    parser.add_argument(
+        "--config", type=_named_path, action="append", default=[],
+        help="NAME=PATH: also run a picker with this config",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.calibration_requests = 15.0, 250

@@ -10,6 +10,12 @@ latency predictor), then the load levels in increasing order.
 
     .venv/bin/python -m bench.slo_routing            # ~12 minutes
     .venv/bin/python -m bench.slo_routing --quick    # ~5 minutes, noisier
+
+`--workload mixed` replaces the single-objective workload with two classes of traffic:
+interactive requests (70%: short chat turns over 8 shared system prompts, 16 output
+tokens, TTFT objective `--slo-ms`) and batch requests (30%: unique 1,000-token documents,
+64 output tokens, a loose TTFT objective of `--batch-slo-ms`). Attainment is reported per
+class as well as overall.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +32,7 @@ from bench.harness import picker, simulators
 from sluice.gateway import settings as gateway_settings
 from sluice.gateway.envoy_process import EnvoyProcess
 from sluice.loadgen import plots, runner, summary, workloads
+from sluice.loadgen.workloads import RequestSpec
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -58,43 +66,81 @@ def workload(seed: int, slo_ttft_ms: float) -> workloads.WorkloadSpec:
     )
 
 
+def mixed_workload(seed: int, slo_ms: float, batch_slo_ms: float) -> Iterator[RequestSpec]:
+    interactive = workloads.WorkloadSpec(
+        kind="shared-prefix", groups=8, prefix_tokens=600, question_tokens=40,
+        max_tokens=16, slo_ttft_ms=slo_ms, seed=seed,
+    )  # fmt: skip
+    batch = workloads.WorkloadSpec(
+        kind="random", question_tokens=1000, max_tokens=64, slo_ttft_ms=batch_slo_ms,
+        seed=seed + 1000,
+    )  # fmt: skip
+    return workloads.mix([(interactive, 0.7), (batch, 0.3)], seed=seed)
+
+
 async def measure(
-    url: str, requests: int, rate: float | None, seed: int, slo_ms: float, concurrency: int = 64
+    url: str,
+    requests: int,
+    rate: float | None,
+    seed: int,
+    args: argparse.Namespace,
+    concurrency: int = 64,
 ) -> list[runner.RequestResult]:
     plan = runner.LoadPlan(
         url=url, requests=requests, rate=rate, concurrency=concurrency, seed=seed
     )
-    return await runner.run_load(plan, workloads.generate(workload(seed, slo_ms)))
+    if args.workload == "mixed":
+        stream = mixed_workload(seed, args.slo_ms, args.batch_slo_ms)
+    else:
+        stream = workloads.generate(workload(seed, args.slo_ms))
+    return await runner.run_load(plan, stream)
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    loads = [0.5, 0.8, 1.0, 1.2]
-    out: dict[str, object] = {"loads": loads, "sim_args": SIM_ARGS, "slo_ttft_ms": args.slo_ms}
+    loads: list[float] = args.loads
+    out: dict[str, object] = {
+        "loads": loads,
+        "sim_args": SIM_ARGS,
+        "workload": args.workload,
+        "slo_ttft_ms": args.slo_ms,
+    }
     async with AsyncExitStack() as stack:
         backends = await stack.enter_async_context(simulators(4, SIM_ARGS))
         urls = {}
-        for name, config in PICKERS.items():
-            extra = ["--config-file", str(config)] if config else []
+        pickers = dict(PICKERS)
+        pickers.update(args.config)
+        for name, config in pickers.items():
+            if args.pickers and name not in args.pickers:
+                continue
+            extra = ["--response-sample-rate", str(args.sample_rate)]
+            extra += ["--config-file", str(config)] if config else []
             _, port = await stack.enter_async_context(picker(backends, extra))
             envoy = EnvoyProcess(gateway_settings.GatewayOptions(picker_port=port))
             urls[name] = (await stack.enter_async_context(envoy)).url
-        calibration = summary.summarise(
-            await measure(urls["default"], args.calibration_requests, None, 99, args.slo_ms)
+        capacity = (
+            args.capacity
+            or summary.summarise(
+                await measure(urls["default"], args.calibration_requests, None, 99, args)
+            ).throughput_rps
         )
-        capacity = calibration.throughput_rps
         out["capacity_rps"] = capacity
         print(f"pool capacity (closed loop, default picker): {capacity:.1f} req/s", flush=True)
         series: dict[str, list[tuple[float, summary.Summary]]] = {name: [] for name in urls}
         rows = []
+        classes = []
         for name, url in urls.items():
             # Warm-up: the servers' caches, and the latency predictor's first samples.
-            await measure(url, args.warmup_requests, None, 7, args.slo_ms, concurrency=8)
+            await measure(url, args.warmup_requests, None, 7, args, concurrency=8)
             for load in loads:
                 rate = capacity * load
                 requests = max(50, int(rate * args.seconds))
-                results = await measure(url, requests, rate, int(load * 100), args.slo_ms)
-                runner.write_jsonl(results, RESULTS / f"slo_{name}_{int(load * 100)}.jsonl")
+                results = await measure(url, requests, rate, int(load * 100), args)
+                tag = "" if args.workload == "shared-prefix" else f"{args.workload}_"
+                runner.write_jsonl(results, RESULTS / f"slo_{tag}{name}_{int(load * 100)}.jsonl")
                 s = summary.summarise(results)
+                classes += [
+                    (f"{name} @ {load:.0%}", g) for g in summary.breakdown(results, summary.slo_of)
+                ]
                 series[name].append((load, s))
                 rows.append((f"{name} @ {load:.0%}", s))
                 print(summary.table([rows[-1]]).splitlines()[-1], flush=True)
@@ -103,19 +149,30 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             for name, points in series.items()
         }
         table = summary.table(rows)
+        if classes:
+            table += "\n\n" + summary.breakdown_table("objective", classes)
         out["table"] = table
         print(table)
-        at_80 = {name: dict(points)[0.8] for name, points in series.items()}
+        at_80 = {name: dict(points)[0.8] for name, points in series.items() if 0.8 in loads}
         for name, s in at_80.items():
-            print(f"at 80% load: {name} SLO attainment {s.slo_attainment:.0%}, "
-                  f"goodput {s.goodput_rps:.1f} req/s, TTFT p90 {s.ttft_p90_s * 1000:.0f} ms")
+            print(
+                f"at 80% load: {name} SLO attainment {s.slo_attainment:.0%}, "
+                f"goodput {s.goodput_rps:.1f} req/s, TTFT p90 {s.ttft_p90_s * 1000:.0f} ms"
+            )
         try:
             plots.plot_comparison(
-                series, RESULTS / "slo_routing.png", "Heterogeneous pool (2 fast, 2 at 0.4x)"
+                series,
+                RESULTS / f"slo_routing{'' if args.workload == 'shared-prefix' else '_mixed'}.png",
+                "Heterogeneous pool (2 fast, 2 at 0.4x)",
             )
         except RuntimeError as error:
             print(f"no plot: {error}")
     return out
+
+
+def _named_path(value: str) -> tuple[str, Path]:
+    name, _, path = value.partition("=")
+    return name, Path(path)
 
 
 def main() -> None:
@@ -125,12 +182,35 @@ def main() -> None:
     parser.add_argument("--warmup-requests", type=int, default=250)
     parser.add_argument("--slo-ms", type=float, default=300.0, help="TTFT objective")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--sample-rate", type=float, default=1.0,
+        help="pickers' --response-sample-rate: the responses the latency predictor learns "
+        "from (the picker's default 0.01 leaves it cold for a run this short)",
+    )  # fmt: skip
+    parser.add_argument("--workload", choices=("shared-prefix", "mixed"), default="shared-prefix")
+    parser.add_argument(
+        "--batch-slo-ms", type=float, default=3000.0, help="mixed: the batch class's TTFT"
+    )
+    parser.add_argument(
+        "--pickers", type=lambda v: set(v.split(",")), default=set(),
+        help="only these (comma-separated; default: all)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--loads", type=lambda v: [float(x) for x in v.split(",")], default=[0.5, 0.8, 1.0, 1.2],
+        help="fractions of capacity (comma-separated)",
+    )  # fmt: skip
+    parser.add_argument("--capacity", type=float, default=0.0, help="req/s; skips calibration")
+    parser.add_argument(
+        "--config", type=_named_path, action="append", default=[],
+        help="NAME=PATH: also run a picker with this config",
+    )  # fmt: skip
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.calibration_requests = 15.0, 200
     results = asyncio.run(run(args))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "slo_routing.json").write_text(json.dumps(results, indent=2))
+    name = "slo_routing.json" if args.workload == "shared-prefix" else "slo_routing_mixed.json"
+    (RESULTS / name).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

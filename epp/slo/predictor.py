@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from time import perf_counter
 
 import numpy as np
+import numpy.typing as npt
 
 from epp import metrics, parameters
 from epp.datastore.snapshot import EndpointKey
@@ -69,7 +70,16 @@ class Sample:
 class LatencyPrediction:
     """One request's predictions, aligned with its candidates."""
 
-    __slots__ = ("keys", "predictor", "tpot_rows", "tpot_s", "ttft_rows", "ttft_s", "warm")
+    __slots__ = (
+        "keys",
+        "predictor",
+        "tpot_rows",
+        "tpot_s",
+        "ttft_amortized_s",
+        "ttft_rows",
+        "ttft_s",
+        "warm",
+    )
 
     def __init__(
         self,
@@ -80,6 +90,7 @@ class LatencyPrediction:
         ttft_s: Array,
         tpot_s: Array,
         warm: bool,
+        ttft_amortized_s: Array | None = None,
     ) -> None:
         self.predictor = predictor
         self.keys = keys
@@ -88,24 +99,49 @@ class LatencyPrediction:
         self.ttft_s = ttft_s
         self.tpot_s = tpot_s
         self.warm = warm
+        # TTFT with a cache miss's extra prefill shared among the requests in flight with
+        # the same prefix (see `amortized_ttft`); the plain TTFT when nothing is shared.
+        self.ttft_amortized_s = ttft_s if ttft_amortized_s is None else ttft_amortized_s
 
     def for_candidates(self, candidates: Sequence[Candidate]) -> tuple[Array, Array]:
         """TTFT and TPOT predictions aligned with `candidates`, which filters after the
         producer (e.g. the saturation filter) may have narrowed down."""
+        rows = self._rows(candidates)
+        if rows is None:
+            return self.ttft_s, self.tpot_s
+        return self.ttft_s[rows], self.tpot_s[rows]
+
+    def amortized_for(self, candidates: Sequence[Candidate]) -> Array:
+        """Amortized TTFT predictions aligned with `candidates`."""
+        rows = self._rows(candidates)
+        return self.ttft_amortized_s if rows is None else self.ttft_amortized_s[rows]
+
+    def _rows(self, candidates: Sequence[Candidate]) -> npt.NDArray[np.intp] | None:
         keys = self.keys
         if len(candidates) == len(keys) and all(
             c.endpoint.key == k for c, k in zip(candidates, keys, strict=True)
         ):
-            return self.ttft_s, self.tpot_s
+            return None
         position = {key: i for i, key in enumerate(keys)}
-        rows = np.fromiter((position[c.endpoint.key] for c in candidates), dtype=np.intp)
-        return self.ttft_s[rows], self.tpot_s[rows]
+        return np.fromiter((position[c.endpoint.key] for c in candidates), dtype=np.intp)
 
     def row_of(self, key: EndpointKey) -> int | None:
         try:
             return list(self.keys).index(key)
         except ValueError:
             return None
+
+
+def amortized_ttft(ttft: Array, if_cached: Array, sharing: int) -> Array:
+    """A cache miss is an investment: the prefix it copies to an endpoint serves the
+    requests that share it there afterwards. Its extra prefill (the prediction minus the
+    prediction had the endpoint held the prefix) is therefore shared among this request
+    and the `sharing` requests in flight with the same prefix — by Little's law about as
+    many as will arrive while this one is served. A cold prefix (sharing 0) pays the whole
+    miss; a hot prefix whose holders queue gets a new holder once the queue costs more
+    than its share of a prefill."""
+    extra = np.maximum(ttft - if_cached, 0.0)
+    return np.maximum(ttft - extra * (sharing / (1.0 + sharing)), MIN_TTFT_S)
 
 
 class LatencyPredictor:
@@ -177,9 +213,8 @@ class LatencyPredictor:
 
     def produce(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> None:
         started = perf_counter()
-        cached = features.matched_tokens(
-            request.plugin_data.get(self.settings.prefix_producer), candidates
-        )
+        match = request.plugin_data.get(self.settings.prefix_producer)
+        cached = features.matched_tokens(match, candidates)
         ttft_rows = features.ttft_features(
             request.input_tokens, candidates, cached, self.in_flight, time.monotonic()
         )
@@ -188,14 +223,19 @@ class LatencyPredictor:
         ttft_model, tpot_model = self._ttft, self._tpot  # one whole model each
         ttft = np.maximum(ttft_model.predict(keys, ttft_rows), MIN_TTFT_S)
         tpot = np.maximum(tpot_model.predict(keys, tpot_rows), MIN_TPOT_S)
+        amortized = ttft
+        block = features.deepest_block(match)
+        if block is not None and min(cached) < max(cached):
+            if_cached = ttft_model.predict(
+                keys, features.as_if_cached(ttft_rows, request.input_tokens, cached)
+            )
+            amortized = amortized_ttft(ttft, if_cached, self.in_flight.sharing(block))
         request.plugin_data[self.name] = LatencyPrediction(
-            self, keys, ttft_rows, tpot_rows, ttft, tpot, self.warm
+            self, keys, ttft_rows, tpot_rows, ttft, tpot, self.warm, amortized
         )
         metrics.latency_prediction_duration_seconds.observe(perf_counter() - started)
 
-    def features_for(
-        self, request: SchedulingRequest, candidate: Candidate
-    ) -> tuple[Array, Array]:
+    def features_for(self, request: SchedulingRequest, candidate: Candidate) -> tuple[Array, Array]:
         """One candidate's feature rows, for a request whose profile did not predict."""
         cached = features.matched_tokens(
             request.plugin_data.get(self.settings.prefix_producer), [candidate]

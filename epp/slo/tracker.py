@@ -1,8 +1,9 @@
 """`slo-request-tracker`: the latency predictor's eyes on the request lifecycle.
 
-Pre-request: the request joins its endpoint's in-flight set (with its prompt tokens), which
-is where the predictor's in-flight features come from, and its feature row for that
-endpoint is kept with it. Response-complete (every path: success, upstream error, client
+Pre-request: the request joins its endpoint's in-flight set (with its prompt tokens and
+its prefix blocks), which is where the predictor's in-flight features and its count of
+requests sharing a prefix come from, and its feature row for that endpoint is kept with
+it. Response-complete (every path: success, upstream error, client
 gone, protocol error — the lifecycle calls it exactly once): it leaves the set, and a
 response that measured its latency becomes a training sample:
 
@@ -26,12 +27,12 @@ from epp import metrics, parameters
 from epp.datastore.snapshot import EndpointKey
 from epp.requestcontrol.interfaces import ResponseSummary
 from epp.scheduling.interfaces import Candidate, SchedulingRequest, SchedulingResult
-from epp.slo.features import TTFT_FEATURES
+from epp.scheduling.plugins.prefix_producer import PrefixMatch
+from epp.slo.features import UNCACHED
 from epp.slo.model import Array
 from epp.slo.predictor import LatencyPrediction, LatencyPredictor, Sample
 
 PluginLookup = Callable[[str, type], object]
-UNCACHED = TTFT_FEATURES.index("uncached_ktokens")
 
 
 @dataclass(slots=True)
@@ -91,8 +92,10 @@ class SloRequestTracker:
             ttft_row, tpot_row = predictor.features_for(request, target)
             warm, predicted = False, (predictor.predict_ttft(key, ttft_row), 0.0)
         uncached = int(ttft_row[UNCACHED] * 1000)
+        match = request.plugin_data.get(predictor.settings.prefix_producer)
+        hashes = match.hashes if isinstance(match, PrefixMatch) else ()
         # Until its predicted first token, its prefill is work ahead of later requests.
-        predictor.in_flight.add(key, id(request), uncached, time.monotonic() + predicted[0])
+        predictor.in_flight.add(key, id(request), uncached, time.monotonic() + predicted[0], hashes)
         request.plugin_data[self.name] = _Tracked(
             predictor,
             key,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -162,3 +162,17 @@ def generate(spec: WorkloadSpec) -> Iterator[RequestSpec]:
             slo_tpot_ms=slo_tpot,
             criticality=criticality,
         )
+
+
+def mix(parts: Sequence[tuple[WorkloadSpec, float]], seed: int = 0) -> Iterator[RequestSpec]:
+    """Requests drawn from several workloads by weight, e.g. an interactive class with a
+    tight objective and a batch class with a loose one. Each part keeps its own stream
+    (its prefixes, its order), so a part's requests are the same whatever it is mixed
+    with; `seed` only decides which part sends next."""
+    if not parts or any(weight <= 0 for _, weight in parts):
+        raise ValueError("mix needs at least one part, every weight > 0")
+    streams = [generate(spec) for spec, _ in parts]
+    weights = [weight for _, weight in parts]
+    rng = random.Random(seed)
+    while True:
+        yield next(rng.choices(streams, weights)[0])

@@ -28,6 +28,23 @@ def test_workloads_are_reproducible():
     ]
 
 
+def test_mix_draws_parts_by_weight_and_keeps_each_parts_stream():
+    interactive = workloads.WorkloadSpec(groups=4, slo_ttft_ms=300, seed=1)
+    batch = workloads.WorkloadSpec(kind="random", question_tokens=50, slo_ttft_ms=3000, seed=2)
+    mixed = list(itertools.islice(workloads.mix([(interactive, 3.0), (batch, 1.0)], seed=5), 2000))
+    counts = collections.Counter(r.slo_ttft_ms for r in mixed)
+    assert 0.70 < counts[300] / len(mixed) < 0.80
+    # A part's requests are its own stream's, in order, whatever they are mixed with.
+    assert [r.body for r in mixed if r.slo_ttft_ms == 300] == [
+        r.body for r in take(interactive, counts[300])
+    ]
+    assert [r.body for r in mixed if r.slo_ttft_ms == 3000] == [
+        r.body for r in take(batch, counts[3000])
+    ]
+    with pytest.raises(ValueError, match="weight"):
+        next(workloads.mix([(interactive, 0.0)]))
+
+
 def test_shared_prefix_groups_share_their_system_prompt():
     spec = workloads.WorkloadSpec(groups=3, prefix_tokens=100, question_tokens=5)
     by_group: dict[str, set[str]] = {}

@@ -188,6 +188,10 @@ def test_malformed_slo_headers_are_absent_and_counted(value: str) -> None:
 # ---- the tracker on every path -------------------------------------------------------------
 
 
+# No training round during these tests: one would drain the buffer they inspect.
+UNTRAINED = PredictorSettings(min_samples=1, retrain_interval_s=1e9, retrain_samples=10**6)
+
+
 def _route(tracker: SloRequestTracker, predictor: LatencyPredictor, name: str, i: int) -> tuple[
     SchedulingRequest, Candidate
 ]:
@@ -219,7 +223,7 @@ ENDINGS = {
 def test_tracker_leaves_nothing_in_flight_whatever_the_interleaving(
     plan: list[tuple[str, str]], rng: random.Random
 ) -> None:
-    predictor = LatencyPredictor(settings=PredictorSettings(min_samples=1))
+    predictor = LatencyPredictor(settings=UNTRAINED)
     tracker = SloRequestTracker()
     tracker.bind(lambda name, kind: predictor)
     started = [(*_route(tracker, predictor, name, i), ending) for i, (name, ending) in
@@ -234,7 +238,7 @@ def test_tracker_leaves_nothing_in_flight_whatever_the_interleaving(
 
 
 def test_tracker_learns_only_from_complete_successful_responses() -> None:
-    predictor = LatencyPredictor(settings=PredictorSettings(min_samples=1))
+    predictor = LatencyPredictor(settings=UNTRAINED)
     tracker = SloRequestTracker()
     tracker.bind(lambda name, kind: predictor)
     for i, ending in enumerate(["upstream-error", "client-gone", "no-response", "ok-json"]):
@@ -264,3 +268,35 @@ def test_slo_deadline_policy_serves_the_tightest_objective_first() -> None:
     for i in items:
         queue.push(i, 0.0)
     assert [queue.pop(0.0) for _ in range(4)] == [items[2], items[1], items[0], items[3]]
+
+
+def test_slo_scorer_packing_leaves_the_roomiest_endpoint_to_tight_objectives() -> None:
+    """headroom: least sends a loose objective where it still meets it with the margin;
+    the margin turns "barely meets" into a miss."""
+    cands = candidates(0, 0, 0)
+    req = slo_request(ttft_ms=1000)
+    predicted(req, cands, ttft=[0.1, 0.6, 0.8], tpot=[0.01, 0.01, 0.01])
+    pack = SloScorer(prefer_least_headroom=True, safety_margin=0.3)
+    fast, packed, risky = pack.score(req, cands)
+    assert packed == pytest.approx(1.0) and fast == pytest.approx(0.2)
+    assert 0 < risky <= 0.01  # 0.8 s of a 1 s objective: inside the 30% margin
+    most, less, _ = SloScorer().score(req, cands)
+    assert most > less  # the default keeps preferring room
+
+
+def test_slo_scorer_parameters() -> None:
+    scorer = SloScorer.from_parameters("s", {"headroom": "least", "safetyMargin": 0.25})
+    assert scorer.prefer_least_headroom and scorer.safety_margin == 0.25
+    with pytest.raises(ValueError, match="headroom"):
+        SloScorer.from_parameters("s", {"headroom": "some"})
+    with pytest.raises(ValueError, match="safetyMargin"):
+        SloScorer.from_parameters("s", {"safetyMargin": 1.5})
+
+
+@given(st.lists(st.floats(-5, 5, allow_nan=False), min_size=1, max_size=20))
+def test_headroom_scores_packing_keeps_meeting_above_missing(headroom: list[float]) -> None:
+    scores = headroom_scores(np.array(headroom), prefer_least=True)
+    for h, s in zip(headroom, scores, strict=True):
+        assert (0.2 <= s <= 1.0) if h >= 0 else (0 < s <= 0.01)
+    meeting = sorted((h, s) for h, s in zip(headroom, scores, strict=True) if h >= 0)
+    assert all(a[1] >= b[1] - 1e-12 for a, b in itertools.pairwise(meeting))
