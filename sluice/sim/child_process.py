@@ -42,18 +42,23 @@ def consecutive_free_ports(count: int, host: str = "127.0.0.1") -> int:
 
 @contextlib.asynccontextmanager
 async def simulator_process(
-    replicas: int, extra_args: Sequence[str] = (), startup_timeout_s: float = 30.0
+    replicas: int,
+    extra_args: Sequence[str] = (),
+    startup_timeout_s: float = 30.0,
+    host: str = "127.0.0.1",
 ) -> AsyncIterator[list[str]]:
-    """Start `replicas` simulated servers in one child; yields their `ip:port` once healthy."""
-    base = consecutive_free_ports(replicas)
+    """Start `replicas` simulated servers in one child, listening on `host` (a loopback
+    address: 127.0.0.2 and up give each child its own ports); yields their `ip:port` once
+    healthy."""
+    base = consecutive_free_ports(replicas, host)
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sluice.cli", "simulate",
+        sys.executable, "-m", "sluice.cli", "simulate", "--host", host,
         "--replicas", str(replicas), "--port", str(base), *extra_args,
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
     )  # fmt: skip
-    addresses = [f"127.0.0.1:{base + i}" for i in range(replicas)]
+    addresses = [f"{host}:{base + i}" for i in range(replicas)]
     try:
         await _wait_healthy(addresses, process, startup_timeout_s)
         yield addresses
