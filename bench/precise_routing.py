@@ -19,9 +19,11 @@ The shapes that decide whether knowing beats guessing, as options:
 * `--max-tokens` (default 256): streamed responses of a few hundred tokens hold their
   decode blocks in the KV cache for seconds, evicting cached prefixes the approximate
   index still counts; 16 is the short-response shape of the first runs.
-* `--replicas N`: N picker replicas behind one Envoy, each approximate index learning
-  only from the requests it routed; every precise replica subscribes to every server
-  (servers bind their publishers on their own loopback address, pickers connect).
+* `--replicas N`: N picker replicas, each with its own Envoy as the chart runs them,
+  clients spread over them at random (N independent Poisson streams of rate/N: what a
+  Service's random spreading of a Poisson stream gives); each approximate index learns
+  only from the requests its replica routed; every precise replica subscribes to every
+  server (servers bind their publishers on their own loopback address, pickers connect).
 * router `approximate-unsized`: the default profile with `autoTune: false`, i.e. a server
   that does not report its KV-cache size (no `vllm:cache_config_info`, e.g. SGLang), so
   the approximate LRU has its default capacity (31,250 blocks per server).
@@ -220,15 +222,33 @@ def _port_free_on(hosts: Sequence[str]) -> int:
     raise RuntimeError(f"no port free on all of {', '.join(hosts)}")
 
 
-async def _gateway(stack: AsyncExitStack, picker_ports: Sequence[int]) -> str:
-    """One Envoy in front of the picker replica(s); its URL."""
-    if len(picker_ports) == 1:
-        options = gateway_settings.GatewayOptions(picker_port=picker_ports[0])
-    else:
-        options = gateway_settings.GatewayOptions(  # type: ignore[call-arg]
-            picker_ports=tuple(picker_ports)
+async def measure_spread(
+    urls: Sequence[str],
+    requests: int,
+    rate: float | None,
+    seed: int,
+    concurrency: int = 64,
+    max_tokens: int = SHORT_RESPONSE,
+) -> list[runner.RequestResult]:
+    """`measure` through several gateways (one per picker replica), clients spread over
+    them: one stream each, with its share of the requests, rate and concurrency."""
+    if len(urls) == 1:
+        return await measure(urls[0], requests, rate, seed, concurrency, max_tokens)
+    n = len(urls)
+    shares = await asyncio.gather(
+        *(
+            measure(
+                url,
+                requests // n + (i < requests % n),
+                rate / n if rate else None,
+                seed * 1000 + i,
+                max(1, concurrency // n),
+                max_tokens,
+            )
+            for i, url in enumerate(urls)
         )
-    return (await stack.enter_async_context(EnvoyProcess(options))).url
+    )
+    return [result for share in shares for result in share]
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
@@ -252,7 +272,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
             )  # fmt: skip
             sim_args = [*SIM_ARGS, "--tokenizer", str(tokenizer_dir), "--kv-events-config", events]
             backends += await stack.enter_async_context(simulators(1, sim_args, host))
-        urls: dict[str, str] = {}
+        urls: dict[str, list[str]] = {}
         direct = {"least-request": gateway_settings.LbPolicy.LEAST_REQUEST}
         if "round-robin" in args.routers:
             direct["round-robin"] = gateway_settings.LbPolicy.ROUND_ROBIN
@@ -260,7 +280,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
             options = gateway_settings.GatewayOptions(
                 mode=gateway_settings.GatewayMode.DIRECT, backends=tuple(backends), lb_policy=policy
             )
-            urls[name] = (await stack.enter_async_context(EnvoyProcess(options))).url
+            urls[name] = [(await stack.enter_async_context(EnvoyProcess(options))).url]
         configs: dict[str, list[str]] = {
             "approximate": [],
             "approximate-unsized": [
@@ -277,24 +297,24 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
         # to their approximate index.
         precise_metrics: dict[str, list[str]] = {}
         for name in [r for r in args.routers if r in configs]:
-            ports = []
             for _ in range(args.replicas):
                 metrics_port = free_tcp_port()
                 started = picker(backends, configs[name], metrics_port)
                 _, port = await stack.enter_async_context(started)
-                ports.append(port)
+                options = gateway_settings.GatewayOptions(picker_port=port)
+                envoy = await stack.enter_async_context(EnvoyProcess(options))
+                urls.setdefault(name, []).append(envoy.url)
                 if name.startswith("precise"):
                     metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
                     precise_metrics.setdefault(name, []).append(metrics_url)
-            urls[name] = await _gateway(stack, ports)
         if "sglang-router" in args.routers:
             if sglang_router_binary():
-                urls["sglang-router"] = await stack.enter_async_context(sglang_router(backends))
+                urls["sglang-router"] = [await stack.enter_async_context(sglang_router(backends))]
             else:
                 print("sglang-router not installed (scripts/setup test,compare): skipped")
         capacity = args.capacity or summary.summarise(
             await measure(
-                urls["least-request"], args.calibration_requests, None, seed=99,
+                urls["least-request"][0], args.calibration_requests, None, seed=99,
                 max_tokens=args.max_tokens,
             )
         ).throughput_rps  # fmt: skip
@@ -305,12 +325,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
         server_hits: dict[str, dict[float, float]] = {name: {} for name in urls}
         rows = []
         for name, url in urls.items():
-            await measure(url, args.warmup_requests, None, seed=7, concurrency=8)
+            await measure_spread(url, args.warmup_requests, None, seed=7, concurrency=8)
             for load in loads:
                 rate = capacity * load
                 requests = max(args.min_requests, int(rate * args.seconds))
                 hits_before, queries_before = await server_prefix_counters(backends)
-                results = await measure(
+                results = await measure_spread(
                     url, requests, rate, seed=int(load * 100), max_tokens=args.max_tokens
                 )
                 hits_after, queries_after = await server_prefix_counters(backends)
