@@ -324,6 +324,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
         series: dict[str, list[tuple[float, summary.Summary]]] = {name: [] for name in urls}
         server_hits: dict[str, dict[float, float]] = {name: {} for name in urls}
         rows = []
+        breakdown: dict[str, dict[float, dict[str, float]]] = {}
         for name, url in urls.items():
             await measure_spread(url, args.warmup_requests, None, seed=7, concurrency=8)
             for load in loads:
@@ -342,14 +343,24 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
                 s = summary.summarise(results)
                 series[name].append((load, s))
                 rows.append((f"{name} @ {load:.0%}", s))
+                split = breakdown.setdefault(name, {})[load] = by_cache_hit(results)
                 print(
                     summary.table([rows[-1]]).splitlines()[-1],
-                    f"server prefix hit {server_hits[name][load]:.0%}",
+                    f"server prefix hit {server_hits[name][load]:.0%};",
+                    f"half-cached {split['hit_share']:.0%}: TTFT p50/p90 "
+                    f"{split['hit_ttft_p50_s'] * 1000:.0f}/{split['hit_ttft_p90_s'] * 1000:.0f} ms,"
+                    f" others {split['miss_ttft_p50_s'] * 1000:.0f}/"
+                    f"{split['miss_ttft_p90_s'] * 1000:.0f} ms",
                     flush=True,
                 )
         out["runs"] = {
             name: [
-                {"load": load, "server_prefix_hit_rate": server_hits[name][load], **asdict(s)}
+                {
+                    "load": load,
+                    "server_prefix_hit_rate": server_hits[name][load],
+                    **breakdown[name][load],
+                    **asdict(s),
+                }
                 for load, s in points
             ]
             for name, points in series.items()
@@ -379,6 +390,27 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
         except RuntimeError as error:
             print(f"no plot: {error}")
     return out
+
+
+def by_cache_hit(results: Sequence[runner.RequestResult]) -> dict[str, float]:
+    """Where the TTFT tail comes from: the share of requests that found at least half their
+    prompt cached on the server they were sent to, and TTFT p50/p90 of those (the rest
+    wait for a slot, not for a prefill) and of the others (a prefill of most of the
+    prompt)."""
+    done = [(r.ttft_s, r) for r in results if r.ttft_s is not None and r.prompt_tokens]
+    hits = sorted(t for t, r in done if r.cached_tokens * 2 >= r.prompt_tokens)
+    misses = sorted(t for t, r in done if r.cached_tokens * 2 < r.prompt_tokens)
+
+    def pct(values: list[float], q: float) -> float:
+        return values[min(len(values) - 1, int(q * len(values)))] if values else 0.0
+
+    return {
+        "hit_share": len(hits) / len(done) if done else 0.0,
+        "hit_ttft_p50_s": pct(hits, 0.5),
+        "hit_ttft_p90_s": pct(hits, 0.9),
+        "miss_ttft_p50_s": pct(misses, 0.5),
+        "miss_ttft_p90_s": pct(misses, 0.9),
+    }
 
 
 def quality_table(
