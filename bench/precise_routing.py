@@ -24,6 +24,9 @@ The shapes that decide whether knowing beats guessing, as options:
   Service's random spreading of a Poisson stream gives); each approximate index learns
   only from the requests its replica routed; every precise replica subscribes to every
   server (servers bind their publishers on their own loopback address, pickers connect).
+* `--max-num-seqs N` (default 4, as SIM_ARGS): with 16 the batch is bounded by the KV
+  cache, as on a GPU server with vLLM's default cap (256), not by a small sequence cap:
+  running sequences' decode blocks then compete with cached prefixes for the cache.
 * router `approximate-unsized`: the default profile with `autoTune: false`, i.e. a server
   that does not report its KV-cache size (no `vllm:cache_config_info`, e.g. SGLang), so
   the approximate LRU has its default capacity (31,250 blocks per server).
@@ -261,6 +264,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
         "sim_args": SIM_ARGS,
         "workload": asdict(workload(0, args.max_tokens)),
         "replicas": args.replicas,
+        "max_num_seqs": args.max_num_seqs,
         "routers": args.routers,
     }
     async with AsyncExitStack() as stack:
@@ -270,7 +274,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
                 {"enable_kv_cache_events": True, "endpoint": f"tcp://{host}:{events_port}",
                  "bind": True}
             )  # fmt: skip
-            sim_args = [*SIM_ARGS, "--tokenizer", str(tokenizer_dir), "--kv-events-config", events]
+            sim_args = [
+                *SIM_ARGS, "--max-num-seqs", str(args.max_num_seqs),
+                "--tokenizer", str(tokenizer_dir), "--kv-events-config", events,
+            ]  # fmt: skip
             backends += await stack.enter_async_context(simulators(1, sim_args, host))
         urls: dict[str, list[str]] = {}
         direct = {"least-request": gateway_settings.LbPolicy.LEAST_REQUEST}
@@ -385,7 +392,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
             plots.plot_comparison(
                 series, RESULTS / f"precise_routing{args.tag}.png",
                 f"{workload(0).groups} tenants, working set > KV cache, {SERVERS} servers, "
-                f"{args.max_tokens}-token responses, {args.replicas} picker replica(s)",
+                f"{args.max_tokens}-token responses, {args.replicas} picker replica(s), "
+                f"max {args.max_num_seqs} sequences",
             )  # fmt: skip
         except RuntimeError as error:
             print(f"no plot: {error}")
@@ -455,6 +463,12 @@ def main() -> None:
         type=int,
         default=LONG_RESPONSE,
         help="tokens per response (default %(default)s; 16: the short shape)",
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=4,
+        help="sequences a server runs at once (default %(default)s)",
     )
     parser.add_argument("--replicas", type=int, default=1, help="picker replicas per router")
     parser.add_argument(
