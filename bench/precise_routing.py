@@ -269,13 +269,13 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
     }
     async with AsyncExitStack() as stack:
         backends: list[str] = []
-        for host in hosts:
+        for i, host in enumerate(hosts):
             events = json.dumps(
                 {"enable_kv_cache_events": True, "endpoint": f"tcp://{host}:{events_port}",
                  "bind": True}
             )  # fmt: skip
             sim_args = [
-                *SIM_ARGS, "--max-num-seqs", str(args.max_num_seqs),
+                *SIM_ARGS, "--max-num-seqs", str(args.max_num_seqs), "--pod-name-prefix", f"sim{i}",
                 "--tokenizer", str(tokenizer_dir), "--kv-events-config", events,
             ]  # fmt: skip
             backends += await stack.enter_async_context(simulators(1, sim_args, host))
