@@ -327,6 +327,18 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
         ).throughput_rps  # fmt: skip
         out["capacity_rps"] = capacity
         print(f"pool capacity (closed loop, least-request): {capacity:.2f} req/s", flush=True)
+        # The reference is cache-oblivious; a cache-aware router serves more. How much more
+        # says how loaded it really is at "80%".
+        capacity_of: dict[str, float] = {}
+        for name in args.capacity_of:
+            capacity_of[name] = summary.summarise(
+                await measure_spread(
+                    urls[name], args.calibration_requests, None, seed=98,
+                    max_tokens=args.max_tokens,
+                )
+            ).throughput_rps  # fmt: skip
+            print(f"{name} capacity (closed loop): {capacity_of[name]:.2f} req/s", flush=True)
+        out["capacity_of"] = capacity_of
         del urls["least-request"]  # the calibration reference, not a contender here
         series: dict[str, list[tuple[float, summary.Summary]]] = {name: [] for name in urls}
         server_hits: dict[str, dict[float, float]] = {name: {} for name in urls}
@@ -458,6 +470,12 @@ def main() -> None:
     parser.add_argument("--capacity", type=float, default=0.0,
                         help="req/s to take as 100%% instead of measuring it")  # fmt: skip
     parser.add_argument("--warmup-requests", type=int, default=200)
+    parser.add_argument(
+        "--capacity-of",
+        type=_names,
+        default=[],
+        help="routers whose own closed-loop capacity is measured too (reported, not used)",
+    )
     parser.add_argument(
         "--max-tokens",
         type=int,
