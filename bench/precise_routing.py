@@ -106,12 +106,13 @@ def precise_config(
     tokenizer_dir: Path,
     collector: str | None,
     into: Path,
+    model: str = MODEL,
     *,
     connect_port: int | None = None,
     in_flight: bool = True,
 ) -> Path:
-    """docs/configs/precise-prefix.yaml with the simulators' tokenizer for MODEL, every
-    weight as shipped. Events: a `collector` socket the simulators connect to, or (with
+    """docs/configs/precise-prefix.yaml with the servers' tokenizer for `model`, every
+    weight as shipped. Events: a `collector` socket the servers connect to, or (with
     `connect_port`, `collector` None) a subscription to each server at that port."""
     config = yaml.safe_load((CONFIGS / "precise-prefix.yaml").read_text())
     for plugin in config["plugins"]:
@@ -121,7 +122,7 @@ def precise_config(
             else:
                 plugin["parameters"] = {"mode": "bind", "bindAddress": collector}
         elif plugin["type"] == "precise-prefix-cache-producer":
-            plugin["parameters"]["tokenizers"] = {MODEL: str(tokenizer_dir)}
+            plugin["parameters"]["tokenizers"] = {model: str(tokenizer_dir)}
             if not in_flight:
                 plugin["parameters"]["inFlightPrefixes"] = False
     into.write_text(yaml.safe_dump(config))
