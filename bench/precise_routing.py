@@ -40,7 +40,7 @@ over the run, in tokens, summed over the pool); the precise pickers' event count
 sglang-router is a separate install (`scripts/setup test,compare`); without it that
 column is skipped with a note.
 
-    .venv/bin/python -m bench.precise_routing --quick                 # ~15 minutes
+    .venv/bin/python -m bench.precise_routing --quick                 # ~20 minutes
     .venv/bin/python -m bench.precise_routing --quick --max-tokens 16 --routers approximate,precise
     .venv/bin/python -m bench.precise_routing --quick --replicas 2 --routers approximate,precise
 """
