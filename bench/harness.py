@@ -58,7 +58,7 @@ async def child(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
 async def simulators(
     count: int, sim_args: Sequence[str] = (), host: str = "127.0.0.1"
 ) -> AsyncIterator[list[str]]:
-    """`count` simulated vLLM servers in one child process; yields their ip:port."""
+    """`count` simulated vLLM servers in one child process on `host`; yields their ip:port."""
     async with child_process.simulator_process(count, sim_args, host=host) as addresses:
         yield addresses
 

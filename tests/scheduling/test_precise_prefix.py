@@ -18,6 +18,7 @@ from epp.config import loader
 from epp.config.document import ConfigError
 from epp.datalayer import kv_events
 from epp.datalayer.kv_event_extractor import KvEventsExtractor
+from epp.requestcontrol.interfaces import ResponseSummary
 from epp.scheduling import framework
 from epp.scheduling.interfaces import ProfileResult, SchedulingRequest, SchedulingResult
 from epp.scheduling.plugins.max_score_picker import MaxScorePicker
@@ -147,7 +148,10 @@ def cache_on(extractor: KvEventsExtractor, name: str, ids: list[int], **fields: 
     """What a server announces after serving `ids`: its whole blocks, stored."""
     whole = len(ids) // BLOCK * BLOCK
     event = kv_events.BlockStored(
-        tuple(range(1000, 1000 + whole // BLOCK)), None, tuple(ids[:whole]), BLOCK,
+        tuple(range(1000, 1000 + whole // BLOCK)),
+        None,
+        tuple(ids[:whole]),
+        BLOCK,
         **fields,  # type: ignore[arg-type]
     )
     target = candidate(name).endpoint
@@ -186,8 +190,9 @@ def test_chat_requests_match_what_a_chat_cached(tok_dir: Path) -> None:
     first = chat(("system", CONTEXT), ("user", "first question"))
     ids = list(made.tokenizers.token_ids_now(tokenizing.load(tok_dir), first) or [])
     cache_on(extractor, "a", ids)
-    follow_up = chat(("system", CONTEXT), ("user", "first question"), ("assistant", "answer"),
-                     ("user", "second"))
+    follow_up = chat(
+        ("system", CONTEXT), ("user", "first question"), ("assistant", "answer"), ("user", "second")
+    )
     req = request_for(follow_up)
     made.produce(req, [candidate("a"), candidate("b")])
     match = req.plugin_data[made.name]
@@ -241,7 +246,9 @@ async def test_the_scheduler_prepares_before_it_schedules(tok_dir: Path) -> None
     ids = list(tokenizing.load(tok_dir).encode_text(CONTEXT))
     cache_on(extractor, "b", ids)
     profile = framework.SchedulingProfile(
-        "p", picker=MaxScorePicker(), scorers=[(PrecisePrefixCacheScorer(), 1.0)],
+        "p",
+        picker=MaxScorePicker(),
+        scorers=[(PrecisePrefixCacheScorer(), 1.0)],
         producers=[made],
     )
     scheduler = framework.Scheduler({"p": profile}, SingleProfileHandler())
@@ -295,5 +302,78 @@ def test_a_tokenizer_that_cannot_be_loaded_falls_back_and_says_why(
         asyncio.run(made.prepare(req))
         made.produce(req, [candidate("a")])
     assert req.plugin_data.get("p/approximate") is True
-    assert any("cannot be loaded" in r.message and "not a directory" in r.message
-               for r in caplog.records)
+    assert any(
+        "cannot be loaded" in r.message and "not a directory" in r.message for r in caplog.records
+    )
+
+
+def routed(
+    made: PrecisePrefixCacheProducer, body: ParsedBody, to: str, *names: str
+) -> tuple[SchedulingRequest, dict[str, int]]:
+    """Produce for a request among servers `names`, route it to `to`; the request and its
+    match by server."""
+    req = request_for(body)
+    made.produce(req, [candidate(n) for n in names])
+    match = req.plugin_data[made.name]
+    assert isinstance(match, PrefixMatch)
+    made.pre_request(req, SchedulingResult({"p": ProfileResult((candidate(to),))}, "p"))
+    return req, {str(k): v for k, v in match.matched_blocks.items()}
+
+
+def ended(made: PrecisePrefixCacheProducer, req: SchedulingRequest, at: str) -> None:
+    summary = ResponseSummary(200, True, True, None, None, None, 1.0)
+    made.response_complete(req, candidate(at), summary)
+
+
+def test_a_prompt_in_flight_counts_as_held_by_its_server_until_the_response_ends(
+    tok_dir: Path,
+) -> None:
+    # Events come after the server computed the prompt (under load, seconds after it was
+    # routed): until then the next request of the same prefix must still find it on b,
+    # not be sent wherever load says, for a second full prefill.
+    made, extractor = producer(tok_dir)
+    ids = list(tokenizing.load(tok_dir).encode_text(CONTEXT))
+    whole = len(ids) // BLOCK
+    a, b, c = (str(candidate(n).endpoint.key) for n in "abc")
+    first, matched = routed(made, completion(CONTEXT + " first question"), "b", "a", "b", "c")
+    assert matched == {}  # nobody had it
+    second, matched = routed(made, completion(CONTEXT + " second question"), "b", "a", "b", "c")
+    assert set(matched) == {b} and matched[b] >= whole - 1
+    # The first request ends; the second still holds the prompt on b.
+    ended(made, first, "b")
+    third, matched = routed(made, completion(CONTEXT + " third question"), "b", "a", "b", "c")
+    assert set(matched) == {b} and matched[b] >= whole - 1
+    ended(made, second, "b")
+    ended(made, third, "b")
+    assert made.in_flight is not None and len(made.in_flight) == 0
+    # Nothing in flight, nothing announced: held nowhere.
+    _, matched = routed(made, completion(CONTEXT + " later"), "a", "a", "b", "c")
+    assert matched == {}
+    # Announced blocks and a request in flight: the longer of the two counts.
+    cache_on(extractor, "c", ids[: BLOCK * 4])
+    _, matched = routed(made, completion(CONTEXT), "c", "a", "b", "c")
+    assert matched[c] == 4 and matched[a] >= whole - 1 and b not in matched
+
+
+def test_in_flight_prefixes_can_be_switched_off_and_forget_servers_that_left(
+    tok_dir: Path,
+) -> None:
+    off, _ = producer(tok_dir, inFlightPrefixes=False)
+    routed(off, completion(CONTEXT + " one"), "b", "a", "b")
+    assert routed(off, completion(CONTEXT + " two"), "b", "a", "b")[1] == {}
+    on, _ = producer(tok_dir)
+    first, _ = routed(on, completion(CONTEXT + " one"), "b", "a", "b")
+    on.retain({candidate("a").endpoint.key})  # b left the pool
+    assert routed(on, completion(CONTEXT + " two"), "a", "a", "b")[1] == {}
+    ended(on, first, "b")  # its server left meanwhile: nothing to give back
+    assert on.in_flight is not None and len(on.in_flight) == 1  # the second, on a
+
+
+def test_the_lifecycle_ends_in_flight_prompts() -> None:
+    config = loader.load_config(
+        (
+            Path(__file__).resolve().parents[2] / "docs" / "configs" / "precise-prefix.yaml"
+        ).read_text()
+    )
+    names = [p.name for p in config.lifecycle.response_complete_plugins]
+    assert "precise-prefix-cache-producer" in names

@@ -10,8 +10,12 @@ server's KV-cache events say it holds. It leaves a `PrefixMatch` under its name 
 latency predictor (`prefixProducerName`) and `prefix-cache-scorer` can all read it.
 
 The index is the `kv-events-extractor`'s (parameter `kvEventsExtractorName`), which must
-be wired in the data layer under a `kv-events-data-source`. It learns only from events,
-so nothing is recorded when a request is routed.
+be wired in the data layer under a `kv-events-data-source`. It learns only from events.
+Events come after the server computed a prompt, seconds after routing under load, so the
+producer also counts the prompts of requests it routed that have not ended as held by
+their server (`in_flight_prefixes`; parameter `inFlightPrefixes`, default true): without
+that, requests of a prefix nobody had cached are scattered over the pool until the first
+of them is announced.
 
 A request whose model has no tokenizer configured (or whose body has no single prompt,
 e.g. a batch of completions) is matched with an approximate index of the producer's own,
@@ -23,7 +27,7 @@ Parameters: `tokenizers` (model name -> tokenizer directory), `loraAdapters` (ad
 name -> its base model, whose tokenizer it uses; the adapter name is hashed into the
 blocks as vLLM does), `kvEventsExtractorName` (`kv-events-extractor`),
 `maxPrefixBlocksToMatch` (1024), `inlineTokenizeChars` (512: shorter prompts are
-tokenized on the loop, longer ones on a thread).
+tokenized on the loop, longer ones on a thread), `inFlightPrefixes` (true).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from epp.scheduling.interfaces import (
     SchedulingResult,
 )
 from epp.scheduling.plugins import prefix_scorer
+from epp.scheduling.plugins.in_flight_prefixes import InFlightPrefixes, InFlightPrompt
 from epp.scheduling.plugins.prefix_producer import ApproxPrefixCacheProducer, PrefixMatch
 
 logger = logging.getLogger(__name__)
@@ -51,6 +56,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_MAX_PREFIX_BLOCKS: Final = 1024
 _TOKENS_SUFFIX: Final = "/token-ids"
 _FALLBACK_SUFFIX: Final = "/approximate"
+_BLOCK_SIZE_SUFFIX: Final = "/block-size"
+_IN_FLIGHT_SUFFIX: Final = "/in-flight"
 _UNTOKENIZED: Final = object()  # prepare ran and found no prompt to tokenize
 
 
@@ -66,6 +73,7 @@ class PrecisePrefixCacheProducer:
         extractor_name: str = KvEventsExtractor.type_name,
         max_blocks: int = DEFAULT_MAX_PREFIX_BLOCKS,
         inline_chars: int = tokenizing.DEFAULT_INLINE_CHARS,
+        in_flight: bool = True,
     ) -> None:
         self.name = name
         self.extractor_name = extractor_name
@@ -76,6 +84,7 @@ class PrecisePrefixCacheProducer:
             extractor_name,
             max_blocks,
             inline_chars,
+            in_flight,
         )
         self.tokenizers = tokenizing.TokenizerPool(tokenizer_dirs, inline_chars=inline_chars)
         self._adapters = dict(lora_adapters or {})
@@ -90,6 +99,9 @@ class PrecisePrefixCacheProducer:
         self._approximate = ApproxPrefixCacheProducer(name)
         self._tokens_key = name + _TOKENS_SUFFIX
         self._fallback_key = name + _FALLBACK_SUFFIX
+        self._block_size_key = name + _BLOCK_SIZE_SUFFIX
+        self._in_flight_key = name + _IN_FLIGHT_SUFFIX
+        self.in_flight = InFlightPrefixes() if in_flight else None
         self._untokenized_models: set[str] = set()
         self._fallbacks = metrics.precise_prefix_approximate_total.labels(name)
 
@@ -104,9 +116,8 @@ class PrecisePrefixCacheProducer:
         max_blocks = reader.integer(
             "maxPrefixBlocksToMatch", DEFAULT_MAX_PREFIX_BLOCKS, minimum=1, maximum=1 << 20
         )
-        inline = reader.integer(
-            "inlineTokenizeChars", tokenizing.DEFAULT_INLINE_CHARS, minimum=0
-        )
+        inline = reader.integer("inlineTokenizeChars", tokenizing.DEFAULT_INLINE_CHARS, minimum=0)
+        in_flight = reader.boolean("inFlightPrefixes", True)
         reader.finish()
         return cls(
             name,
@@ -115,6 +126,7 @@ class PrecisePrefixCacheProducer:
             extractor_name=extractor,
             max_blocks=max_blocks,
             inline_chars=inline,
+            in_flight=in_flight,
         )
 
     def __repr__(self) -> str:
@@ -167,19 +179,54 @@ class PrecisePrefixCacheProducer:
                 )
             return keys
 
-        matched = self.index.match(keys_for, [c.endpoint.key for c in candidates])
-        block_size = next(iter(by_size), 0) or _block_size_of(self.index, candidates)
+        endpoints = [c.endpoint.key for c in candidates]
+        index = self.index
+        matched = index.match(keys_for, endpoints)
+        in_flight = self.in_flight
+        if in_flight is not None and len(in_flight):
+            for endpoint in endpoints:
+                held = in_flight.matched(endpoint, keys_for)
+                if held > matched.get(endpoint, 0):
+                    matched[endpoint] = held
+        block_size = next(iter(by_size), 0) or _block_size_of(index, candidates)
+        request.plugin_data[self._block_size_key] = block_size
         request.plugin_data[self.name] = PrefixMatch(
             keys_for(block_size), matched, block_size * CHARS_PER_TOKEN
         )
 
     def pre_request(self, request: SchedulingRequest, result: SchedulingResult) -> None:
-        # Precise matches learn from the servers' events; only the fallback records.
-        if request.plugin_data.get(self._fallback_key):
+        # Precise matches learn from the servers' events, and count the prompt as held by
+        # its target until the response ends; only the fallback records approximately.
+        data = request.plugin_data
+        if data.get(self._fallback_key):
             self._approximate.pre_request(request, result)
+            return
+        primary = result.primary
+        match = data.get(self.name)
+        if self.in_flight is None or primary is None or not primary.targets:
+            return
+        if not isinstance(match, PrefixMatch) or not match.hashes:
+            return
+        block_size = data.get(self._block_size_key)
+        if not isinstance(block_size, int) or block_size <= 0:
+            return
+        target = primary.targets[0].endpoint.key
+        data[self._in_flight_key] = self.in_flight.add(target, block_size, match.hashes)
+
+    def response_complete(
+        self, request: SchedulingRequest, target: Candidate, response: object
+    ) -> None:
+        """The request-control hook (`ResponseSummary`, a layer above; not read): the
+        prompt is no longer in flight."""
+        prompt = request.plugin_data.pop(self._in_flight_key, None)
+        if self.in_flight is not None and isinstance(prompt, InFlightPrompt):
+            self.in_flight.remove(prompt)
 
     def retain(self, keys: Iterable[EndpointKey]) -> None:
-        self._approximate.retain(keys)
+        keep = set(keys)
+        self._approximate.retain(keep)
+        if self.in_flight is not None:
+            self.in_flight.retain(keep)
 
     def _token_ids(self, request: SchedulingRequest) -> Sequence[int] | None:
         found = request.plugin_data.pop(self._tokens_key, None)
