@@ -70,15 +70,15 @@ def workload(seed: int) -> workloads.WorkloadSpec:
     )  # fmt: skip
 
 
-def precise_config(tokenizer_dir: Path, collector: str, into: Path) -> Path:
-    """docs/configs/precise-prefix.yaml with the simulators' tokenizer for MODEL and a
-    collector socket the simulators connect to; every weight as shipped."""
+def precise_config(tokenizer_dir: Path, collector: str, into: Path, model: str = MODEL) -> Path:
+    """docs/configs/precise-prefix.yaml with the servers' tokenizer for `model` and a
+    collector socket the servers connect to; every weight as shipped."""
     config = yaml.safe_load((CONFIGS / "precise-prefix.yaml").read_text())
     for plugin in config["plugins"]:
         if plugin["type"] == "kv-events-data-source":
             plugin["parameters"] = {"mode": "bind", "bindAddress": collector}
         elif plugin["type"] == "precise-prefix-cache-producer":
-            plugin["parameters"]["tokenizers"] = {MODEL: str(tokenizer_dir)}
+            plugin["parameters"]["tokenizers"] = {model: str(tokenizer_dir)}
     into.write_text(yaml.safe_dump(config))
     return into
 
