@@ -21,11 +21,14 @@ cache, then every router gets the same warm-up pass.
 
 Reported per router and load: TTFT p50/p90 seen by the client and the servers' own
 prefix-cache hit rate (`vllm:prefix_cache_hits_total` / `vllm:prefix_cache_queries_total`
-over the run, in tokens, summed over the pool). Starting real vLLM servers: hold the
+over the run, in tokens, summed over the pool); to explain them, the share of requests
+the busier server finished and the median TTFT of requests that found at least half their
+prompt cached (a hit) and of the rest, and, first, the TTFT of a context on an idle server
+cold and cached (what a hit can save at best). Starting real vLLM servers: hold the
 bench lock.
 
-    flock /tmp/sluice-bench.lock .venv/bin/python -m bench.precise_routing_vllm          # ~13 min
-    flock /tmp/sluice-bench.lock .venv/bin/python -m bench.precise_routing_vllm --quick  # ~7 min
+    flock /tmp/sluice-bench.lock .venv/bin/python -m bench.precise_routing_vllm          # ~14 min
+    flock /tmp/sluice-bench.lock .venv/bin/python -m bench.precise_routing_vllm --quick  # ~6 min
 """
 
 from __future__ import annotations
@@ -40,11 +43,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import aiohttp
 
+from bench import harness
 from bench.harness import picker
 from bench.precise_routing import (
     precise_config,
@@ -208,23 +212,37 @@ async def what_a_hit_saves(
     return summary.percentile(cold, 0.5), summary.percentile(warm, 0.5)
 
 
+@dataclass(frozen=True, slots=True)
+class Cell:
+    """What explains one router-and-load cell besides its TTFT."""
+
+    server_prefix_hit_rate: float
+    busiest_server_share: float
+    ttft_p50_hit_s: float
+    ttft_p50_miss_s: float
+    # CPU the machine spent outside this benchmark's processes (other work on a shared
+    # machine competes with the pinned servers), and the precise picker's, in cores.
+    other_work_cores: float
+    precise_picker_cores: float
+
+
 def results_table(
-    series: dict[str, list[tuple[float, summary.Summary]]],
-    server_hits: dict[str, dict[float, float]],
-    diagnostics: dict[str, dict[float, tuple[float, float, float]]],
+    series: dict[str, list[tuple[float, summary.Summary]]], cells: dict[str, dict[float, Cell]]
 ) -> str:
     lines = [
         "| router | load | req/s | TTFT p50 ms | TTFT p90 ms | servers' prefix hit "
-        "| busiest server's share | TTFT p50 ms, hit / miss |",
-        "|" + "---|" * 8,
+        "| busiest server's share | TTFT p50 ms, hit / miss | other work, cores |",
+        "|" + "---|" * 9,
     ]
     for name, points in series.items():
         for load, s in points:
-            share, hit, miss = diagnostics[name][load]
+            c = cells[name][load]
             lines.append(
                 f"| {name} | {load:.0%} | {s.throughput_rps:.1f} | {s.ttft_p50_s * 1000:.0f} "
-                f"| {s.ttft_p90_s * 1000:.0f} | {server_hits[name][load]:.0%} | {share:.0%} "
-                f"| {hit * 1000:.0f} / {miss * 1000:.0f} |"
+                f"| {s.ttft_p90_s * 1000:.0f} | {c.server_prefix_hit_rate:.0%} "
+                f"| {c.busiest_server_share:.0%} "
+                f"| {c.ttft_p50_hit_s * 1000:.0f} / {c.ttft_p50_miss_s * 1000:.0f} "
+                f"| {c.other_work_cores:.2f} |"
             )
     return "\n".join(lines)
 
@@ -275,8 +293,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
             "approximate": picker(backends),
             "precise": picker(backends, ["--config-file", str(precise)], metrics_port),
         }
+        picker_pids: dict[str, int] = {}
         for name, started in pickers.items():
-            _, port = await stack.enter_async_context(started)
+            process, port = await stack.enter_async_context(started)
+            picker_pids[name] = process.pid
             options = gateway_settings.GatewayOptions(picker_port=port)
             urls[name] = (await stack.enter_async_context(EnvoyProcess(options))).url
         if sglang_router_binary():
@@ -300,8 +320,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
         print(f"precise picker: {stored:g} BlockStored events so far", flush=True)
 
         series: dict[str, list[tuple[float, summary.Summary]]] = {name: [] for name in urls}
-        server_hits: dict[str, dict[float, float]] = {name: {} for name in urls}
-        diagnostics: dict[str, dict[float, tuple[float, float, float]]] = {n: {} for n in urls}
+        cells: dict[str, dict[float, Cell]] = {name: {} for name in urls}
         picker_during: dict[str, float] = {}
         rows = []
         for name, url in urls.items():
@@ -316,14 +335,20 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
                 requests = max(50, int(rate * args.seconds))
                 hits_before, queries_before = await server_prefix_counters(backends)
                 finished_before = await finished_per_server(servers)
+                clock = harness.CpuClock(picker_pids["precise"])
                 results = await measure(
                     url, workload(int(load * 100), tenants), requests, rate, concurrency=64
                 )
+                other_cores, picker_cores = clock.lap()
                 hits_after, queries_after = await server_prefix_counters(backends)
-                share = busiest_share(finished_before, await finished_per_server(servers))
-                diagnostics[name][load] = (share, *ttft_p50_by_hit(results))
                 queried = queries_after - queries_before
-                server_hits[name][load] = (hits_after - hits_before) / queried if queried else 0.0
+                cell = cells[name][load] = Cell(
+                    (hits_after - hits_before) / queried if queried else 0.0,
+                    busiest_share(finished_before, await finished_per_server(servers)),
+                    *ttft_p50_by_hit(results),
+                    other_cores,
+                    picker_cores,
+                )
                 runner.write_jsonl(
                     results, RESULTS / f"precise_vllm_{name}_{int(load * 100)}.jsonl"
                 )
@@ -332,7 +357,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
                 rows.append((f"{name} @ {load:.0%}", s))
                 print(
                     summary.table([rows[-1]]).splitlines()[-1],
-                    f"server prefix hit {server_hits[name][load]:.0%}, busiest server {share:.0%}",
+                    f"server prefix hit {cell.server_prefix_hit_rate:.0%}, busiest server "
+                    f"{cell.busiest_server_share:.0%}, other work {other_cores:.2f} cores, "
+                    f"precise picker {picker_cores:.2f} cores",
                     flush=True,
                 )
             if name == "precise":
@@ -340,20 +367,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
                     counters_before, await precise_picker_counters(precise_metrics)
                 )
         out["runs"] = {
-            name: [
-                {
-                    "load": load,
-                    "server_prefix_hit_rate": server_hits[name][load],
-                    "busiest_server_share": diagnostics[name][load][0],
-                    "ttft_p50_hit_s": diagnostics[name][load][1],
-                    "ttft_p50_miss_s": diagnostics[name][load][2],
-                    **asdict(s),
-                }
-                for load, s in points
-            ]
+            name: [{"load": load, **asdict(cells[name][load]), **asdict(s)} for load, s in points]
             for name, points in series.items()
         }
-        out["table"] = results_table(series, server_hits, diagnostics)
+        out["table"] = results_table(series, cells)
         print(summary.table(rows))
         print(out["table"])
         by_load = {name: dict(points) for name, points in series.items()}
@@ -364,7 +381,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
                 print(
                     f"at {load:.0%}: {name} TTFT p90 {s.ttft_p90_s * 1000:.0f} ms (round-robin "
                     f"/ it = {rr.ttft_p90_s / s.ttft_p90_s:.2f}x), server prefix hit "
-                    f"{server_hits[name][load]:.0%}"
+                    f"{cells[name][load].server_prefix_hit_rate:.0%}"
                 )
         out["precise_picker_during_its_runs"] = picker_during
         out["precise_picker_total"] = await precise_picker_counters(precise_metrics)
@@ -374,7 +391,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=60.0, help="per load level and router")
+    parser.add_argument("--seconds", type=float, default=45.0, help="per load level and router")
     parser.add_argument("--calibration-requests", type=int, default=400)
     parser.add_argument("--warmup-requests", type=int, default=200)
     parser.add_argument("--kv-cache-mib", type=int, default=24, help="per server")
