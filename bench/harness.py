@@ -81,3 +81,56 @@ async def picker(
     ) as process:  # fmt: skip
         await wait_http(f"http://127.0.0.1:{metrics}/metrics")
         yield process, port
+
+
+def machine_busy_seconds() -> float:
+    """CPU time all cores have spent busy since boot (/proc/stat: all but idle and iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / TICKS
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU used so far by `root`'s live descendants and itself: on a shared
+    machine, busy time outside this tree is other work competing with the benchmark."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # exited while we looked
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent]
+        tree.update(children)
+        frontier.extend(children)
+    total = 0.0
+    for pid in tree:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
+
+
+class CpuClock:
+    """CPU used since the last `lap`: the machine's outside this process tree, a picker's."""
+
+    def __init__(self, picker_pid: int) -> None:
+        self._picker_pid = picker_pid
+        self._last = self._now()
+
+    def _now(self) -> tuple[float, float, float, float]:
+        return (
+            time.monotonic(),
+            machine_busy_seconds(),
+            tree_cpu_seconds(os.getpid()),
+            cpu_seconds(self._picker_pid),
+        )
+
+    def lap(self) -> tuple[float, float]:
+        """(other work, the picker) in cores since the last lap."""
+        now, (wall, busy, ours, picked) = self._now(), self._last
+        self._last = now
+        elapsed = max(now[0] - wall, 1e-9)
+        return (now[1] - busy - (now[2] - ours)) / elapsed, (now[3] - picked) / elapsed

@@ -75,7 +75,9 @@ async def sglang_router(backends: Sequence[str]) -> AsyncIterator[str]:
         yield f"http://127.0.0.1:{port}"
 
 
-async def measure(url: str, requests: int, rate: float | None, seed: int, concurrency: int = 64):
+async def measure(
+    url: str, requests: int, rate: float | None, seed: int, concurrency: int = 64
+) -> list[runner.RequestResult]:
     plan = runner.LoadPlan(
         url=url, requests=requests, rate=rate, concurrency=concurrency, seed=seed
     )

@@ -74,6 +74,9 @@ class WorkloadSpec:
     prefix_tokens: int = 1000  # shared system prompt length
     question_tokens: int = 50  # per-request unique part
     max_tokens: int = 32
+    # vLLM stops at its end-of-sequence token unless told not to: with it set, every request
+    # decodes exactly max_tokens (a tiny test model may otherwise end after one token).
+    ignore_eos: bool = False
     turns: int = 5  # multi-turn: turns per conversation before it starts over
     loras: tuple[str, ...] = ()  # adapters to spread requests over ('' = base model)
     criticality_mix: tuple[tuple[int, float], ...] = ()  # (criticality, weight)
@@ -135,6 +138,8 @@ def generate(spec: WorkloadSpec) -> Iterator[RequestSpec]:
         if slo_tpot is not None:
             headers["x-slo-tpot-ms"] = f"{slo_tpot:g}"
         document: dict[str, object] = {"model": model, "max_tokens": spec.max_tokens}
+        if spec.ignore_eos:
+            document["ignore_eos"] = True
         if spec.stream:
             document["stream"] = True
             document["stream_options"] = {"include_usage": True}

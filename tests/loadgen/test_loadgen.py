@@ -55,6 +55,12 @@ def test_shared_prefix_groups_share_their_system_prompt():
     assert all(len(prefixes) == 1 for prefixes in by_group.values())
 
 
+def test_ignore_eos_is_sent_only_when_asked():
+    asked = take(workloads.WorkloadSpec(ignore_eos=True, max_tokens=4), 3)
+    assert all(orjson.loads(r.body)["ignore_eos"] is True for r in asked)
+    assert all("ignore_eos" not in orjson.loads(r.body) for r in take(workloads.WorkloadSpec(), 3))
+
+
 def test_multi_turn_history_grows_and_restarts():
     spec = workloads.WorkloadSpec(kind="multi-turn", groups=1, turns=3, prefix_tokens=10)
     lengths = [len(orjson.loads(r.body)["messages"]) for r in take(spec, 5)]

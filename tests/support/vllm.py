@@ -87,6 +87,8 @@ class VllmSettings:
     enable_prefix_caching: bool = True
     # vLLM's development endpoints, e.g. POST /reset_prefix_cache (AllBlocksCleared).
     dev_mode: bool = False
+    # Answers carry usage.prompt_tokens_details.cached_tokens: each request's prefix hits.
+    prompt_tokens_details: bool = False
 
     @property
     def num_blocks(self) -> int:
@@ -111,9 +113,7 @@ class VllmServer:
         return f"http://{self.target}"
 
 
-def _command(
-    server: VllmServer, settings: VllmSettings, kv_endpoint: str | None
-) -> list[str]:
+def _command(server: VllmServer, settings: VllmSettings, kv_endpoint: str | None) -> list[str]:
     command = [
         "taskset",
         "-c",
@@ -147,6 +147,8 @@ def _command(
     ]
     if not settings.enable_prefix_caching:
         command.append("--no-enable-prefix-caching")
+    if settings.prompt_tokens_details:
+        command.append("--enable-prompt-tokens-details")
     if settings.enable_lora:
         command += ["--enable-lora", "--max-loras", "2", "--max-lora-rank", "8"]
         command += ["--lora-modules", *(f"{name}={LORAS / name}" for name in LORA_NAMES)]
