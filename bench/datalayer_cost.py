@@ -159,9 +159,7 @@ def _median(rounds: list[dict[str, float]]) -> dict[str, float]:
 async def run(count: int, seconds: float, interval_s: float, rounds: int) -> dict[str, Any]:
     page = pages.vllm_page(waiting=3, running=7, kv_usage=0.4)
     ports: multiprocessing.Queue[int] = multiprocessing.Queue()
-    child = multiprocessing.Process(
-        target=_serve, args=(ports, count, page.encode()), daemon=True
-    )
+    child = multiprocessing.Process(target=_serve, args=(ports, count, page.encode()), daemon=True)
     child.start()
     try:
         port_numbers = [ports.get(timeout=10) for _ in range(count)]
@@ -212,8 +210,10 @@ def main() -> None:
             f"{r['core_percent']:.1f}% of a core, {r['cpu_us_per_scrape']:.0f} µs/scrape, "
             f"{r['cpu_us_per_endpoint_second']:.0f} µs CPU per endpoint-second"
         )
-    print(f"extractor alone: {result['extract_only_us']:.1f} µs per page; "
-          f"lean/aiohttp CPU per scrape: {result['lean_vs_aiohttp_cpu_ratio']:.2f}")
+    print(
+        f"extractor alone: {result['extract_only_us']:.1f} µs per page; "
+        f"lean/aiohttp CPU per scrape: {result['lean_vs_aiohttp_cpu_ratio']:.2f}"
+    )
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -59,8 +59,9 @@ def workload(batches: int, blocks_per_request: int, seed: int = 1) -> list[list[
             kv_events.BlockStored(hashes, None, tokens, BLOCK, medium="GPU")
         ]
         if len(live) > 50_000:
-            events += [kv_events.BlockRemoved((live.pop(0),), "GPU")
-                       for _ in range(blocks_per_request)]
+            events += [
+                kv_events.BlockRemoved((live.pop(0),), "GPU") for _ in range(blocks_per_request)
+            ]
         live.extend(hashes)
         out.append(kv_events.encode(kv_events.EventBatch("kv@p", sequence, 0.0, tuple(events), 0)))
     return out
@@ -171,10 +172,18 @@ def _costs(tok: tokenizing.ModelTokenizer, prompt: str, repeat: int) -> dict[str
     parser = OpenAIParser()
     completion = parser.parse("/v1/completions", orjson.dumps({"model": "m", "prompt": prompt}))
     half = len(prompt) // 2
-    chat = parser.parse("/v1/chat/completions", orjson.dumps({
-        "model": "m", "messages": [{"role": "system", "content": prompt[:half]},
-                                   {"role": "user", "content": prompt[half:]}],
-    }))
+    chat = parser.parse(
+        "/v1/chat/completions",
+        orjson.dumps(
+            {
+                "model": "m",
+                "messages": [
+                    {"role": "system", "content": prompt[:half]},
+                    {"role": "user", "content": prompt[half:]},
+                ],
+            }
+        ),
+    )
     ids = tok.encode_text(prompt)
 
     def fresh(body: ParsedBody) -> object:
@@ -203,9 +212,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20_000)
     parser.add_argument("--blocks-per-event", type=int, default=24)
     parser.add_argument("--pods", type=int, default=8)
-    parser.add_argument("--pod-events-per-s", type=float, default=2500.0,
-                        help="events a busy pod publishes (default: ~2,500, i.e. ~40k "
-                             "prefill tokens/s in 16-token blocks stored and as many evicted)")
+    parser.add_argument(
+        "--pod-events-per-s",
+        type=float,
+        default=2500.0,
+        help="events a busy pod publishes (default: ~2,500, i.e. ~40k "
+        "prefill tokens/s in 16-token blocks stored and as many evicted)",
+    )
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--tokenizer", type=Path, default=None)
     args = parser.parse_args()
@@ -214,29 +227,41 @@ def main() -> None:
     events = count_events(messages)
     blocks = args.batches * args.blocks_per_event
     cpu = min(ingest_in_memory(messages) for _ in range(3))
-    print(f"workload: {len(messages)} batches, {events} events "
-          f"({blocks} blocks stored, one BlockRemoved per evicted block)")
-    print(f"decode+apply: {events / cpu:,.0f} events/s, {blocks / cpu:,.0f} stored blocks/s "
-          f"on one core ({cpu / events * 1e6:.2f} us/event)")
+    print(
+        f"workload: {len(messages)} batches, {events} events "
+        f"({blocks} blocks stored, one BlockRemoved per evicted block)"
+    )
+    print(
+        f"decode+apply: {events / cpu:,.0f} events/s, {blocks / cpu:,.0f} stored blocks/s "
+        f"on one core ({cpu / events * 1e6:.2f} us/event)"
+    )
     zcpu, received, wall = asyncio.run(ingest_through_zmq(messages))
     got = sum(len(kv_events.decode(m).events) for m in messages[:received])
-    print(f"through ZMQ: {received}/{len(messages)} batches in {wall:.1f}s wall, "
-          f"{got / zcpu:,.0f} events/s per core of subscriber CPU "
-          f"({zcpu / got * 1e6:.2f} us/event)")
+    print(
+        f"through ZMQ: {received}/{len(messages)} batches in {wall:.1f}s wall, "
+        f"{got / zcpu:,.0f} events/s per core of subscriber CPU "
+        f"({zcpu / got * 1e6:.2f} us/event)"
+    )
     per_event = zcpu / got
     load = args.pods * args.pod_events_per_s
-    print(f"{args.pods} busy pods at {args.pod_events_per_s:,.0f} events/s each = "
-          f"{load:,.0f} events/s: {load * per_event * 100:.1f}% of a core")
+    print(
+        f"{args.pods} busy pods at {args.pod_events_per_s:,.0f} events/s each = "
+        f"{load:,.0f} events/s: {load * per_event * 100:.1f}% of a core"
+    )
     per_block = index_memory(100_000, args.blocks_per_event)
-    print(f"index memory: {per_block:.0f} bytes/block = {per_block * 100_000 / 2**20:.1f} MiB "
-          "per 100k blocks")
+    print(
+        f"index memory: {per_block:.0f} bytes/block = {per_block * 100_000 / 2**20:.1f} MiB "
+        "per 100k blocks"
+    )
     directory = args.tokenizer
     if directory is None:
         directory = tiny_tokenizer.write(Path(tempfile.mkdtemp()) / "tiny")
     print("tokenization (median ms): tokens  chars  completion  chat  block-keys  cached")
     for row in tokenization(directory, [1000, 8000, 32000], args.repeat):
-        print(f"  {row['tokens']:>6} {row['chars']:>7} {row['completion_ms']:>9.2f} "
-              f"{row['chat_ms']:>6.2f} {row['keys_ms']:>9.3f} {row['cached_ms']:>8.3f}")
+        print(
+            f"  {row['tokens']:>6} {row['chars']:>7} {row['completion_ms']:>9.2f} "
+            f"{row['chat_ms']:>6.2f} {row['keys_ms']:>9.3f} {row['cached_ms']:>8.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -208,8 +208,11 @@ def prediction_cost(
     ]
     stats = SufficientStatistics(len(features.TTFT_FEATURES), decay=1.0)
     for c in cands:  # a trained model with coefficients for every endpoint
-        stats.add(c.endpoint.key, np.abs(np.random.default_rng(1).normal(size=(20, 5))),
-                  np.abs(np.random.default_rng(2).normal(size=20)))
+        stats.add(
+            c.endpoint.key,
+            np.abs(np.random.default_rng(1).normal(size=(20, 5))),
+            np.abs(np.random.default_rng(2).normal(size=20)),
+        )
     predictor._ttft = stats.solve()
     hashes = list(range(1, 65))
     match = PrefixMatch(hashes, {c.endpoint.key: 64 for c in cands[::2]}, 64)
@@ -260,8 +263,10 @@ def main() -> None:
     print("\nmodel families (train on the first 70%, test on the rest):")
     print("| model | MAPE | p90 APE | predict µs (8 candidates) |\n|---|---|---|---|")
     for name, row in results["families"].items():
-        print(f"| {name} | {row['mape']:.0%} | {row['p90_ape']:.0%} | "
-              f"{row['predict_us_8_candidates']:.0f} |")
+        print(
+            f"| {name} | {row['mape']:.0%} | {row['p90_ape']:.0%} | "
+            f"{row['predict_us_8_candidates']:.0f} |"
+        )
     print_cost()
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latency_predictor.json").write_text(json.dumps(results, indent=2))

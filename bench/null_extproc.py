@@ -100,7 +100,6 @@ class NullProcessor(pb_grpc.ExternalProcessorServicer):
             elif kind == "response_trailers":
                 await context.write(pb.ProcessingResponse(response_trailers=pb.TrailersResponse()))
 
-
     async def _buffered(
         self, context: grpc.aio.ServicerContext, message: pb.ProcessingRequest, kind: str
     ) -> None:

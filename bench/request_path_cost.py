@@ -80,9 +80,7 @@ def messages(prompt_bytes: int, chunks: int, rng: random.Random) -> list[pb.Proc
         answer = orjson.dumps(
             {"model": "m", "usage": {"prompt_tokens": 10, "completion_tokens": 1}}
         )
-        out.append(
-            pb.ProcessingRequest(response_body=pb.HttpBody(body=answer, end_of_stream=True))
-        )
+        out.append(pb.ProcessingRequest(response_body=pb.HttpBody(body=answer, end_of_stream=True)))
     return out
 
 

@@ -185,7 +185,9 @@ def _workload(
 
 
 def _config(min_full_blocks: int, pending: bool = False) -> loader.PickerConfig:
-    return loader.load_config(HEADER + textwrap.dedent(f"""
+    return loader.load_config(
+        HEADER
+        + textwrap.dedent(f"""
         plugins:
         - {{type: queue-scorer, parameters: {{countPendingDispatches: {str(pending).lower()}}}}}
         - {{type: kv-cache-utilization-scorer}}
@@ -197,7 +199,8 @@ def _config(min_full_blocks: int, pending: bool = False) -> loader.PickerConfig:
           - {{pluginRef: queue-scorer, weight: 2}}
           - {{pluginRef: kv-cache-utilization-scorer, weight: 2}}
           - {{pluginRef: prefix-cache-scorer, weight: 3}}
-    """))
+    """)
+    )
 
 
 class _Fleet:
@@ -235,7 +238,8 @@ class _Fleet:
         while self.next_scrape <= until:
             for i, s in enumerate(self.servers):
                 self.snapshot[i] = EndpointMetrics(
-                    waiting_queue_size=len(s.queue), running_requests=s.running,
+                    waiting_queue_size=len(s.queue),
+                    running_requests=s.running,
                     kv_cache_usage=min(1.0, s.running / SLOTS * 0.9),
                     updated_at=self.next_scrape,
                 )
@@ -355,10 +359,16 @@ def main() -> None:
             for utilisation in (0.6, 0.8)
         ]
         keys = ("queued_beside_free_slot", "max_queue", "latency_p99_s", "prefix_hit_ratio")
-        variants = ("upstream_minBlocksForFullScore_0", "fixed_minBlocksForFullScore_8",
-                    "upstream_0_and_countPendingDispatches", "fixed_8_and_countPendingDispatches")
-        print("scrape prompts util | "
-              + " | ".join(f"{k} (0 / 8 / 0+pending / 8+pending)" for k in keys))
+        variants = (
+            "upstream_minBlocksForFullScore_0",
+            "fixed_minBlocksForFullScore_8",
+            "upstream_0_and_countPendingDispatches",
+            "fixed_8_and_countPendingDispatches",
+        )
+        print(
+            "scrape prompts util | "
+            + " | ".join(f"{k} (0 / 8 / 0+pending / 8+pending)" for k in keys)
+        )
         for row in grid:
             cells = " | ".join(" / ".join(f"{row[v][k]:.3g}" for v in variants) for k in keys)
             print(

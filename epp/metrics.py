@@ -188,8 +188,7 @@ config_reload_total = Counter(
 )
 scrape_total = Counter(
     "inference_extension_scrape_total",
-    "Scrapes of model servers' metrics, all endpoints together, by result (success, "
-    "failure).",
+    "Scrapes of model servers' metrics, all endpoints together, by result (success, failure).",
     ("result",),
     registry=REGISTRY,
 )
@@ -332,6 +331,7 @@ def running_gauge(model_label: str) -> Gauge:
 
 def observe_scheduler_duration(seconds: float) -> None:
     scheduler_e2e_duration_seconds.observe(seconds)
+
 
 # ---- flow control and workloads ----------------------------------------------------
 

@@ -138,8 +138,7 @@ def build(
             if extractor is None:
                 hint = parameters.did_you_mean(name, instances)
                 raise ConfigError(
-                    f"{path}.pluginRef: no plugin named {name!r} is declared under "
-                    f"plugins{hint}"
+                    f"{path}.pluginRef: no plugin named {name!r} is declared under plugins{hint}"
                 )
             if not is_extractor(extractor):
                 raise ConfigError(
@@ -199,7 +198,5 @@ def fingerprint(wirings: Sequence[SourceWiring], specs: Mapping[str, PluginSpec 
         spec = specs.get(name)
         return [name, spec.type if spec else None, spec.parameters if spec else None]
 
-    shape = [
-        [describe(w.source), [describe(name) for name, _ in w.extractors]] for w in wirings
-    ]
+    shape = [[describe(w.source), [describe(name) for name, _ in w.extractors]] for w in wirings]
     return json.dumps(shape, sort_keys=True, default=repr)

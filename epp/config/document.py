@@ -169,9 +169,7 @@ def _document(raw: Mapping[str, object]) -> Document:
     api_version = raw.get("apiVersion")
     if api_version not in API_VERSIONS:
         problem = "missing" if api_version is None else f"is {api_version!r}"
-        raise ConfigError(
-            f"apiVersion {problem}; expected one of {', '.join(API_VERSIONS)}"
-        )
+        raise ConfigError(f"apiVersion {problem}; expected one of {', '.join(API_VERSIONS)}")
     kind = raw.get("kind")
     if kind != KIND:
         problem = "missing" if kind is None else f"is {kind!r}"
@@ -191,8 +189,7 @@ def _document(raw: Mapping[str, object]) -> Document:
 
     if "dataLayer" in raw and "data" in raw:
         raise ConfigError(
-            "both 'dataLayer' and 'data' are set; they are two names for the same section, "
-            "keep one"
+            "both 'dataLayer' and 'data' are set; they are two names for the same section, keep one"
         )
     data_key = "data" if "data" in raw else "dataLayer"
 

@@ -72,9 +72,7 @@ class _Section:
                 raise ConfigError(f"unknown key {key!r} in {self.path}{hint}")
 
 
-def detector(
-    raw: Mapping[str, object] | None, plugins: Mapping[str, object]
-) -> SaturationDetector:
+def detector(raw: Mapping[str, object] | None, plugins: Mapping[str, object]) -> SaturationDetector:
     """The `saturationDetector` section: a reference to a declared detector, or parameters
     of a `utilization-detector` (absent: its defaults)."""
     if raw is not None and "pluginRef" in raw:

@@ -202,8 +202,7 @@ def _parser_type(plugins: PluginSet, ref: str) -> str:
         return plugin.type_name
     if plugin is not None:
         raise ConfigError(
-            f"parser.pluginRef: {ref!r} is a {getattr(plugin, 'type_name', '?')}, "
-            "not a parser"
+            f"parser.pluginRef: {ref!r} is a {getattr(plugin, 'type_name', '?')}, not a parser"
         )
     if ref in registry.parser_types():
         return ref
@@ -215,6 +214,7 @@ def _parser_type(plugins: PluginSet, ref: str) -> str:
         f"parser.pluginRef: no parser named {ref!r}{hint}; declare it under plugins or "
         f"name a parser type ({', '.join(registry.parser_types())})"
     )
+
 
 def _data_layer(
     plugins: PluginSet, doc: document.Document, previous: PickerConfig | None

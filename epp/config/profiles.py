@@ -88,8 +88,7 @@ def build_scheduler(plugins: PluginSet, doc: document.Document) -> framework.Sch
         handler = plugins.default(DEFAULT_HANDLER, DEFAULT_HANDLER)
     else:
         raise ConfigError(
-            f"{len(profiles)} scheduling profiles need a profile handler; declare one "
-            "under plugins"
+            f"{len(profiles)} scheduling profiles need a profile handler; declare one under plugins"
         )
     check = getattr(handler, "check_profiles", None)
     if callable(check):
@@ -129,6 +128,7 @@ def _implicit_profile(plugins: PluginSet, doc: document.Document) -> framework.S
         for ref in declared  # declared producers still run
     )
     return _profile(plugins, document.ProfileSpec(DEFAULT_PROFILE, tuple(refs), "default"))
+
 
 def _profile(plugins: PluginSet, spec: document.ProfileSpec) -> framework.SchedulingProfile:
     filters: list[Filter] = []
@@ -191,6 +191,7 @@ def _profile(plugins: PluginSet, spec: document.ProfileSpec) -> framework.Schedu
         spec.name, picker=picker, filters=filters, scorers=scorers, producers=producers
     )
 
+
 def _wire_producer(
     plugins: PluginSet,
     scorer: object,
@@ -226,9 +227,7 @@ def _wire_producer(
         producers.append(producer)
 
 
-def with_saturation_filter(
-    scheduler: framework.Scheduler, detector: object
-) -> framework.Scheduler:
+def with_saturation_filter(scheduler: framework.Scheduler, detector: object) -> framework.Scheduler:
     """With flow control on, every profile first keeps the endpoints with room (the
     detector's filter face), so a request the gate let go because some endpoint had room
     goes to one that has it. Profiles that already name the detector keep their order."""
@@ -238,9 +237,13 @@ def with_saturation_filter(
             isinstance(f, saturation_filter.SaturationFilter) and f.detector is detector
             for f in profile.filters
         )
-        filters = profile.filters if named else (
-            saturation_filter.SaturationFilter(detector),  # type: ignore[arg-type]
-            *profile.filters,
+        filters = (
+            profile.filters
+            if named
+            else (
+                saturation_filter.SaturationFilter(detector),  # type: ignore[arg-type]
+                *profile.filters,
+            )
         )
         profiles[name] = framework.SchedulingProfile(
             name,

@@ -92,7 +92,7 @@ def parse_selector(text: str) -> Selector:
         if m is None:
             raise ValueError(
                 f"selector {text!r}: cannot read a label matcher at {body[at:].strip()!r} "
-                "(expected label=\"v\", label!=\"v\", label=~\"re\" or label!~\"re\")"
+                '(expected label="v", label!="v", label=~"re" or label!~"re")'
             )
         label, op, raw = m.groups()
         value = raw.replace('\\"', '"').replace("\\\\", "\\")

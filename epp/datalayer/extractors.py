@@ -341,9 +341,7 @@ _ENGINE_KEYS: Final = (
 def _names(value: object, key: str) -> tuple[str, ...]:
     """One metric name or a list of them (first present wins)."""
     items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not items or not all(
-        isinstance(v, str) and v for v in items
-    ):
+    if not isinstance(items, list) or not items or not all(isinstance(v, str) and v for v in items):
         raise parameters.ParameterError(
             key, f"must be a metric name or a non-empty list of metric names, got {value!r}"
         )

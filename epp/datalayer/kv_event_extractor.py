@@ -61,13 +61,9 @@ class KvEventsExtractor:
         self._unknown_logged: set[str] = set()
 
     @classmethod
-    def from_parameters(
-        cls, name: str, params: Mapping[str, object] | None
-    ) -> KvEventsExtractor:
+    def from_parameters(cls, name: str, params: Mapping[str, object] | None) -> KvEventsExtractor:
         reader = parameters.ParameterReader(params)
-        limit = reader.integer(
-            "maxBlocksPerServer", DEFAULT_MAX_BLOCKS_PER_SERVER, minimum=1
-        )
+        limit = reader.integer("maxBlocksPerServer", DEFAULT_MAX_BLOCKS_PER_SERVER, minimum=1)
         reader.finish()
         return cls(name, max_blocks_per_server=limit)
 

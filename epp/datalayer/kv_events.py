@@ -142,8 +142,14 @@ def decode_event(raw: object) -> KvEvent:
 
 _ARRAY_FIELDS: Final[Mapping[str, tuple[str, ...]]] = {
     "BlockStored": (
-        "block_hashes", "parent_block_hash", "token_ids", "block_size", "lora_id", "medium",
-        "lora_name", "extra_keys",
+        "block_hashes",
+        "parent_block_hash",
+        "token_ids",
+        "block_size",
+        "lora_id",
+        "medium",
+        "lora_name",
+        "extra_keys",
     ),
     "BlockRemoved": ("block_hashes", "medium"),
     "AllBlocksCleared": ("medium",),

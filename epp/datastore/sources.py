@@ -157,4 +157,3 @@ def nothing_routed(objects: Sequence[Mapping[str, Any]], reconciler: Reconciler)
     if wanted is not None:
         return f"InferencePool {wanted} is invalid (the error above says why)"
     return f"{len(pools)} InferencePools ({', '.join(pools)}) and no --pool-name to choose one"
-

@@ -192,8 +192,10 @@ class RequestStream:
             return None
         full_duplex = self._response_mode == FULL_DUPLEX
         sse = self._sse
-        if self._wants_chunks or (self._observe and sse is None) or not (
-            full_duplex or self._response_mode == STREAMED
+        if (
+            self._wants_chunks
+            or (self._observe and sse is None)
+            or not (full_duplex or self._response_mode == STREAMED)
         ):
             return None
         found = wire.response_chunk(raw)

@@ -34,8 +34,7 @@ class DispatchBudget:
         """Take the endpoints' saturations now; returns the pool's mean."""
         now = time.monotonic()
         self._saturations = [
-            detector.endpoint_saturation(load.metrics, now, load.dispatched)
-            for load in endpoints
+            detector.endpoint_saturation(load.metrics, now, load.dispatched) for load in endpoints
         ]
         self._load = detector.request_load()
         self.saturation = detector.saturation(endpoints, now)

@@ -130,7 +130,9 @@ class SchedulingProfile:
             if not candidates:
                 logger.debug(
                     "profile %s: filter %s left no candidates (request %s)",
-                    self.name, filter_.name, request.request_id,
+                    self.name,
+                    filter_.name,
+                    request.request_id,
                 )
                 return None, t
         if not candidates:
@@ -142,8 +144,7 @@ class SchedulingProfile:
             scores = scorer.score(request, candidates)
             if len(scores) != count:
                 raise ValueError(
-                    f"scorer {scorer.name!r} returned {len(scores)} scores "
-                    f"for {count} candidates"
+                    f"scorer {scorer.name!r} returned {len(scores)} scores for {count} candidates"
                 )
             for i, score in enumerate(scores):
                 # `not score >= 0.0` also catches NaN.
@@ -225,8 +226,8 @@ class Scheduler:
         result = self.handler.process_results(request, results)
         served = self._served.get(result.primary_profile)
         if served is None:  # profile names come from the config: a bounded set
-            served = self._served[result.primary_profile] = (
-                metrics.scheduler_profile_total.labels(result.primary_profile)
+            served = self._served[result.primary_profile] = metrics.scheduler_profile_total.labels(
+                result.primary_profile
             )
         served.inc()
         end = perf_counter()

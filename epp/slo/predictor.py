@@ -147,9 +147,7 @@ def amortized_ttft(ttft: Array, if_cached: Array, sharing: int) -> Array:
 class LatencyPredictor:
     type_name = "latency-predictor"
 
-    def __init__(
-        self, name: str = type_name, settings: PredictorSettings | None = None
-    ) -> None:
+    def __init__(self, name: str = type_name, settings: PredictorSettings | None = None) -> None:
         self.name = name
         self.settings = settings or PredictorSettings()
         self.required_producer = self.settings.prefix_producer
@@ -168,9 +166,7 @@ class LatencyPredictor:
         self.trainings = 0
 
     @classmethod
-    def from_parameters(
-        cls, name: str, params: Mapping[str, object] | None
-    ) -> LatencyPredictor:
+    def from_parameters(cls, name: str, params: Mapping[str, object] | None) -> LatencyPredictor:
         reader = parameters.ParameterReader(params)
         defaults = PredictorSettings()
         settings = PredictorSettings(
@@ -178,9 +174,7 @@ class LatencyPredictor:
             retrain_interval_s=reader.duration(
                 "retrainInterval", defaults.retrain_interval_s, positive=True
             ),
-            retrain_samples=reader.integer(
-                "retrainSamples", defaults.retrain_samples, minimum=1
-            ),
+            retrain_samples=reader.integer("retrainSamples", defaults.retrain_samples, minimum=1),
             sample_half_life=reader.integer(
                 "sampleHalfLife", defaults.sample_half_life, minimum=10
             ),

@@ -37,9 +37,7 @@ class SloProfileHandler:
         self.predictor: LatencyPredictor | None = None
 
     @classmethod
-    def from_parameters(
-        cls, name: str, params: Mapping[str, object] | None
-    ) -> SloProfileHandler:
+    def from_parameters(cls, name: str, params: Mapping[str, object] | None) -> SloProfileHandler:
         reader = parameters.ParameterReader(params)
         handler = cls(
             name,
@@ -62,8 +60,7 @@ class SloProfileHandler:
                 hint = parameters.did_you_mean(profile, names)
                 raise parameters.ParameterError(
                     key,
-                    f"no scheduling profile named {profile!r}{hint}; "
-                    f"profiles: {', '.join(names)}",
+                    f"no scheduling profile named {profile!r}{hint}; profiles: {', '.join(names)}",
                 )
 
     def wants_slo_profile(self, request: SchedulingRequest) -> bool:

@@ -146,9 +146,7 @@ class SloScorer(_PredictionScorer):
         if margin >= 1.0:
             raise parameters.ParameterError("safetyMargin", "must be below 1 (a fraction)")
         reader.finish()
-        return cls(
-            name, predictor, prefer_least_headroom=headroom == "least", safety_margin=margin
-        )
+        return cls(name, predictor, prefer_least_headroom=headroom == "least", safety_margin=margin)
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
         slo = request.slo

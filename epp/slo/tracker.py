@@ -58,9 +58,7 @@ class SloRequestTracker:
         self.predictor: LatencyPredictor | None = None
 
     @classmethod
-    def from_parameters(
-        cls, name: str, params: Mapping[str, object] | None
-    ) -> SloRequestTracker:
+    def from_parameters(cls, name: str, params: Mapping[str, object] | None) -> SloRequestTracker:
         reader = parameters.ParameterReader(params)
         predictor = reader.string("predictorName", LatencyPredictor.type_name)
         reader.finish()

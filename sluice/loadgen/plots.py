@@ -55,9 +55,7 @@ def plot_runs(
     cdf.legend()
     for name, results in runs:
         points = [
-            (r.start_s, r.ttft_s * 1000)
-            for r in results
-            if succeeded(r) and r.ttft_s is not None
+            (r.start_s, r.ttft_s * 1000) for r in results if succeeded(r) and r.ttft_s is not None
         ]
         over_time.scatter([t for t, _ in points], [v for _, v in points], s=6, label=name)
     over_time.set_yscale("log")

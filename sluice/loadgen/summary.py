@@ -199,4 +199,3 @@ def failures(results: Sequence[RequestResult]) -> str | None:
     failed = sum(reasons.values())
     grouped = ", ".join(f"{reason} ({n})" for reason, n in reasons.most_common())
     return f"{failed} of {len(results)} requests failed: {grouped}"
-

@@ -104,8 +104,7 @@ def generate(spec: WorkloadSpec) -> Iterator[RequestSpec]:
     """An endless, reproducible stream of requests for `spec`."""
     prefix_rng = random.Random(spec.prefix_seed)
     prefixes = [
-        f"[group {g}] " + text_of_tokens(prefix_rng, spec.prefix_tokens)
-        for g in range(spec.groups)
+        f"[group {g}] " + text_of_tokens(prefix_rng, spec.prefix_tokens) for g in range(spec.groups)
     ]
     rng = random.Random(spec.seed)
     conversations: list[list[dict[str, str]]] = [[] for _ in range(spec.groups)]
@@ -114,8 +113,10 @@ def generate(spec: WorkloadSpec) -> Iterator[RequestSpec]:
     popularity = [1.0 / (g + 1) ** spec.prefix_skew for g in range(spec.groups)]
     all_groups = range(spec.groups)
     while True:
-        group = rng.choices(all_groups, popularity)[0] if spec.prefix_skew else rng.randrange(
-            spec.groups
+        group = (
+            rng.choices(all_groups, popularity)[0]
+            if spec.prefix_skew
+            else rng.randrange(spec.groups)
         )
         question = text_of_tokens(rng, spec.question_tokens)
         model = spec.model

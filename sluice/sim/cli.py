@@ -70,57 +70,133 @@ def build_parser() -> argparse.ArgumentParser:
     a("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
     a("--port", type=int, default=8000, help="first port; replica i uses port+i")
     a("--replicas", type=int, default=1, help="servers in this process (default 1)")
-    a("--replica-speeds", type=_speeds, default=(1.0,), metavar="S,S,...",
-      help="speed of each replica, cycled (2 = every modelled time halves): "
-           "a heterogeneous pool, e.g. 1,1,0.5,0.5 (default 1)")
-    a("--pod-name-prefix", default=None,
-      help="pods are named <prefix>-<i> (default sim; a single replica uses $POD_NAME if set)")
+    a(
+        "--replica-speeds",
+        type=_speeds,
+        default=(1.0,),
+        metavar="S,S,...",
+        help="speed of each replica, cycled (2 = every modelled time halves): "
+        "a heterogeneous pool, e.g. 1,1,0.5,0.5 (default 1)",
+    )
+    a(
+        "--pod-name-prefix",
+        default=None,
+        help="pods are named <prefix>-<i> (default sim; a single replica uses $POD_NAME if set)",
+    )
     a("--max-num-seqs", type=int, default=m.max_num_seqs, help="batch size limit")
-    a("--max-num-batched-tokens", type=int, default=m.max_num_batched_tokens,
-      help="uncached prompt tokens admitted per step (0 = no limit)")
-    a("--max-model-len", type=int, default=d.max_model_len,
-      help="context length, prompt + output (0 = KV cache capacity)")
+    a(
+        "--max-num-batched-tokens",
+        type=int,
+        default=m.max_num_batched_tokens,
+        help="uncached prompt tokens admitted per step (0 = no limit)",
+    )
+    a(
+        "--max-model-len",
+        type=int,
+        default=d.max_model_len,
+        help="context length, prompt + output (0 = KV cache capacity)",
+    )
     a("--block-size", type=int, default=m.block_size, help="tokens per KV block")
     a("--kv-cache-size", type=int, default=m.kv_cache_blocks, help="KV cache size in blocks")
-    a("--enable-prefix-caching", type=arguments.boolean, nargs="?", const=True,
-      default=m.enable_prefix_caching, metavar="BOOL", help="reuse cached prompt blocks")
+    a(
+        "--enable-prefix-caching",
+        type=arguments.boolean,
+        nargs="?",
+        const=True,
+        default=m.enable_prefix_caching,
+        metavar="BOOL",
+        help="reuse cached prompt blocks",
+    )
     a("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false")
-    a("--time-to-first-token", type=arguments.duration_in("ms"), default=m.ttft_ms,
-      help="prefill base time in ms")
-    a("--prefill-time-per-token", type=arguments.duration_in("ms"), default=m.prefill_ms_per_token,
-      help="prefill time per uncached prompt token in ms")
-    a("--inter-token-latency", type=arguments.duration_in("ms"), default=m.itl_ms,
-      help="decode step time in ms for a batch of one")
-    a("--decode-batch-factor", type=float, default=m.decode_batch_factor,
-      help="decode step = ITL * (1 + factor * (batch - 1))")
-    a("--time-scale", type=float, default=d.time_scale,
-      help="multiplies every modelled time (0.1 = 10x faster than real time)")
+    a(
+        "--time-to-first-token",
+        type=arguments.duration_in("ms"),
+        default=m.ttft_ms,
+        help="prefill base time in ms",
+    )
+    a(
+        "--prefill-time-per-token",
+        type=arguments.duration_in("ms"),
+        default=m.prefill_ms_per_token,
+        help="prefill time per uncached prompt token in ms",
+    )
+    a(
+        "--inter-token-latency",
+        type=arguments.duration_in("ms"),
+        default=m.itl_ms,
+        help="decode step time in ms for a batch of one",
+    )
+    a(
+        "--decode-batch-factor",
+        type=float,
+        default=m.decode_batch_factor,
+        help="decode step = ITL * (1 + factor * (batch - 1))",
+    )
+    a(
+        "--time-scale",
+        type=float,
+        default=d.time_scale,
+        help="multiplies every modelled time (0.1 = 10x faster than real time)",
+    )
     a("--lora-modules", nargs="+", default=[], help="LoRA adapters: name, name=path or JSON")
     a("--max-loras", type=int, default=m.max_loras, help="adapters loaded at once")
-    a("--lora-load-time", type=arguments.duration_in("ms"), default=m.lora_load_ms,
-      help="time in ms to load an adapter")
-    a("--default-max-tokens", type=int, default=d.default_max_tokens,
-      help="output tokens when a request sets no max_tokens")
-    a("--failure-rate", "--failure-injection-rate", type=float, default=d.failure_rate,
-      help="fraction of inference requests answered with --failure-status")
+    a(
+        "--lora-load-time",
+        type=arguments.duration_in("ms"),
+        default=m.lora_load_ms,
+        help="time in ms to load an adapter",
+    )
+    a(
+        "--default-max-tokens",
+        type=int,
+        default=d.default_max_tokens,
+        help="output tokens when a request sets no max_tokens",
+    )
+    a(
+        "--failure-rate",
+        "--failure-injection-rate",
+        type=float,
+        default=d.failure_rate,
+        help="fraction of inference requests answered with --failure-status",
+    )
     a("--failure-status", type=int, default=d.failure_status, help="HTTP status of failures")
-    a("--slow-start", type=arguments.duration_in("s"), default=d.slow_start_s,
-      help="seconds after start during which everything answers 503")
-    a("--silent-after", type=arguments.duration_in("s"), default=d.silent_after_s,
-      help="seconds after start when servers stop answering (0 = never; "
-           "POST /sim/silence toggles)")
+    a(
+        "--slow-start",
+        type=arguments.duration_in("s"),
+        default=d.slow_start_s,
+        help="seconds after start during which everything answers 503",
+    )
+    a(
+        "--silent-after",
+        type=arguments.duration_in("s"),
+        default=d.silent_after_s,
+        help="seconds after start when servers stop answering (0 = never; "
+        "POST /sim/silence toggles)",
+    )
     a("--seed", type=int, default=d.seed, help="seed for failure injection")
-    a("--tokenizer", default="", metavar="DIR",
-      help="model directory whose tokenizer (and chat template) counts prompts, as vLLM "
-           "would; KV events then carry the ids a picker with the same tokenizer computes "
-           "(default: 4 characters a token)")
-    a("--kv-events-config", default="", metavar="JSON",
-      help="publish KV-cache events as vLLM does, e.g. '{\"enable_kv_cache_events\": true, "
-           "\"publisher\": \"zmq\", \"endpoint\": \"tcp://*:5557\"}' (binds with * or ::, "
-           "else connects; replica i binds port+i; topic default kv@<host>:<port>@<model>)")
-    a("--kv-events-encoding", choices=kv_publisher.ENCODINGS, default="map",
-      help="events as maps with a type key (vLLM from mid 2026) or tag-first arrays "
-           "(earlier releases); default %(default)s")
+    a(
+        "--tokenizer",
+        default="",
+        metavar="DIR",
+        help="model directory whose tokenizer (and chat template) counts prompts, as vLLM "
+        "would; KV events then carry the ids a picker with the same tokenizer computes "
+        "(default: 4 characters a token)",
+    )
+    a(
+        "--kv-events-config",
+        default="",
+        metavar="JSON",
+        help='publish KV-cache events as vLLM does, e.g. \'{"enable_kv_cache_events": true, '
+        '"publisher": "zmq", "endpoint": "tcp://*:5557"}\' (binds with * or ::, '
+        "else connects; replica i binds port+i; topic default kv@<host>:<port>@<model>)",
+    )
+    a(
+        "--kv-events-encoding",
+        choices=kv_publisher.ENCODINGS,
+        default="map",
+        help="events as maps with a type key (vLLM from mid 2026) or tag-first arrays "
+        "(earlier releases); default %(default)s",
+    )
     a("--access-log", type=arguments.boolean, nargs="?", const=True, default=False, metavar="BOOL")
     a("-v", "--verbose", action="count", default=0)
     return p
@@ -194,8 +270,11 @@ async def _serve(args: argparse.Namespace, cfg: sim_config.SimConfig) -> int:
             await stop.wait()
             print(f"{_PROG}: shutting down", flush=True)
     except OSError as e:
-        print(f"{_PROG}: error: cannot listen on {args.host} ports {args.port}.."
-              f"{args.port + args.replicas - 1}: {e.strerror or e}", file=sys.stderr)
+        print(
+            f"{_PROG}: error: cannot listen on {args.host} ports {args.port}.."
+            f"{args.port + args.replicas - 1}: {e.strerror or e}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -215,8 +294,11 @@ def main(argv: list[str]) -> int:
     if problems:
         parser.error("; ".join(problems))
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else
-        logging.WARNING,
+        level=logging.DEBUG
+        if args.verbose > 1
+        else logging.INFO
+        if args.verbose
+        else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     return asyncio.run(_serve(args, cfg))

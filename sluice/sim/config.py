@@ -65,21 +65,31 @@ class SimConfig:
         ):
             need(value >= 0, f"{flag} must be >= 0 (got {value})")
         need(self.time_scale > 0, f"--time-scale must be > 0 (got {self.time_scale})")
-        need(0.0 <= self.failure_rate <= 1.0,
-             f"--failure-rate must be between 0 and 1 (got {self.failure_rate})")
-        need(400 <= self.failure_status <= 599,
-             f"--failure-status must be an HTTP error status 400-599 (got {self.failure_status})")
+        need(
+            0.0 <= self.failure_rate <= 1.0,
+            f"--failure-rate must be between 0 and 1 (got {self.failure_rate})",
+        )
+        need(
+            400 <= self.failure_status <= 599,
+            f"--failure-status must be an HTTP error status 400-599 (got {self.failure_status})",
+        )
         need(self.default_max_tokens >= 1, "--default-max-tokens must be at least 1")
         need(self.max_model_len >= 0, "--max-model-len must be >= 0")
         capacity = p.kv_cache_blocks * p.block_size
-        need(self.max_model_len <= capacity,
-             f"--max-model-len {self.max_model_len} is larger than the KV cache "
-             f"({p.kv_cache_blocks} blocks x {p.block_size} = {capacity} tokens); "
-             "raise --kv-cache-size or lower --max-model-len")
-        need(not self.lora_modules or p.max_loras >= 1,
-             "--max-loras must be at least 1 when --lora-modules are given")
+        need(
+            self.max_model_len <= capacity,
+            f"--max-model-len {self.max_model_len} is larger than the KV cache "
+            f"({p.kv_cache_blocks} blocks x {p.block_size} = {capacity} tokens); "
+            "raise --kv-cache-size or lower --max-model-len",
+        )
+        need(
+            not self.lora_modules or p.max_loras >= 1,
+            "--max-loras must be at least 1 when --lora-modules are given",
+        )
         clash = set(self.lora_modules) & set(self.names)
         need(not clash, f"--lora-modules name(s) {sorted(clash)} clash with the served model name")
-        need(len(set(self.lora_modules)) == len(self.lora_modules),
-             "--lora-modules names must be unique")
+        need(
+            len(set(self.lora_modules)) == len(self.lora_modules),
+            "--lora-modules names must be unique",
+        )
         return out

@@ -83,10 +83,25 @@ class SimRequest:
     """
 
     __slots__ = (
-        "arrival_s", "cached_tokens", "finish_reason", "finished_s", "first_token_s",
-        "generated", "last_token_s", "lease", "limit_reason", "lora", "matched_blocks",
-        "max_tokens", "needs_prefill", "on_progress", "phase", "preemptions", "prompt",
-        "request_id", "uncached_tokens",
+        "arrival_s",
+        "cached_tokens",
+        "finish_reason",
+        "finished_s",
+        "first_token_s",
+        "generated",
+        "last_token_s",
+        "lease",
+        "limit_reason",
+        "lora",
+        "matched_blocks",
+        "max_tokens",
+        "needs_prefill",
+        "on_progress",
+        "phase",
+        "preemptions",
+        "prompt",
+        "request_id",
+        "uncached_tokens",
     )
 
     def __init__(

@@ -20,6 +20,7 @@ from sluice.sim import server as sim_server
 
 T = TypeVar("T")
 
+
 @dataclass(frozen=True, slots=True)
 class Fleet:
     servers: tuple[sim_server.SimulatedServer, ...]
@@ -75,9 +76,11 @@ async def run_fleet(
         configs: Sequence[sim_config.SimConfig] = [config or sim_config.SimConfig()] * servers
     else:
         configs = servers
-    names = list(pod_names) if pod_names is not None else [
-        f"{pod_name_prefix}-{i}" for i in range(len(configs))
-    ]
+    names = (
+        list(pod_names)
+        if pod_names is not None
+        else [f"{pod_name_prefix}-{i}" for i in range(len(configs))]
+    )
     if len(names) != len(configs) or len(set(names)) != len(names):
         raise ValueError("pod_names must give one distinct name per server")
     started: list[sim_server.SimulatedServer] = []

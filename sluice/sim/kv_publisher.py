@@ -169,8 +169,9 @@ class KvEventPublisher:
     def flush(self) -> None:
         if not self._pending:
             return
-        batch = kv_events.EventBatch(self.topic, self._sequence, time.time(),
-                                     tuple(self._pending), 0)
+        batch = kv_events.EventBatch(
+            self.topic, self._sequence, time.time(), tuple(self._pending), 0
+        )
         self._pending = []
         self._sequence += 1
         self.published_batches += 1

@@ -17,16 +17,72 @@ from dataclasses import dataclass, field
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 TTFT_BUCKETS_S = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-    7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
 )
 ITL_BUCKETS_S = (
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-    10.0, 20.0, 40.0, 80.0,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
 )
 REQUEST_LATENCY_BUCKETS_S = (
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
-    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
 )
 
 FINISH_REASONS = ("stop", "length", "abort")
@@ -141,48 +197,85 @@ def render(
 ) -> bytes:
     m = label_text({"model_name": model_name})
     families = [
-        _family("vllm:num_requests_running", "gauge",
-                "Number of requests in model execution batches.",
-                [f"vllm:num_requests_running{{{m}}} {number(gauges.running)}"]),
-        _family("vllm:num_requests_waiting", "gauge",
-                "Number of requests waiting to be processed.",
-                [f"vllm:num_requests_waiting{{{m}}} {number(gauges.waiting)}"]),
-        _family("vllm:kv_cache_usage_perc", "gauge",
-                "KV-cache usage. 1 means 100 percent usage.",
-                [f"vllm:kv_cache_usage_perc{{{m}}} {number(gauges.kv_cache_usage)}"]),
-        _family("vllm:cache_config_info", "gauge", "Information of the LLMEngine CacheConfig",
-                [f"vllm:cache_config_info{{{label_text(cache_config)}}} 1.0"]),
+        _family(
+            "vllm:num_requests_running",
+            "gauge",
+            "Number of requests in model execution batches.",
+            [f"vllm:num_requests_running{{{m}}} {number(gauges.running)}"],
+        ),
+        _family(
+            "vllm:num_requests_waiting",
+            "gauge",
+            "Number of requests waiting to be processed.",
+            [f"vllm:num_requests_waiting{{{m}}} {number(gauges.waiting)}"],
+        ),
+        _family(
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "KV-cache usage. 1 means 100 percent usage.",
+            [f"vllm:kv_cache_usage_perc{{{m}}} {number(gauges.kv_cache_usage)}"],
+        ),
+        _family(
+            "vllm:cache_config_info",
+            "gauge",
+            "Information of the LLMEngine CacheConfig",
+            [f"vllm:cache_config_info{{{label_text(cache_config)}}} 1.0"],
+        ),
     ]
     if lora is not None:
-        labels = label_text({
-            "max_lora": str(lora.max_lora),
-            "running_lora_adapters": ",".join(lora.running),
-            "waiting_lora_adapters": ",".join(lora.waiting),
-        })
-        families.append(_family(
-            "vllm:lora_requests_info", "gauge", "Running stats on lora requests.",
-            [f"vllm:lora_requests_info{{{labels}}} {number(lora.updated_at)}"]))
+        labels = label_text(
+            {
+                "max_lora": str(lora.max_lora),
+                "running_lora_adapters": ",".join(lora.running),
+                "waiting_lora_adapters": ",".join(lora.waiting),
+            }
+        )
+        families.append(
+            _family(
+                "vllm:lora_requests_info",
+                "gauge",
+                "Running stats on lora requests.",
+                [f"vllm:lora_requests_info{{{labels}}} {number(lora.updated_at)}"],
+            )
+        )
     counters = (
-        ("vllm:prefix_cache_queries_total",
-         "Prefix cache queries, in terms of number of queried tokens.",
-         stats.prefix_cache_queries),
-        ("vllm:prefix_cache_hits_total",
-         "Prefix cache hits, in terms of number of cached tokens.", stats.prefix_cache_hits),
-        ("vllm:num_preemptions_total", "Cumulative number of preemption from the engine.",
-         stats.preemptions),
-        ("vllm:prompt_tokens_total", "Number of prefill tokens processed.",
-         stats.prompt_tokens),
-        ("vllm:generation_tokens_total", "Number of generation tokens processed.",
-         stats.generation_tokens),
+        (
+            "vllm:prefix_cache_queries_total",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            stats.prefix_cache_queries,
+        ),
+        (
+            "vllm:prefix_cache_hits_total",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            stats.prefix_cache_hits,
+        ),
+        (
+            "vllm:num_preemptions_total",
+            "Cumulative number of preemption from the engine.",
+            stats.preemptions,
+        ),
+        ("vllm:prompt_tokens_total", "Number of prefill tokens processed.", stats.prompt_tokens),
+        (
+            "vllm:generation_tokens_total",
+            "Number of generation tokens processed.",
+            stats.generation_tokens,
+        ),
     )
     families.extend(
         _family(name, "counter", help_text, [f"{name}{{{m}}} {number(value)}"])
         for name, help_text, value in counters
     )
-    families.append(_family(
-        "vllm:request_success_total", "counter", "Count of successfully processed requests.",
-        [f'vllm:request_success_total{{finished_reason="{reason}",{m}}} {number(n)}'
-         for reason, n in stats.request_success.items()]))
+    families.append(
+        _family(
+            "vllm:request_success_total",
+            "counter",
+            "Count of successfully processed requests.",
+            [
+                f'vllm:request_success_total{{finished_reason="{reason}",{m}}} {number(n)}'
+                for reason, n in stats.request_success.items()
+            ],
+        )
+    )
     histograms = (
         (stats.ttft, "Histogram of time to first token in seconds."),
         (stats.itl, "Histogram of inter-token latency in seconds."),

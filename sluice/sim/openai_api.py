@@ -42,13 +42,17 @@ class ApiError(Exception):
 
 
 def error_body(status: int, message: str, param: str | None = None) -> bytes:
-    return orjson.dumps({
-        "object": "error",
-        "message": message,
-        "type": _ERROR_TYPES.get(status, "InternalServerError" if status >= 500 else "APIError"),
-        "param": param,
-        "code": status,
-    })
+    return orjson.dumps(
+        {
+            "object": "error",
+            "message": message,
+            "type": _ERROR_TYPES.get(
+                status, "InternalServerError" if status >= 500 else "APIError"
+            ),
+            "param": param,
+            "code": status,
+        }
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +176,7 @@ def _content_text(content: object, i: int) -> str:
                 raise _bad(f"messages[{i}].content parts must be objects with a 'type'", "messages")
             if part["type"] == "text":
                 if not isinstance(part.get("text"), str):
-                    raise _bad(f"messages[{i}].content text parts need a string 'text'",
-                               "messages")
+                    raise _bad(f"messages[{i}].content text parts need a string 'text'", "messages")
                 texts.append(part["text"])
         return "\n".join(texts)
     raise _bad(f"messages[{i}].content must be a string, a list of parts, or null", "messages")
@@ -192,8 +195,14 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
 
 
 def response_body(
-    *, chat: bool, request_id: str, created: int, model: str, text: str,
-    finish_reason: str | None, usage_: Mapping[str, Any],
+    *,
+    chat: bool,
+    request_id: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    usage_: Mapping[str, Any],
 ) -> bytes:
     if chat:
         choice: dict[str, Any] = {
@@ -205,17 +214,22 @@ def response_body(
         }
     else:
         choice = {
-            "index": 0, "text": text, "logprobs": None,
-            "finish_reason": finish_reason, "stop_reason": None,
+            "index": 0,
+            "text": text,
+            "logprobs": None,
+            "finish_reason": finish_reason,
+            "stop_reason": None,
         }
-    return orjson.dumps({
-        "id": request_id,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "usage": usage_,
-    })
+    return orjson.dumps(
+        {
+            "id": request_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [choice],
+            "usage": usage_,
+        }
+    )
 
 
 class StreamChunks:
@@ -235,17 +249,30 @@ class StreamChunks:
 
     def role(self) -> bytes:
         """The opening chat chunk that announces the assistant's role (chat only)."""
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""},
-                  "logprobs": None, "finish_reason": None}
+        choice = {
+            "index": 0,
+            "delta": {"role": "assistant", "content": ""},
+            "logprobs": None,
+            "finish_reason": None,
+        }
         return self._event({**self._head, "choices": [choice]})
 
     def token(self, text: str, finish_reason: str | None = None) -> bytes:
         if self._chat:
-            choice: dict[str, Any] = {"index": 0, "delta": {"content": text},
-                                      "logprobs": None, "finish_reason": finish_reason}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": {"content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
         else:
-            choice = {"index": 0, "text": text, "logprobs": None,
-                      "finish_reason": finish_reason, "stop_reason": None}
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+                "stop_reason": None,
+            }
         return self._event({**self._head, "choices": [choice]})
 
     def usage(self, usage_: Mapping[str, Any]) -> bytes:
@@ -267,18 +294,20 @@ def model_card(
         "root": root,
         "parent": parent,
         "max_model_len": max_model_len,
-        "permission": [{
-            "id": f"modelperm-{name}",
-            "object": "model_permission",
-            "created": created,
-            "allow_create_engine": False,
-            "allow_sampling": True,
-            "allow_logprobs": True,
-            "allow_search_indices": False,
-            "allow_view": True,
-            "allow_fine_tuning": False,
-            "organization": "*",
-            "group": None,
-            "is_blocking": False,
-        }],
+        "permission": [
+            {
+                "id": f"modelperm-{name}",
+                "object": "model_permission",
+                "created": created,
+                "allow_create_engine": False,
+                "allow_sampling": True,
+                "allow_logprobs": True,
+                "allow_search_indices": False,
+                "allow_view": True,
+                "allow_fine_tuning": False,
+                "organization": "*",
+                "group": None,
+                "is_blocking": False,
+            }
+        ],
     }

@@ -101,18 +101,20 @@ class SimulatedServer:
     async def start(self) -> None:
         app = web.Application(client_max_size=_MAX_BODY_BYTES)
         app.on_response_prepare.append(self._stamp_headers)
-        app.add_routes([
-            web.post("/v1/completions", self._completions),
-            web.post("/v1/chat/completions", self._chat_completions),
-            web.get("/v1/models", self._models),
-            web.get("/health", self._health),
-            web.get("/metrics", self._metrics),
-            web.post("/v1/load_lora_adapter", self._load_lora),
-            web.post("/v1/unload_lora_adapter", self._unload_lora),
-            web.get("/sim/state", self._state),
-            web.post("/sim/silence", self._silence),
-            web.post("/reset_prefix_cache", self._reset_prefix_cache),
-        ])
+        app.add_routes(
+            [
+                web.post("/v1/completions", self._completions),
+                web.post("/v1/chat/completions", self._chat_completions),
+                web.get("/v1/models", self._models),
+                web.get("/health", self._health),
+                web.get("/metrics", self._metrics),
+                web.post("/v1/load_lora_adapter", self._load_lora),
+                web.post("/v1/unload_lora_adapter", self._unload_lora),
+                web.get("/sim/state", self._state),
+                web.post("/sim/silence", self._silence),
+                web.post("/reset_prefix_cache", self._reset_prefix_cache),
+            ]
+        )
         runner = web.AppRunner(
             app,
             handler_cancellation=True,  # a client that goes away aborts its request
@@ -303,13 +305,17 @@ class SimulatedServer:
         progress: asyncio.Event,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream; charset=utf-8",
-                     "Cache-Control": "no-cache"}
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+            }
         )
         await response.prepare(request)
         chunks = openai_api.StreamChunks(
-            chat=parsed.chat, request_id=sim_request.request_id,
-            created=int(time.time()), model=parsed.model,
+            chat=parsed.chat,
+            request_id=sim_request.request_id,
+            created=int(time.time()),
+            model=parsed.model,
         )
         sent = 0
         with contextlib.suppress(ConnectionResetError):
@@ -321,9 +327,11 @@ class SimulatedServer:
                     out.append(chunks.role())
                 for i in range(sent, generated):
                     last = done and i == generated - 1
-                    out.append(chunks.token(
-                        tokens.output_text(i, 1), sim_request.finish_reason if last else None
-                    ))
+                    out.append(
+                        chunks.token(
+                            tokens.output_text(i, 1), sim_request.finish_reason if last else None
+                        )
+                    )
                 sent = generated
                 if done:
                     if parsed.include_usage:
@@ -346,8 +354,13 @@ class SimulatedServer:
         created = int(time.time())
         base = self.config.names[0]
         data: list[dict[str, Any]] = [
-            openai_api.model_card(name, created, root=self.config.model, parent=None,
-                                  max_model_len=self.config.context_tokens)
+            openai_api.model_card(
+                name,
+                created,
+                root=self.config.model,
+                parent=None,
+                max_model_len=self.config.context_tokens,
+            )
             for name in self.config.names
         ]
         data += [
@@ -443,8 +456,9 @@ def _usage(r: engine.SimRequest) -> dict[str, Any]:
 
 
 def _error(status: int, message: str) -> web.Response:
-    return web.Response(status=status, body=openai_api.error_body(status, message),
-                        content_type=_JSON)
+    return web.Response(
+        status=status, body=openai_api.error_body(status, message), content_type=_JSON
+    )
 
 
 def _dumps(value: Any) -> str:

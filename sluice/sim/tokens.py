@@ -25,8 +25,22 @@ _LE64 = struct.Struct("<Q")
 
 # Synthetic output: one word per token, cycled. The text carries no meaning on purpose.
 _WORDS = (
-    "Sluice ", "simulated ", "this ", "reply ", "one ", "token ", "at ", "a ", "time ",
-    "with ", "continuous ", "batching ", "and ", "a ", "prefix ", "cache. ",
+    "Sluice ",
+    "simulated ",
+    "this ",
+    "reply ",
+    "one ",
+    "token ",
+    "at ",
+    "a ",
+    "time ",
+    "with ",
+    "continuous ",
+    "batching ",
+    "and ",
+    "a ",
+    "prefix ",
+    "cache. ",
 )
 
 
@@ -50,14 +64,10 @@ def count_text_tokens(text: str) -> int:
     return -(-len(text) // CHARS_PER_TOKEN)
 
 
-def text_prompt(
-    text: str, block_size: int, seed: int, cache_salt: str | None = None
-) -> Prompt:
+def text_prompt(text: str, block_size: int, seed: int, cache_salt: str | None = None) -> Prompt:
     block_chars = block_size * CHARS_PER_TOKEN
     full_blocks = len(text) // block_chars
-    blocks = (
-        text[i * block_chars : (i + 1) * block_chars].encode() for i in range(full_blocks)
-    )
+    blocks = (text[i * block_chars : (i + 1) * block_chars].encode() for i in range(full_blocks))
     return Prompt(count_text_tokens(text), _chain(blocks, seed), cache_salt=cache_salt)
 
 

@@ -118,8 +118,10 @@ def test_full_example() -> None:
     assert config.flow_control is not None and config.flow_control.max_requests == 100
     assert config.data_layer == {
         "sources": [
-            {"pluginRef": "metrics-data-source",
-             "extractors": [{"pluginRef": "core-metrics-extractor"}]}
+            {
+                "pluginRef": "metrics-data-source",
+                "extractors": [{"pluginRef": "core-metrics-extractor"}],
+            }
         ]
     }
     assert config.parser_type == "openai-parser"
@@ -134,10 +136,12 @@ def test_llm_d_api_version_and_data_section() -> None:
 
 
 def test_declared_parser_plugin() -> None:
-    config = load_config(cfg("""
+    config = load_config(
+        cfg("""
         plugins: [{name: raw, type: passthrough-parser}]
         parser: {pluginRef: raw}
-    """))
+    """)
+    )
     assert config.parser_ref == "raw" and config.parser_type == "passthrough-parser"
     assert isinstance(config.plugins["raw"], registry.ParserDeclaration)
     assert _shape(config) == DEFAULT_SHAPE
@@ -149,19 +153,31 @@ def test_declared_parser_plugin() -> None:
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        ("featureGate: [flowControl]\n",
-         "unknown key 'featureGate' in EndpointPickerConfig (did you mean 'featureGates'?)"),
-        ("datalayer: {}\n",
-         "unknown key 'datalayer' in EndpointPickerConfig (did you mean 'dataLayer'?)"),
-        ("plugins: [{type: queue-scorer, parameter: {}}]\n",
-         "unknown key 'parameter' in plugins[0] (did you mean 'parameters'?)"),
-        ("schedulingProfiles: [{name: p, plugins: [{pluginref: queue-scorer}]}]\n",
-         "unknown key 'pluginref' in schedulingProfiles[0].plugins[0] "
-         "(did you mean 'pluginRef'?)"),
-        ("schedulingProfiles: [{name: p, plugin: []}]\n",
-         "unknown key 'plugin' in schedulingProfiles[0] (did you mean 'plugins'?)"),
-        ("parser: {pluginREF: openai-parser}\n",
-         "unknown key 'pluginREF' in parser (did you mean 'pluginRef'?)"),
+        (
+            "featureGate: [flowControl]\n",
+            "unknown key 'featureGate' in EndpointPickerConfig (did you mean 'featureGates'?)",
+        ),
+        (
+            "datalayer: {}\n",
+            "unknown key 'datalayer' in EndpointPickerConfig (did you mean 'dataLayer'?)",
+        ),
+        (
+            "plugins: [{type: queue-scorer, parameter: {}}]\n",
+            "unknown key 'parameter' in plugins[0] (did you mean 'parameters'?)",
+        ),
+        (
+            "schedulingProfiles: [{name: p, plugins: [{pluginref: queue-scorer}]}]\n",
+            "unknown key 'pluginref' in schedulingProfiles[0].plugins[0] "
+            "(did you mean 'pluginRef'?)",
+        ),
+        (
+            "schedulingProfiles: [{name: p, plugin: []}]\n",
+            "unknown key 'plugin' in schedulingProfiles[0] (did you mean 'plugins'?)",
+        ),
+        (
+            "parser: {pluginREF: openai-parser}\n",
+            "unknown key 'pluginREF' in parser (did you mean 'pluginRef'?)",
+        ),
         ("zzz: 1\n", "unknown key 'zzz' in EndpointPickerConfig (allowed: apiVersion"),
     ],
 )
@@ -191,70 +207,111 @@ def test_document_errors(text: str, message: str) -> None:
     ("body", "message"),
     [
         # unknown plugin type, with a suggestion
-        ("plugins: [{type: queue-scorrer}]\n",
-         "plugins[0].type: unknown plugin type 'queue-scorrer' (did you mean 'queue-scorer'?)"),
+        (
+            "plugins: [{type: queue-scorrer}]\n",
+            "plugins[0].type: unknown plugin type 'queue-scorrer' (did you mean 'queue-scorer'?)",
+        ),
         ("plugins: [{name: x}]\n", "plugins[0]: missing required key 'type'"),
         # dangling references
-        ("plugins: [{type: queue-scorer}]\n"
-         "schedulingProfiles: [{name: p, plugins: [{pluginRef: queue-scorr}]}]\n",
-         "schedulingProfiles[0].plugins[0].pluginRef: no plugin named 'queue-scorr' is "
-         "declared under plugins (did you mean 'queue-scorer'?)"),
-        ("plugins: [{type: prefix-cache-scorer, "
-         "parameters: {prefixMatchInfoProducerName: nowhere}}]\n",
-         "plugins[0]: 'prefix-cache-scorer' reads data from producer 'nowhere', which is not "
-         "declared under plugins"),
-        ("plugins: [{type: queue-scorer}, {name: p, type: prefix-cache-scorer, "
-         "parameters: {prefixMatchInfoProducerName: queue-scorer}}]\n",
-         "reads data from 'queue-scorer', which is not a data producer"),
-        ("parser: {pluginRef: opnai-parser}\n",
-         "parser.pluginRef: no parser named 'opnai-parser' (did you mean 'openai-parser'?)"),
-        ("plugins: [{type: queue-scorer}]\nparser: {pluginRef: queue-scorer}\n",
-         "parser.pluginRef: 'queue-scorer' is a queue-scorer, not a parser"),
+        (
+            "plugins: [{type: queue-scorer}]\n"
+            "schedulingProfiles: [{name: p, plugins: [{pluginRef: queue-scorr}]}]\n",
+            "schedulingProfiles[0].plugins[0].pluginRef: no plugin named 'queue-scorr' is "
+            "declared under plugins (did you mean 'queue-scorer'?)",
+        ),
+        (
+            "plugins: [{type: prefix-cache-scorer, "
+            "parameters: {prefixMatchInfoProducerName: nowhere}}]\n",
+            "plugins[0]: 'prefix-cache-scorer' reads data from producer 'nowhere', which is not "
+            "declared under plugins",
+        ),
+        (
+            "plugins: [{type: queue-scorer}, {name: p, type: prefix-cache-scorer, "
+            "parameters: {prefixMatchInfoProducerName: queue-scorer}}]\n",
+            "reads data from 'queue-scorer', which is not a data producer",
+        ),
+        (
+            "parser: {pluginRef: opnai-parser}\n",
+            "parser.pluginRef: no parser named 'opnai-parser' (did you mean 'openai-parser'?)",
+        ),
+        (
+            "plugins: [{type: queue-scorer}]\nparser: {pluginRef: queue-scorer}\n",
+            "parser.pluginRef: 'queue-scorer' is a queue-scorer, not a parser",
+        ),
         # duplicate names
-        ("plugins: [{type: queue-scorer}, {type: queue-scorer}]\n",
-         "plugins[1]: plugin name 'queue-scorer' is already used by plugins[0]"),
-        ("schedulingProfiles: [{name: a}, {name: a}]\n",
-         "schedulingProfiles[1]: profile name 'a' is used twice"),
-        ("plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: "
-         "[{pluginRef: queue-scorer}, {pluginRef: queue-scorer}]}]\n",
-         "schedulingProfiles[0].plugins[1]: plugin 'queue-scorer' is referenced twice in 'a'"),
+        (
+            "plugins: [{type: queue-scorer}, {type: queue-scorer}]\n",
+            "plugins[1]: plugin name 'queue-scorer' is already used by plugins[0]",
+        ),
+        (
+            "schedulingProfiles: [{name: a}, {name: a}]\n",
+            "schedulingProfiles[1]: profile name 'a' is used twice",
+        ),
+        (
+            "plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: "
+            "[{pluginRef: queue-scorer}, {pluginRef: queue-scorer}]}]\n",
+            "schedulingProfiles[0].plugins[1]: plugin 'queue-scorer' is referenced twice in 'a'",
+        ),
         # weights
-        ("plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: "
-         "[{pluginRef: queue-scorer, weight: -1}]}]\n",
-         "schedulingProfiles[0].plugins[0].weight: must be a finite number >= 0, got -1"),
-        ("plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: "
-         "[{pluginRef: queue-scorer, weight: high}]}]\n",
-         "schedulingProfiles[0].plugins[0].weight: must be a number >= 0, got a string 'high'"),
-        ("plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: "
-         "[{pluginRef: queue-scorer, weight: .inf}]}]\n",
-         "must be a finite number >= 0, got inf"),
-        ("plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: "
-         "[{pluginRef: queue-scorer, weight: true}]}]\n", "got a boolean True"),
-        ("plugins: [{type: max-score-picker}]\nschedulingProfiles: [{name: a, plugins: "
-         "[{pluginRef: max-score-picker, weight: 2}]}]\n",
-         "schedulingProfiles[0].plugins[0].weight: 'max-score-picker' is not a scorer "
-         "(picker); only scorers take a weight"),
+        (
+            "plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: "
+            "[{pluginRef: queue-scorer, weight: -1}]}]\n",
+            "schedulingProfiles[0].plugins[0].weight: must be a finite number >= 0, got -1",
+        ),
+        (
+            "plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: "
+            "[{pluginRef: queue-scorer, weight: high}]}]\n",
+            "schedulingProfiles[0].plugins[0].weight: must be a number >= 0, got a string 'high'",
+        ),
+        (
+            "plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: "
+            "[{pluginRef: queue-scorer, weight: .inf}]}]\n",
+            "must be a finite number >= 0, got inf",
+        ),
+        (
+            "plugins: [{type: queue-scorer}]\nschedulingProfiles: [{name: a, plugins: "
+            "[{pluginRef: queue-scorer, weight: true}]}]\n",
+            "got a boolean True",
+        ),
+        (
+            "plugins: [{type: max-score-picker}]\nschedulingProfiles: [{name: a, plugins: "
+            "[{pluginRef: max-score-picker, weight: 2}]}]\n",
+            "schedulingProfiles[0].plugins[0].weight: 'max-score-picker' is not a scorer "
+            "(picker); only scorers take a weight",
+        ),
         # plugin parameters
-        ("plugins: [{type: max-score-picker, parameters: {maxNumOfEndpoints: 0}}]\n",
-         "plugins[0].parameters.maxNumOfEndpoints (max-score-picker 'max-score-picker'): "
-         "must be at least 1, got 0"),
-        ("plugins: [{type: approx-prefix-cache-producer, parameters: {blockSizeToken: 8}}]\n",
-         "plugins[0].parameters.blockSizeToken (approx-prefix-cache-producer "
-         "'approx-prefix-cache-producer'): unknown parameter (did you mean 'blockSizeTokens'?)"),
-        ("plugins: [{type: approx-prefix-cache-producer, parameters: {autoTune: 1}}]\n",
-         "plugins[0].parameters.autoTune (approx-prefix-cache-producer "
-         "'approx-prefix-cache-producer'): must be true or false, got integer 1"),
-        ("plugins: [{type: queue-scorer, parameters: [1]}]\n",
-         "plugins[0].parameters: must be a mapping, got a list"),
+        (
+            "plugins: [{type: max-score-picker, parameters: {maxNumOfEndpoints: 0}}]\n",
+            "plugins[0].parameters.maxNumOfEndpoints (max-score-picker 'max-score-picker'): "
+            "must be at least 1, got 0",
+        ),
+        (
+            "plugins: [{type: approx-prefix-cache-producer, parameters: {blockSizeToken: 8}}]\n",
+            "plugins[0].parameters.blockSizeToken (approx-prefix-cache-producer "
+            "'approx-prefix-cache-producer'): unknown parameter (did you mean 'blockSizeTokens'?)",
+        ),
+        (
+            "plugins: [{type: approx-prefix-cache-producer, parameters: {autoTune: 1}}]\n",
+            "plugins[0].parameters.autoTune (approx-prefix-cache-producer "
+            "'approx-prefix-cache-producer'): must be true or false, got integer 1",
+        ),
+        (
+            "plugins: [{type: queue-scorer, parameters: [1]}]\n",
+            "plugins[0].parameters: must be a mapping, got a list",
+        ),
         # sections
         ("dataLayer: {}\ndata: {}\n", "both 'dataLayer' and 'data' are set"),
         ("flowControl: [1]\n", "flowControl: must be a mapping, got a list"),
-        ("featureGates: [flowcontrol]\n",
-         "featureGates[0]: unknown feature gate 'flowcontrol' (did you mean 'flowControl'?)"),
+        (
+            "featureGates: [flowcontrol]\n",
+            "featureGates[0]: unknown feature gate 'flowcontrol' (did you mean 'flowControl'?)",
+        ),
         ("schedulingProfiles: []\n", "schedulingProfiles: must list at least one profile"),
         ("plugins: {type: queue-scorer}\n", "plugins: must be a list, got a mapping"),
-        ("plugins: [{type: queue-scorer, name: ''}]\n",
-         "plugins[0].name: must be a non-empty string, got an empty string"),
+        (
+            "plugins: [{type: queue-scorer, name: ''}]\n",
+            "plugins[0].name: must be a non-empty string, got an empty string",
+        ),
     ],
 )
 def test_config_errors(body: str, message: str) -> None:
@@ -313,60 +370,84 @@ def test_profile_composition_errors() -> None:
 
 
 def test_profile_without_picker_gets_max_score_picker_and_weight_defaults_to_one() -> None:
-    config = load_config(cfg("""
+    config = load_config(
+        cfg("""
         plugins: [{type: lora-affinity-scorer}]
         schedulingProfiles: [{name: lora, plugins: [{pluginRef: lora-affinity-scorer}]}]
-    """))
+    """)
+    )
     assert _shape(config) == {
-        "lora": {"filters": [], "scorers": [("lora-affinity-scorer", 1.0)], "producers": [],
-                 "picker": "max-score-picker"}
+        "lora": {
+            "filters": [],
+            "scorers": [("lora-affinity-scorer", 1.0)],
+            "producers": [],
+            "picker": "max-score-picker",
+        }
     }
     assert config.scheduler.schedule(request(), [candidate("a")]).primary_profile == "lora"
 
 
 def test_prefix_scorer_gets_a_default_producer() -> None:
-    config = load_config(cfg("""
+    config = load_config(
+        cfg("""
         plugins: [{type: prefix-cache-scorer}]
         schedulingProfiles: [{name: p, plugins: [{pluginRef: prefix-cache-scorer, weight: 3}]}]
-    """))
+    """)
+    )
     assert _shape(config)["p"] == {
-        "filters": [], "scorers": [("prefix-cache-scorer", 3.0)],
-        "producers": ["approx-prefix-cache-producer"], "picker": "max-score-picker",
+        "filters": [],
+        "scorers": [("prefix-cache-scorer", 3.0)],
+        "producers": ["approx-prefix-cache-producer"],
+        "picker": "max-score-picker",
     }
     assert isinstance(config.plugins["approx-prefix-cache-producer"], ApproxPrefixCacheProducer)
 
 
 def test_legacy_combined_prefix_scorer() -> None:
-    config = load_config(cfg("""
+    config = load_config(
+        cfg("""
         plugins:
         - {type: prefix-cache-scorer, parameters: {blockSize: 64, lruCapacityPerServer: 100}}
         schedulingProfiles: [{name: p, plugins: [{pluginRef: prefix-cache-scorer}]}]
-    """))
+    """)
+    )
     scorer = config.plugins["prefix-cache-scorer"]
     assert isinstance(scorer, SelfIndexingPrefixCacheScorer)
     assert _shape(config)["p"]["producers"] == ["prefix-cache-scorer"]
-    assert list(config.plugins) == ["prefix-cache-scorer", "max-score-picker",
-                                    "single-profile-handler", "metrics-data-source",
-                                    "core-metrics-extractor", "in-flight-tracker"]
+    assert list(config.plugins) == [
+        "prefix-cache-scorer",
+        "max-score-picker",
+        "single-profile-handler",
+        "metrics-data-source",
+        "core-metrics-extractor",
+        "in-flight-tracker",
+    ]
     assert config.lifecycle.pre_request_plugins == (scorer, config.in_flight)
 
 
 def test_no_profiles_with_declared_scorers_uses_them_all() -> None:
-    config = load_config(cfg("""
+    config = load_config(
+        cfg("""
         plugins: [{type: queue-scorer}, {type: lora-affinity-scorer}]
-    """))
+    """)
+    )
     assert _shape(config) == {
-        "default": {"filters": [], "scorers": [("queue-scorer", 1.0),
-                                               ("lora-affinity-scorer", 1.0)],
-                    "producers": [], "picker": "max-score-picker"}
+        "default": {
+            "filters": [],
+            "scorers": [("queue-scorer", 1.0), ("lora-affinity-scorer", 1.0)],
+            "producers": [],
+            "picker": "max-score-picker",
+        }
     }
 
 
 def test_declared_producer_tunes_the_default_profile() -> None:
-    config = load_config(cfg("""
+    config = load_config(
+        cfg("""
         plugins:
         - {type: approx-prefix-cache-producer, parameters: {blockSizeTokens: 32}}
-    """))
+    """)
+    )
     assert _shape(config) == DEFAULT_SHAPE
     producer = config.plugins["approx-prefix-cache-producer"]
     assert isinstance(producer, ApproxPrefixCacheProducer)
@@ -427,9 +508,9 @@ def test_reload_replaces_stateful_plugin_when_settings_change() -> None:
 def test_reload_default_config_keeps_default_producer() -> None:
     old = load_config(None)
     new = load_config("", previous=old)
-    assert new.plugins["approx-prefix-cache-producer"] is old.plugins[
-        "approx-prefix-cache-producer"
-    ]
+    assert (
+        new.plugins["approx-prefix-cache-producer"] is old.plugins["approx-prefix-cache-producer"]
+    )
 
 
 def test_reload_does_not_reuse_across_names_or_types() -> None:
@@ -457,9 +538,7 @@ REQUIRED_PARAMETERS: dict[str, dict[str, object]] = {
 
 def test_every_registered_type_builds_with_default_parameters() -> None:
     for type_name in registry.plugin_types():
-        plugin = registry.create(
-            type_name, f"my-{type_name}", REQUIRED_PARAMETERS.get(type_name)
-        )
+        plugin = registry.create(type_name, f"my-{type_name}", REQUIRED_PARAMETERS.get(type_name))
         assert getattr(plugin, "type_name") == type_name  # noqa: B009
         assert getattr(plugin, "name") == f"my-{type_name}"  # noqa: B009
 

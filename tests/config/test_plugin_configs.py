@@ -56,8 +56,12 @@ def test_a_profile_with_every_scorer_and_a_wired_data_layer() -> None:
     config = load_config(cfg(EVERY_SCORER))
     profile = config.scheduler.profiles["all"]
     assert [w.scorer.type_name for w in profile.scorers] == [
-        "queue-scorer", "kv-cache-utilization-scorer", "running-requests-size-scorer",
-        "lora-affinity-scorer", "prefix-cache-scorer", "metric-scorer",
+        "queue-scorer",
+        "kv-cache-utilization-scorer",
+        "running-requests-size-scorer",
+        "lora-affinity-scorer",
+        "prefix-cache-scorer",
+        "metric-scorer",
     ]
     assert isinstance(profile.picker, WeightedRandomPicker) and profile.picker.max_endpoints == 2
     assert [p.name for p in profile.producers] == ["approx-prefix-cache-producer"]
@@ -77,26 +81,31 @@ def test_llm_d_data_section_and_prometheus_data_source_name() -> None:
     )
     (source,) = load_config(text).data_sources
     assert (source.name, source.type_name, getattr(source, "path")) == (  # noqa: B009
-        "scrape", "prometheus-data-source", "/m"
+        "scrape",
+        "prometheus-data-source",
+        "/m",
     )
 
 
 def test_default_data_layer_is_scrape_plus_core_metrics() -> None:
     (source,) = load_config(None).data_sources
     assert (source.name, [e.name for e in source.extractors]) == (
-        "metrics-data-source", ["core-metrics-extractor"]
+        "metrics-data-source",
+        ["core-metrics-extractor"],
     )
 
 
 def test_declared_core_extractor_with_engine_mappings_tunes_the_default_pipeline() -> None:
-    config = load_config(cfg("""
+    config = load_config(
+        cfg("""
         plugins:
         - type: core-metrics-extractor
           parameters:
             defaultEngine: trt
             engines:
               trt: {waiting: trt:queue, running: [trt:running, trt:active], kvUsage: trt:kv}
-    """))
+    """)
+    )
     (source,) = config.data_sources
     (core,) = source.extractors
     assert isinstance(core, extractors.CoreMetricsExtractor)
@@ -108,7 +117,8 @@ def test_declared_core_extractor_with_engine_mappings_tunes_the_default_pipeline
 
 
 def test_multi_profile_handler_config() -> None:
-    config = load_config(cfg("""
+    config = load_config(
+        cfg("""
         plugins:
         - {type: multi-profile-handler, parameters: {primaryProfile: tested, fallback: true}}
         - {type: header-based-testing-filter}
@@ -118,7 +128,8 @@ def test_multi_profile_handler_config() -> None:
         - {name: tested, plugins: [{pluginRef: header-based-testing-filter},
                                    {pluginRef: queue-scorer}]}
         - {name: everyone, plugins: [{pluginRef: queue-scorer}, {pluginRef: random-picker}]}
-    """))
+    """)
+    )
     handler = config.scheduler.handler
     assert isinstance(handler, MultiProfileHandler) and handler.primary_profile == "tested"
     assert isinstance(config.scheduler.profiles["tested"].filters[0], HeaderBasedTestingFilter)
@@ -128,53 +139,88 @@ def test_multi_profile_handler_config() -> None:
     ("body", "message"),
     [
         # handlers
-        ("plugins: [{type: multi-profile-handler, parameters: {primaryProfile: b}}]\n"
-         "schedulingProfiles: [{name: a}]\n",
-         r"plugins\[0\]\.parameters\.primaryProfile: no scheduling profile named 'b'"),
-        ("schedulingProfiles: [{name: a}, {name: b}]\n"
-         "plugins: [{type: single-profile-handler}]\n",
-         r"plugins\[0\]: single-profile-handler runs exactly one profile, but 2 .*"
-         "multi-profile-handler"),
+        (
+            "plugins: [{type: multi-profile-handler, parameters: {primaryProfile: b}}]\n"
+            "schedulingProfiles: [{name: a}]\n",
+            r"plugins\[0\]\.parameters\.primaryProfile: no scheduling profile named 'b'",
+        ),
+        (
+            "schedulingProfiles: [{name: a}, {name: b}]\n"
+            "plugins: [{type: single-profile-handler}]\n",
+            r"plugins\[0\]: single-profile-handler runs exactly one profile, but 2 .*"
+            "multi-profile-handler",
+        ),
         # plugin parameters
-        ("plugins: [{type: metric-scorer}]\n",
-         r"plugins\[0\]\.parameters\.metricName \(metric-scorer 'metric-scorer'\): required"),
-        ("plugins: [{type: random-picker, parameters: {maxNumOfEndpoint: 2}}]\n",
-         r"maxNumOfEndpoint \(random-picker .*did you mean 'maxNumOfEndpoints'"),
-        ("plugins: [{type: prefix-cache-scorer, parameters: {minBlocksForFullScore: x}}]\n",
-         r"plugins\[0\]\.parameters\.minBlocksForFullScore .*must be an integer"),
-        ("plugins: [{type: prometheus-metric, name: d, parameters: {selector: 'q{a=b}'}}]\n",
-         r"plugins\[0\]\.parameters\.selector .*cannot read a label matcher"),
-        ("plugins: [{type: metrics-data-source, parameters: {scheme: ftp}}]\n",
-         r"plugins\[0\]\.parameters\.scheme .*must be 'http' or 'https'"),
-        ("plugins:\n- type: core-metrics-extractor\n  parameters: {engines: {x: {waiting: a}}}\n",
-         r"parameters\.engines\.x\.running .*required"),
-        ("plugins:\n- type: core-metrics-extractor\n  parameters: {defaultEngine: trt}\n",
-         r"parameters\.defaultEngine .*no metric mapping for 'trt'"),
+        (
+            "plugins: [{type: metric-scorer}]\n",
+            r"plugins\[0\]\.parameters\.metricName \(metric-scorer 'metric-scorer'\): required",
+        ),
+        (
+            "plugins: [{type: random-picker, parameters: {maxNumOfEndpoint: 2}}]\n",
+            r"maxNumOfEndpoint \(random-picker .*did you mean 'maxNumOfEndpoints'",
+        ),
+        (
+            "plugins: [{type: prefix-cache-scorer, parameters: {minBlocksForFullScore: x}}]\n",
+            r"plugins\[0\]\.parameters\.minBlocksForFullScore .*must be an integer",
+        ),
+        (
+            "plugins: [{type: prometheus-metric, name: d, parameters: {selector: 'q{a=b}'}}]\n",
+            r"plugins\[0\]\.parameters\.selector .*cannot read a label matcher",
+        ),
+        (
+            "plugins: [{type: metrics-data-source, parameters: {scheme: ftp}}]\n",
+            r"plugins\[0\]\.parameters\.scheme .*must be 'http' or 'https'",
+        ),
+        (
+            "plugins:\n- type: core-metrics-extractor\n"
+            "  parameters: {engines: {x: {waiting: a}}}\n",
+            r"parameters\.engines\.x\.running .*required",
+        ),
+        (
+            "plugins:\n- type: core-metrics-extractor\n  parameters: {defaultEngine: trt}\n",
+            r"parameters\.defaultEngine .*no metric mapping for 'trt'",
+        ),
         # data layer wiring
-        ("dataLayer: {sources: [{pluginRef: metrics-data-source}]}\n",
-         r"dataLayer\.sources\[0\]\.extractors: data source 'metrics-data-source' needs"),
-        ("dataLayer: {sources: [{pluginRef: metrics-data-source, extractors: "
-         "[{pluginRef: core}]}]}\n",
-         r"dataLayer\.sources\[0\]\.extractors\[0\]\.pluginRef: no plugin named 'core'"),
-        ("plugins: [{type: queue-scorer}]\n"
-         "dataLayer: {sources: [{pluginRef: metrics-data-source, extractors: "
-         "[{pluginRef: queue-scorer}]}]}\n",
-         r"extractors\[0\]\.pluginRef: 'queue-scorer' \(type queue-scorer\) is not an extractor"),
-        ("data: {sources: [{pluginRef: core-metrics-extractor, extractors: "
-         "[{pluginRef: core-metrics-extractor}]}]}\n",
-         r"data\.sources\[0\]\.pluginRef: 'core-metrics-extractor' .* is not a data source"),
-        ("dataLayer: {sources: [{pluginRef: metrics-data-source, extractor: []}]}\n",
-         r"unknown key 'extractor' in dataLayer\.sources\[0\] \(did you mean 'extractors'"),
+        (
+            "dataLayer: {sources: [{pluginRef: metrics-data-source}]}\n",
+            r"dataLayer\.sources\[0\]\.extractors: data source 'metrics-data-source' needs",
+        ),
+        (
+            "dataLayer: {sources: [{pluginRef: metrics-data-source, extractors: "
+            "[{pluginRef: core}]}]}\n",
+            r"dataLayer\.sources\[0\]\.extractors\[0\]\.pluginRef: no plugin named 'core'",
+        ),
+        (
+            "plugins: [{type: queue-scorer}]\n"
+            "dataLayer: {sources: [{pluginRef: metrics-data-source, extractors: "
+            "[{pluginRef: queue-scorer}]}]}\n",
+            r"extractors\[0\]\.pluginRef: 'queue-scorer' \(type queue-scorer\) is not an extractor",
+        ),
+        (
+            "data: {sources: [{pluginRef: core-metrics-extractor, extractors: "
+            "[{pluginRef: core-metrics-extractor}]}]}\n",
+            r"data\.sources\[0\]\.pluginRef: 'core-metrics-extractor' .* is not a data source",
+        ),
+        (
+            "dataLayer: {sources: [{pluginRef: metrics-data-source, extractor: []}]}\n",
+            r"unknown key 'extractor' in dataLayer\.sources\[0\] \(did you mean 'extractors'",
+        ),
         ("dataLayer: {source: []}\n", r"unknown key 'source' in dataLayer .did you mean"),
-        ("plugins: [{type: prometheus-metric, name: d, parameters: {selector: q}}]\n",
-         r"plugins\[0\]: extractor 'd' is declared but not wired"),
-        ("plugins:\n- {type: metric-scorer, parameters: {metricName: depth}}\n",
-         r"plugins\[0\] \(metric-scorer 'metric-scorer'\): reads custom metric 'depth', but "
-         r"no extractor in dataLayer produces it"),
-        ("dataLayer:\n  sources:\n  - {pluginRef: metrics-data-source, extractors: "
-         "[{pluginRef: core-metrics-extractor}]}\n  - {pluginRef: metrics-data-source, "
-         "extractors: [{pluginRef: core-metrics-extractor}]}\n",
-         r"dataLayer\.sources\[1\]: data source 'metrics-data-source' is listed twice"),
+        (
+            "plugins: [{type: prometheus-metric, name: d, parameters: {selector: q}}]\n",
+            r"plugins\[0\]: extractor 'd' is declared but not wired",
+        ),
+        (
+            "plugins:\n- {type: metric-scorer, parameters: {metricName: depth}}\n",
+            r"plugins\[0\] \(metric-scorer 'metric-scorer'\): reads custom metric 'depth', but "
+            r"no extractor in dataLayer produces it",
+        ),
+        (
+            "dataLayer:\n  sources:\n  - {pluginRef: metrics-data-source, extractors: "
+            "[{pluginRef: core-metrics-extractor}]}\n  - {pluginRef: metrics-data-source, "
+            "extractors: [{pluginRef: core-metrics-extractor}]}\n",
+            r"dataLayer\.sources\[1\]: data source 'metrics-data-source' is listed twice",
+        ),
     ],
 )
 def test_precise_errors(body: str, message: str) -> None:
@@ -212,11 +258,13 @@ def test_payload_type_mismatch_is_a_config_error(monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setitem(registry._FACTORIES, "json-data-source", create)
     with pytest.raises(ConfigError) as caught:
-        load_config(cfg("""
+        load_config(
+            cfg("""
             plugins: [{type: json-data-source, name: js}, {type: core-metrics-extractor}]
             dataLayer:
               sources: [{pluginRef: js, extractors: [{pluginRef: core-metrics-extractor}]}]
-        """))
+        """)
+        )
     message = str(caught.value)
     assert message.startswith("dataLayer.sources[0].extractors[0]: extractor ")
     assert "expects epp.datalayer.prometheus_text.MetricsPage" in message
@@ -228,9 +276,10 @@ def test_reload_keeps_an_unchanged_data_layer_and_replaces_a_changed_one() -> No
     same = load_config(cfg(EVERY_SCORER + "featureGates: [dataLayer]\n"), previous=first)
     assert same.data_sources is first.data_sources
     assert same.plugins["depth"] is first.plugins["depth"]
-    assert same.plugins["approx-prefix-cache-producer"] is first.plugins[
-        "approx-prefix-cache-producer"
-    ]  # stateful scheduling plugin kept too
+    assert (
+        same.plugins["approx-prefix-cache-producer"]
+        is first.plugins["approx-prefix-cache-producer"]
+    )  # stateful scheduling plugin kept too
     changed = load_config(
         cfg(replaced(EVERY_SCORER, "{path: /metrics}", "{path: /other}")), previous=same
     )
@@ -244,12 +293,23 @@ def test_reload_keeps_an_unchanged_data_layer_and_replaces_a_changed_one() -> No
 
 def test_registry_lists_every_design_plugin_type() -> None:
     design = {
-        "single-profile-handler", "max-score-picker", "random-picker",
-        "weighted-random-picker", "queue-scorer", "kv-cache-utilization-scorer",
-        "running-requests-size-scorer", "lora-affinity-scorer", "prefix-cache-scorer",
-        "approx-prefix-cache-producer", "metric-scorer", "header-based-testing-filter",
-        "metrics-data-source", "prometheus-data-source", "core-metrics-extractor",
-        "prometheus-metric", "multi-profile-handler",
+        "single-profile-handler",
+        "max-score-picker",
+        "random-picker",
+        "weighted-random-picker",
+        "queue-scorer",
+        "kv-cache-utilization-scorer",
+        "running-requests-size-scorer",
+        "lora-affinity-scorer",
+        "prefix-cache-scorer",
+        "approx-prefix-cache-producer",
+        "metric-scorer",
+        "header-based-testing-filter",
+        "metrics-data-source",
+        "prometheus-data-source",
+        "core-metrics-extractor",
+        "prometheus-metric",
+        "multi-profile-handler",
     }
     assert design <= set(registry.plugin_types())
     assert custom_metrics.PROMETHEUS_METRIC in registry.plugin_types()
@@ -268,40 +328,78 @@ DOCUMENTED_PARAMETERS: dict[str, dict[str, object]] = {
     "kv-cache-utilization-scorer": {},
     "running-requests-size-scorer": {},
     "lora-affinity-scorer": {},
-    "prefix-cache-scorer": {"prefixMatchInfoProducerName": "approx-prefix-cache-producer",
-                            "minBlocksForFullScore": 8},
-    "approx-prefix-cache-producer": {"blockSizeTokens": 16, "maxPrefixBlocksToMatch": 256,
-                                     "lruCapacityPerServer": 31250, "autoTune": False},
-    "metric-scorer": {"metricName": "depth", "min": 0, "max": 10,
-                      "direction": "higher-is-better", "defaultValue": 5},
-    "metrics-data-source": {"scheme": "https", "path": "/metrics",
-                            "insecureSkipVerify": True, "maxBodyBytes": 1 << 20},
+    "prefix-cache-scorer": {
+        "prefixMatchInfoProducerName": "approx-prefix-cache-producer",
+        "minBlocksForFullScore": 8,
+    },
+    "approx-prefix-cache-producer": {
+        "blockSizeTokens": 16,
+        "maxPrefixBlocksToMatch": 256,
+        "lruCapacityPerServer": 31250,
+        "autoTune": False,
+    },
+    "metric-scorer": {
+        "metricName": "depth",
+        "min": 0,
+        "max": 10,
+        "direction": "higher-is-better",
+        "defaultValue": 5,
+    },
+    "metrics-data-source": {
+        "scheme": "https",
+        "path": "/metrics",
+        "insecureSkipVerify": True,
+        "maxBodyBytes": 1 << 20,
+    },
     "prometheus-data-source": {"path": "/m"},
     "core-metrics-extractor": {
         "defaultEngine": "vllm",
-        "engines": {"trt": {"waiting": "a", "running": ["b"], "kvUsage": "c",
-                            "loraInfo": "d", "cacheInfo": "e",
-                            "cacheBlockSizeLabel": "bs", "cacheNumBlocksLabel": "nb"}},
+        "engines": {
+            "trt": {
+                "waiting": "a",
+                "running": ["b"],
+                "kvUsage": "c",
+                "loraInfo": "d",
+                "cacheInfo": "e",
+                "cacheBlockSizeLabel": "bs",
+                "cacheNumBlocksLabel": "nb",
+            }
+        },
     },
-    "prometheus-metric": {"selector": 'q{a="b"}', "metricName": "depth",
-                          "aggregation": "max"},
-    "kv-events-data-source": {"mode": "bind", "bindAddress": "tcp://*:5557", "topic": "kv@",
-                              "maxMessagesPerTick": 100, "port": 5557,
-                              "portAnnotation": "example.com/kv-port"},
+    "prometheus-metric": {"selector": 'q{a="b"}', "metricName": "depth", "aggregation": "max"},
+    "kv-events-data-source": {
+        "mode": "bind",
+        "bindAddress": "tcp://*:5557",
+        "topic": "kv@",
+        "maxMessagesPerTick": 100,
+        "port": 5557,
+        "portAnnotation": "example.com/kv-port",
+    },
     "kv-events-extractor": {"maxBlocksPerServer": 1000},
-    "precise-prefix-cache-producer": {"tokenizers": {"m": "/tokenizers/m"},
-                                      "loraAdapters": {"a": "m"},
-                                      "kvEventsExtractorName": "kv-events-extractor",
-                                      "maxPrefixBlocksToMatch": 64, "inlineTokenizeChars": 0},
+    "precise-prefix-cache-producer": {
+        "tokenizers": {"m": "/tokenizers/m"},
+        "loraAdapters": {"a": "m"},
+        "kvEventsExtractorName": "kv-events-extractor",
+        "maxPrefixBlocksToMatch": 64,
+        "inlineTokenizeChars": 0,
+    },
     "precise-prefix-cache-scorer": {
         "prefixMatchInfoProducerName": "precise-prefix-cache-producer",
         "minBlocksForFullScore": 8,
     },
 }
-_KV_EVENTS = {"sources": [
-    {"pluginRef": "metrics-data-source", "extractors": [{"pluginRef": "core-metrics-extractor"}]},
-    {"pluginRef": "kv-events-data-source", "extractors": [{"pluginRef": "kv-events-extractor"}]},
-]}
+_KV_EVENTS = {
+    "sources": [
+        {
+            "pluginRef": "metrics-data-source",
+            "extractors": [{"pluginRef": "core-metrics-extractor"}],
+        },
+        {
+            "pluginRef": "kv-events-data-source",
+            "extractors": [{"pluginRef": "kv-events-extractor"}],
+        },
+    ]
+}
 
 
 @pytest.mark.parametrize("type_name", sorted(DOCUMENTED_PARAMETERS))
@@ -315,21 +413,33 @@ def test_documented_parameters_load(type_name: str) -> None:
         plugins.append({"type": "queue-scorer"})
     kind_of_plugin = registry.create(type_name, "probe", DOCUMENTED_PARAMETERS[type_name])
     if section.is_source(kind_of_plugin):
-        data = {"sources": [{"pluginRef": type_name,
-                             "extractors": [{"pluginRef": "core-metrics-extractor"}]}]}
+        data = {
+            "sources": [
+                {"pluginRef": type_name, "extractors": [{"pluginRef": "core-metrics-extractor"}]}
+            ]
+        }
     elif section.is_extractor(kind_of_plugin):
-        data = {"sources": [{"pluginRef": "metrics-data-source",
-                             "extractors": [{"pluginRef": type_name}]}]}
+        data = {
+            "sources": [
+                {"pluginRef": "metrics-data-source", "extractors": [{"pluginRef": type_name}]}
+            ]
+        }
     elif not type_name.endswith("-handler") and type_name != "queue-scorer":
         refs.append({"pluginRef": type_name})
     if type_name.startswith(("kv-events-", "precise-prefix-")):
         data = _KV_EVENTS  # a KV-event source feeds only the KV-event extractor
     if type_name == "metric-scorer":
-        plugins.append({"type": "prometheus-metric", "name": "depth",
-                        "parameters": {"selector": "q"}})
-        data = {"sources": [{"pluginRef": "metrics-data-source",
-                             "extractors": [{"pluginRef": "core-metrics-extractor"},
-                                            {"pluginRef": "depth"}]}]}
+        plugins.append(
+            {"type": "prometheus-metric", "name": "depth", "parameters": {"selector": "q"}}
+        )
+        data = {
+            "sources": [
+                {
+                    "pluginRef": "metrics-data-source",
+                    "extractors": [{"pluginRef": "core-metrics-extractor"}, {"pluginRef": "depth"}],
+                }
+            ]
+        }
     document: dict[str, object] = {
         "plugins": plugins,
         "schedulingProfiles": [{"name": "default", "plugins": refs}],

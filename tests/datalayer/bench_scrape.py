@@ -99,8 +99,10 @@ async def bench_http(count: int, seconds: float) -> None:
         ticks = _ticks(collector, endpoints) - ticks_before
         await collector.stop()
         cpu = cpu_after.ru_utime - cpu_before.ru_utime + cpu_after.ru_stime - cpu_before.ru_stime
-        print(f"{count} endpoints at 50 ms: {ticks / wall:.0f} scrapes/s, "
-              f"collector CPU {cpu / wall * 100:.1f}% of a core, {_us(cpu / ticks)} per scrape")
+        print(
+            f"{count} endpoints at 50 ms: {ticks / wall:.0f} scrapes/s, "
+            f"collector CPU {cpu / wall * 100:.1f}% of a core, {_us(cpu / ticks)} per scrape"
+        )
     finally:
         child.terminate()
         child.join()

@@ -14,16 +14,72 @@ SGLANG_MODEL = "Qwen/Qwen2.5-7B-Instruct"
 CREATED = 1.7461392e09
 
 _TTFT_BUCKETS = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-    10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
 )
 _ITL_BUCKETS = (
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-    20.0, 40.0, 80.0,
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
 )
 _REQUEST_TIME_BUCKETS = (
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
-    240.0, 480.0, 960.0, 1920.0, 7680.0,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
 )
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
@@ -45,8 +101,12 @@ def _family(out: list[str], name: str, kind: str, help_text: str) -> None:
 
 
 def _histogram(
-    out: list[str], name: str, help_text: str, labels: dict[str, str],
-    bounds: Sequence[float], observed: int,
+    out: list[str],
+    name: str,
+    help_text: str,
+    labels: dict[str, str],
+    bounds: Sequence[float],
+    observed: int,
 ) -> None:
     _family(out, name, "histogram", help_text)
     inner = _labels(labels)
@@ -66,8 +126,10 @@ def _process_metrics(out: list[str]) -> None:
     for gen, count in (("0", 17825.0), ("1", 4312.0), ("2", 998.0)):
         out.append(f'python_gc_objects_collected_total{{generation="{gen}"}} {count}')
     _family(out, "python_info", "gauge", "Python platform information")
-    out.append('python_info{implementation="CPython",major="3",minor="12",'
-               'patchlevel="9",version="3.12.9"} 1.0')
+    out.append(
+        'python_info{implementation="CPython",major="3",minor="12",'
+        'patchlevel="9",version="3.12.9"} 1.0'
+    )
     _family(out, "process_virtual_memory_bytes", "gauge", "Virtual memory size in bytes.")
     out.append("process_virtual_memory_bytes 6.2318702592e+010")
     _family(out, "process_resident_memory_bytes", "gauge", "Resident memory size in bytes.")
@@ -93,19 +155,24 @@ def vllm_page(
     out: list[str] = []
     _process_metrics(out)
     per_engine = [{"engine": engine, "model_name": model} for engine in engines]
-    _family(out, "vllm:num_requests_running", "gauge",
-            "Number of requests in model execution batches.")
+    _family(
+        out, "vllm:num_requests_running", "gauge", "Number of requests in model execution batches."
+    )
     for labels in per_engine:
         out.append(f"vllm:num_requests_running{{{_labels(labels)}}} {_fmt(running)}")
-    _family(out, "vllm:num_requests_waiting", "gauge",
-            "Number of requests waiting to be processed.")
+    _family(
+        out, "vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed."
+    )
     for labels in per_engine:
         out.append(f"vllm:num_requests_waiting{{{_labels(labels)}}} {_fmt(waiting)}")
     if lora_series:
         _family(out, "vllm:lora_requests_info", "gauge", "Running stats on lora requests.")
         for run, wait, max_lora, stamp in lora_series:
-            labels = {"max_lora": str(max_lora), "running_lora_adapters": run,
-                      "waiting_lora_adapters": wait}
+            labels = {
+                "max_lora": str(max_lora),
+                "running_lora_adapters": run,
+                "waiting_lora_adapters": wait,
+            }
             out.append(f"vllm:lora_requests_info{{{_labels(labels)}}} {stamp!r}")
     _family(out, kv_metric, "gauge", "KV-cache usage. 1 means 100 percent usage.")
     for labels in per_engine:
@@ -126,39 +193,77 @@ def vllm_page(
     _family(out, "vllm:request_success_total", "counter", "Count of processed requests.")
     for labels in per_engine:
         for reason in ("stop", "length", "abort"):
-            out.append(f'vllm:request_success_total{{{_labels(labels)},finished_reason="{reason}"}}'
-                       f" {float(observed // 3)}")
+            out.append(
+                f'vllm:request_success_total{{{_labels(labels)},finished_reason="{reason}"}}'
+                f" {float(observed // 3)}"
+            )
     labels = per_engine[0]
     for name, help_text, bounds in (
         ("vllm:request_prompt_tokens", "Number of prefill tokens processed.", _TOKEN_BUCKETS),
-        ("vllm:request_generation_tokens", "Number of generation tokens processed.",
-         _TOKEN_BUCKETS),
-        ("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.",
-         (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)),
-        ("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-         _TTFT_BUCKETS),
-        ("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
-         _ITL_BUCKETS),
-        ("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
-         _REQUEST_TIME_BUCKETS),
-        ("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase.",
-         _REQUEST_TIME_BUCKETS),
-        ("vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING phase.",
-         _REQUEST_TIME_BUCKETS),
-        ("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase.",
-         _REQUEST_TIME_BUCKETS),
-        ("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase.",
-         _REQUEST_TIME_BUCKETS),
+        (
+            "vllm:request_generation_tokens",
+            "Number of generation tokens processed.",
+            _TOKEN_BUCKETS,
+        ),
+        (
+            "vllm:iteration_tokens_total",
+            "Histogram of number of tokens per engine_step.",
+            (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384),
+        ),
+        (
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            _TTFT_BUCKETS,
+        ),
+        (
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            _ITL_BUCKETS,
+        ),
+        (
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            _REQUEST_TIME_BUCKETS,
+        ),
+        (
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase.",
+            _REQUEST_TIME_BUCKETS,
+        ),
+        (
+            "vllm:request_inference_time_seconds",
+            "Histogram of time spent in RUNNING phase.",
+            _REQUEST_TIME_BUCKETS,
+        ),
+        (
+            "vllm:request_prefill_time_seconds",
+            "Histogram of time spent in PREFILL phase.",
+            _REQUEST_TIME_BUCKETS,
+        ),
+        (
+            "vllm:request_decode_time_seconds",
+            "Histogram of time spent in DECODE phase.",
+            _REQUEST_TIME_BUCKETS,
+        ),
     ):
         _histogram(out, name, help_text, labels, bounds, observed)
     _family(out, "vllm:cache_config_info", "gauge", "Information of the LLMEngine CacheConfig")
     info = {
-        "block_size": block_size, "cache_dtype": "auto", "calculate_kv_scales": "False",
-        "cpu_offload_gb": "0", "enable_prefix_caching": "True", "engine": "0",
-        "gpu_memory_utilization": "0.9", "is_attention_free": "False",
-        "num_cpu_blocks": "None", "num_gpu_blocks": num_gpu_blocks,
-        "num_gpu_blocks_override": "None", "prefix_caching_hash_algo": "builtin",
-        "sliding_window": "None", "swap_space": "4", "swap_space_bytes": "4294967296",
+        "block_size": block_size,
+        "cache_dtype": "auto",
+        "calculate_kv_scales": "False",
+        "cpu_offload_gb": "0",
+        "enable_prefix_caching": "True",
+        "engine": "0",
+        "gpu_memory_utilization": "0.9",
+        "is_attention_free": "False",
+        "num_cpu_blocks": "None",
+        "num_gpu_blocks": num_gpu_blocks,
+        "num_gpu_blocks_override": "None",
+        "prefix_caching_hash_algo": "builtin",
+        "sliding_window": "None",
+        "swap_space": "4",
+        "swap_space_bytes": "4294967296",
     }
     out.append(f"vllm:cache_config_info{{{_labels(info)}}} 1.0")
     return "\n".join(out) + "\n"
@@ -179,8 +284,12 @@ def sglang_page(
     inner = _labels(labels)
     for name, kind, help_text, value in (
         ("sglang:prompt_tokens_total", "counter", "Number of prefill tokens processed.", 91234.0),
-        ("sglang:generation_tokens_total", "counter", "Number of generation tokens processed.",
-         412331.0),
+        (
+            "sglang:generation_tokens_total",
+            "counter",
+            "Number of generation tokens processed.",
+            412331.0,
+        ),
         ("sglang:num_running_reqs", "gauge", "The number of running requests.", running),
         ("sglang:num_used_tokens", "gauge", "The number of used tokens.", 1234.0),
         ("sglang:token_usage", "gauge", "The token usage.", token_usage),
@@ -190,10 +299,22 @@ def sglang_page(
     ):
         _family(out, name, kind, help_text)
         out.append(f"{name}{{{inner}}} {_fmt(value)}")
-    _histogram(out, "sglang:time_to_first_token_seconds", "Histogram of time to first token.",
-               labels, _TTFT_BUCKETS, 321)
-    _histogram(out, "sglang:e2e_request_latency_seconds", "Histogram of E2E request latency.",
-               labels, _REQUEST_TIME_BUCKETS, 321)
+    _histogram(
+        out,
+        "sglang:time_to_first_token_seconds",
+        "Histogram of time to first token.",
+        labels,
+        _TTFT_BUCKETS,
+        321,
+    )
+    _histogram(
+        out,
+        "sglang:e2e_request_latency_seconds",
+        "Histogram of E2E request latency.",
+        labels,
+        _REQUEST_TIME_BUCKETS,
+        321,
+    )
     _family(out, "sglang:cache_config_info", "gauge", "Information about the cache config.")
     out.append(f'sglang:cache_config_info{{num_pages="{num_pages}",page_size="{page_size}"}} 1.0')
     return "\n".join(out) + "\n"

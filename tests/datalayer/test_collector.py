@@ -204,8 +204,11 @@ async def test_sglang_endpoints_use_the_sglang_mapping(
 
     summary = collecting.pool_summary(store, [v, s], time.monotonic(), 1.0)
     assert summary == collecting.PoolSummary(
-        ready_pods=2, endpoints=2, fresh_endpoints=2,
-        average_kv_cache_usage=pytest.approx(0.7), average_queue_size=5.0,
+        ready_pods=2,
+        endpoints=2,
+        fresh_endpoints=2,
+        average_kv_cache_usage=pytest.approx(0.7),
+        average_queue_size=5.0,
     )
 
 
@@ -314,14 +317,24 @@ def test_sources_are_validated_when_the_collector_is_built() -> None:
 def test_pool_summary_ignores_stale_endpoints() -> None:
     store = MetricsStore()
     endpoints = [
-        Endpoint(key=EndpointKey(f"ns/p-rank-{i}"), pod_name="p", namespace="ns",
-                 address="127.0.0.1", port=8000 + i, rank=i)
+        Endpoint(
+            key=EndpointKey(f"ns/p-rank-{i}"),
+            pod_name="p",
+            namespace="ns",
+            address="127.0.0.1",
+            port=8000 + i,
+            rank=i,
+        )
         for i in range(3)
     ]
-    store.put(endpoints[0].key, EndpointMetrics(kv_cache_usage=0.2, waiting_queue_size=2,
-                                                updated_at=100.0))
-    store.put(endpoints[1].key, EndpointMetrics(kv_cache_usage=0.9, waiting_queue_size=50,
-                                                updated_at=90.0))  # stale at now=100
+    store.put(
+        endpoints[0].key,
+        EndpointMetrics(kv_cache_usage=0.2, waiting_queue_size=2, updated_at=100.0),
+    )
+    store.put(
+        endpoints[1].key,
+        EndpointMetrics(kv_cache_usage=0.9, waiting_queue_size=50, updated_at=90.0),
+    )  # stale at now=100
     summary = collecting.pool_summary(store, endpoints, now=100.0, staleness_s=2.0)
     assert summary == collecting.PoolSummary(1, 3, 1, 0.2, 2.0)
     empty = collecting.pool_summary(store, [], now=100.0, staleness_s=2.0)

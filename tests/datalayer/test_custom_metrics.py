@@ -16,7 +16,7 @@ PAGE = MetricsPage(
     'q{model="b",zone="y"} 5\n'
     'q{model="c"} 11\n'
     'q{model="d",zone="x"} NaN\n'
-    "q_bucket{le=\"1\"} 100\n"
+    'q_bucket{le="1"} 100\n'
 )
 
 
@@ -62,7 +62,7 @@ def test_metric_name_and_missing_series_removes_the_value() -> None:
     ("params", "message"),
     [
         ({}, "selector: required"),
-        ({"selector": "{a=\"b\"}"}, "must start with a metric name"),
+        ({"selector": '{a="b"}'}, "must start with a metric name"),
         ({"selector": 'q{a="b"'}, r"expected '\{label"),
         ({"selector": "q{a=b}"}, "cannot read a label matcher"),
         ({"selector": 'q{a=~"("}'}, "bad regex"),

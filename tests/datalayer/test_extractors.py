@@ -113,8 +113,13 @@ def test_a_missing_metric_keeps_the_previous_value_and_is_counted_once_in_logs(
 ) -> None:
     extractor = extractors.CoreMetricsExtractor()
     endpoint = _endpoint()
-    previous = EndpointMetrics(waiting_queue_size=5, running_requests=2, kv_cache_usage=0.1,
-                               custom={"x": 1.0}, updated_at=12.0)
+    previous = EndpointMetrics(
+        waiting_queue_size=5,
+        running_requests=2,
+        kv_cache_usage=0.1,
+        custom={"x": 1.0},
+        updated_at=12.0,
+    )
     text = pages.vllm_page(running=4, kv_usage=0.2).replace("vllm:num_requests_waiting", "gone")
     caplog.set_level(logging.DEBUG, logger=extractors.__name__)
     for _ in range(3):
@@ -153,8 +158,9 @@ def test_unknown_engine_is_read_as_the_default_engine_and_warned_once(
     endpoint = _endpoint("trtllm")
     caplog.set_level(logging.WARNING, logger=extractors.__name__)
     for _ in range(3):
-        metrics = extractor.extract(MetricsPage(pages.vllm_page(waiting=7)), endpoint,
-                                    NEVER_SCRAPED)
+        metrics = extractor.extract(
+            MetricsPage(pages.vllm_page(waiting=7)), endpoint, NEVER_SCRAPED
+        )
     assert metrics.waiting_queue_size == 7
     warnings = [r for r in caplog.records if "trtllm" in r.getMessage()]
     assert len(warnings) == 1

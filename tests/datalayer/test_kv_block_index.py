@@ -16,13 +16,18 @@ BS = 4
 TOKENS = tuple(range(100, 116))  # four blocks of four
 
 
-def stored(hashes: list[int], tokens: tuple[int, ...], parent: int | None = None,
-           **fields: object) -> kv_events.BlockStored:
+def stored(
+    hashes: list[int], tokens: tuple[int, ...], parent: int | None = None, **fields: object
+) -> kv_events.BlockStored:
     return kv_events.BlockStored(tuple(hashes), parent, tokens, BS, **fields)  # type: ignore[arg-type]
 
 
-def held(index: kv_block_index.KvBlockIndex, key: EndpointKey, tokens: tuple[int, ...],
-         extras: BlockExtras = kv_block_index.NO_EXTRAS) -> int:
+def held(
+    index: kv_block_index.KvBlockIndex,
+    key: EndpointKey,
+    tokens: tuple[int, ...],
+    extras: BlockExtras = kv_block_index.NO_EXTRAS,
+) -> int:
     return index.match(lambda size: chain_keys(tokens, size, extras), [key]).get(key, 0)
 
 
@@ -124,8 +129,9 @@ def test_a_sequence_gap_resets_the_servers_index() -> None:
     extractor = KvEventsExtractor()
     before = counter(metrics.kv_event_index_resets_total, "gap")
     extractor.extract(messages((0, [stored([1, 2], TOKENS[:8])])), ENDPOINT, EndpointMetrics())
-    extractor.extract(messages((1, [stored([3], TOKENS[8:12], parent=2)])), ENDPOINT,
-                      EndpointMetrics())
+    extractor.extract(
+        messages((1, [stored([3], TOKENS[8:12], parent=2)])), ENDPOINT, EndpointMetrics()
+    )
     assert held(extractor.index, A, TOKENS) == 3
     # Message 2 is lost: it may have removed blocks, so nothing is trusted any more.
     extractor.extract(messages((3, [])), ENDPOINT, EndpointMetrics())

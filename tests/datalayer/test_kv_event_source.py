@@ -50,7 +50,11 @@ async def received(
 
 def endpoint(port: int = 8000, annotations: dict[str, str] | None = None) -> Endpoint:
     return Endpoint(
-        EndpointKey("ns/pod-rank-0"), "pod", "ns", "127.0.0.1", port,
+        EndpointKey("ns/pod-rank-0"),
+        "pod",
+        "ns",
+        "127.0.0.1",
+        port,
         annotations=annotations or {},
     )
 
@@ -155,7 +159,8 @@ schedulingProfiles:
 def test_config_wires_the_source_and_the_producer_reads_its_index() -> None:
     config = loader.load_config(PRECISE)
     assert [s.type_name for s in config.data_sources] == [
-        "metrics-data-source", "kv-events-data-source"
+        "metrics-data-source",
+        "kv-events-data-source",
     ]
     producer = config.plugins["precise-prefix-cache-producer"]
     extractor = config.plugins["kv-events-extractor"]

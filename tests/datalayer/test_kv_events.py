@@ -36,7 +36,10 @@ def test_map_encoded_events_decode() -> None:
         )
     )
     assert (batch.topic, batch.sequence, batch.timestamp, batch.data_parallel_rank) == (
-        "kv@10.0.0.1:8000@m", 7, 1.5, 0
+        "kv@10.0.0.1:8000@m",
+        7,
+        1.5,
+        0,
     )
     stored, removed, cleared = batch.events
     assert stored == kv_events.BlockStored(
@@ -65,10 +68,20 @@ def test_tag_first_arrays_decode_to_the_same_values() -> None:
 @pytest.mark.parametrize("tagged", [False, True])
 def test_encode_then_decode_round_trips(tagged: bool) -> None:
     batch = kv_events.EventBatch(
-        "kv@a", 3, 2.0,
+        "kv@a",
+        3,
+        2.0,
         (
-            kv_events.BlockStored((1, BIG), None, (5, 6, 7, 8), 2, 1, "lora-a", "GPU",
-                                  (("lora-a", "salt"), ("lora-a",))),
+            kv_events.BlockStored(
+                (1, BIG),
+                None,
+                (5, 6, 7, 8),
+                2,
+                1,
+                "lora-a",
+                "GPU",
+                (("lora-a", "salt"), ("lora-a",)),
+            ),
             kv_events.BlockRemoved((BIG,), "GPU"),
             kv_events.AllBlocksCleared(),
         ),
@@ -100,13 +113,22 @@ def test_unknown_event_types_are_kept_as_unknown() -> None:
         ([b"t", b"\x00" * 8, msgpack.packb({"a": 1})], "payload must be"),
         (frames([{"block_hashes": [1]}]), "without a string 'type'"),
         (frames([42]), "neither a map nor a tag-first array"),
-        (frames([{"type": "BlockStored", "block_hashes": [1], "token_ids": ["a"],
-                  "block_size": 1}]),
-         "BlockStored: token_ids must be a list of integers"),
-        (frames([{"type": "BlockStored", "block_hashes": [1], "token_ids": [1], "block_size": 0}]),
-         "block_size must be a positive integer"),
-        (frames([{"type": "BlockRemoved", "block_hashes": [1.5]}]),
-         "a block hash must be an integer or bytes"),
+        (
+            frames(
+                [{"type": "BlockStored", "block_hashes": [1], "token_ids": ["a"], "block_size": 1}]
+            ),
+            "BlockStored: token_ids must be a list of integers",
+        ),
+        (
+            frames(
+                [{"type": "BlockStored", "block_hashes": [1], "token_ids": [1], "block_size": 0}]
+            ),
+            "block_size must be a positive integer",
+        ),
+        (
+            frames([{"type": "BlockRemoved", "block_hashes": [1.5]}]),
+            "a block hash must be an integer or bytes",
+        ),
     ],
 )
 def test_malformed_messages_say_what_is_wrong(message: list, error: str) -> None:

@@ -51,7 +51,7 @@ def test_lazy_page_parses_only_what_is_asked_and_caches_it() -> None:
 
 
 def test_metric_name_prefixes_do_not_collide() -> None:
-    text = "foo_bucket{le=\"1\"} 1\nfoo_sum 2\nfoo 3\nfoo{a=\"b\"} 4\n"
+    text = 'foo_bucket{le="1"} 1\nfoo_sum 2\nfoo 3\nfoo{a="b"} 4\n'
     page = MetricsPage(text)
     assert [s.value for s in page.samples("foo")] == [3.0, 4.0]
     assert [s.value for s in page.samples("foo_bucket")] == [1.0]
@@ -59,7 +59,7 @@ def test_metric_name_prefixes_do_not_collide() -> None:
 
 
 def test_first_line_last_line_without_newline_and_crlf() -> None:
-    text = "a 1\r\nb{x=\"y\"} 2\r\n# comment\r\n\r\nc 3"
+    text = 'a 1\r\nb{x="y"} 2\r\n# comment\r\n\r\nc 3'
     page = MetricsPage(text)
     assert page.samples("a")[0].value == 1.0
     assert page.samples("b")[0] == prometheus_text.Sample("b", {"x": "y"}, 2.0)
@@ -85,15 +85,17 @@ def test_label_value_with_comma_brace_and_equals_inside_quotes() -> None:
 
 
 def test_special_values_and_timestamps() -> None:
-    text = "\n".join([
-        "a NaN",
-        "b +Inf",
-        "c -Inf",
-        "d 1.5e-3 1712345678901",
-        "e{x=\"1\"} -2 -5",
-        "f   7   ",
-        "g\t8",
-    ])
+    text = "\n".join(
+        [
+            "a NaN",
+            "b +Inf",
+            "c -Inf",
+            "d 1.5e-3 1712345678901",
+            'e{x="1"} -2 -5',
+            "f   7   ",
+            "g\t8",
+        ]
+    )
     by_name = {s.name: s for s in parse(text).samples}
     assert math.isnan(by_name["a"].value)
     assert by_name["b"].value == math.inf
@@ -128,7 +130,7 @@ def test_help_text_escapes_and_plain_comments() -> None:
         ("m 1 2 3", "unexpected text"),
         ("m 1 12.5", "invalid timestamp"),
         ("m-x 1", "invalid character"),
-        ("{a=\"b\"} 1", "expected a metric name"),
+        ('{a="b"} 1', "expected a metric name"),
         ("9m 1", "expected a metric name"),
         ("# TYPE m flavour", "unknown metric type"),
         ("# TYPE 9 gauge", "needs a valid metric name"),
@@ -180,9 +182,7 @@ def test_any_label_values_and_numbers_round_trip(
     values: dict[str, str], number: float, timestamp: int | None
 ) -> None:
     escaped = ",".join(
-        '{}="{}"'.format(
-            key, value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        )
+        '{}="{}"'.format(key, value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n"))
         for key, value in values.items()
     )
     rendered = repr(number).replace("inf", "Inf")

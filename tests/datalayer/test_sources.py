@@ -34,9 +34,7 @@ async def server() -> AsyncIterator[FakeModelServer]:
     await model_server.stop()
 
 
-async def test_fetches_the_page_with_the_text_format_accept_header(
-    server: FakeModelServer
-) -> None:
+async def test_fetches_the_page_with_the_text_format_accept_header(server: FakeModelServer) -> None:
     source = sources.MetricsDataSource()
     page = await source.fetch(_endpoint("127.0.0.1", server.port))
     assert isinstance(page, MetricsPage)
@@ -45,9 +43,7 @@ async def test_fetches_the_page_with_the_text_format_accept_header(
     assert server.accept_headers == ["text/plain; version=0.0.4"]
 
 
-async def test_custom_path_and_chunked_body(
-    server: FakeModelServer
-) -> None:
+async def test_custom_path_and_chunked_body(server: FakeModelServer) -> None:
     server.chunked = True
     source = sources.new_metrics_data_source("scrape", {"path": "/custom/metrics?x=1"})
     page = await source.fetch(_endpoint("127.0.0.1", server.port))
@@ -55,9 +51,7 @@ async def test_custom_path_and_chunked_body(
     assert server.paths == ["/custom/metrics?x=1"]
 
 
-async def test_non_200_is_a_fetch_error(
-    server: FakeModelServer
-) -> None:
+async def test_non_200_is_a_fetch_error(server: FakeModelServer) -> None:
     server.status = 503
     source = sources.MetricsDataSource()
     with pytest.raises(interfaces.FetchError, match="HTTP 503"):
@@ -74,9 +68,7 @@ async def test_refused_connection_is_a_fetch_error() -> None:
 
 
 @pytest.mark.parametrize("chunked", [False, True])
-async def test_oversized_body_is_a_fetch_error(
-    server: FakeModelServer, chunked: bool
-) -> None:
+async def test_oversized_body_is_a_fetch_error(server: FakeModelServer, chunked: bool) -> None:
     server.chunked = chunked
     source = sources.MetricsDataSource(max_body_bytes=1000)
     with pytest.raises(interfaces.FetchError, match="1000-byte limit"):
@@ -141,8 +133,14 @@ def test_wiring_an_extractor_to_a_source_of_another_payload_type_is_an_error() -
     with pytest.raises(ValueError) as caught:
         _JsonSource().add_extractor(extractors.CoreMetricsExtractor("core"))
     message = str(caught.value)
-    for part in ("'core'", "core-metrics-extractor", "MetricsPage", "'json'",
-                 "json-data-source", "builtins.dict"):
+    for part in (
+        "'core'",
+        "core-metrics-extractor",
+        "MetricsPage",
+        "'json'",
+        "json-data-source",
+        "builtins.dict",
+    ):
         assert part in message
     with pytest.raises(ValueError, match=r"'words' .* expects builtins\.str .* 'metrics-data-"):
         sources.MetricsDataSource().add_extractor(_TextExtractor())

@@ -130,9 +130,7 @@ saturationDetector: {queueDepthThreshold: 4, metricsStalenessThreshold: 5s}
 async def test_the_saturation_gauge_follows_an_idle_pool():
     async with backends(["127.0.0.2"]) as servers:
         servers[0].state.waiting = 4
-        async with running_picker(
-            endpoints=servers[0].target, config_text=FLOW_CONTROL
-        ) as picker:
+        async with running_picker(endpoints=servers[0].target, config_text=FLOW_CONTROL) as picker:
             await fresh_metrics(picker)
             assert isinstance(picker.flow_controller, FlowController)
             url = f"http://127.0.0.1:{picker.metrics_server.port}/metrics"
@@ -141,7 +139,8 @@ async def test_the_saturation_gauge_follows_an_idle_pool():
                 async with aiohttp.ClientSession() as session, session.get(url) as response:
                     text = await response.text()
                 line = next(
-                    x for x in text.splitlines()
+                    x
+                    for x in text.splitlines()
                     if x.startswith("inference_extension_flow_control_pool_saturation ")
                 )
                 return float(line.split()[1])

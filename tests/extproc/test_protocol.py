@@ -130,9 +130,7 @@ async def test_header_only_request_without_endpoints_is_500():
 async def test_header_only_request_goes_to_a_ready_endpoint(pool):
     servers, picker, client = pool
     call = client.open()
-    await call.write(
-        request_headers({":method": "GET", ":path": "/v1/models"}, end_of_stream=True)
-    )
+    await call.write(request_headers({":method": "GET", ":path": "/v1/models"}, end_of_stream=True))
     response = await call.read()
     assert set_headers(response)["x-gateway-destination-endpoint"] in {s.target for s in servers}
     # The request holds its slot while upstream answers; the stream's end releases it.
@@ -325,9 +323,7 @@ async def test_sse_usage_counted_into_input_tokens(pool):
     before = _histogram_sum("inference_objective_input_tokens", **labels)
     call = client.open()
     await call.write(request_headers(completion_headers()))
-    await call.write(
-        request_body(orjson.dumps({"model": "m", "prompt": "x", "stream": True}))
-    )
+    await call.write(request_body(orjson.dumps({"model": "m", "prompt": "x", "stream": True})))
     await call.read(), await call.read()
     await call.write(response_headers(200, "text/event-stream"))
     await call.read()

@@ -272,8 +272,11 @@ async def test_ten_thousand_requests_in_the_shipped_modes_leave_every_counter_at
                 pipeline,
                 lifecycle=Lifecycle(
                     dict.fromkeys(
-                        [*lifecycle.pre_request_plugins, *lifecycle.response_complete_plugins,
-                         counter]
+                        [
+                            *lifecycle.pre_request_plugins,
+                            *lifecycle.response_complete_plugins,
+                            counter,
+                        ]
                     )
                 ),
             )

@@ -27,6 +27,7 @@ from tests.support.picker import fresh_metrics, running_picker, wait_for
 
 pytestmark = pytest.mark.envoy
 
+
 def flow_config(*, workload_aware: bool = True, **flow_control: object) -> str:
     """The scenarios' EndpointPickerConfig; `flow_control` adds keys to its section."""
     document: dict[str, object] = {
@@ -129,9 +130,7 @@ async def idle(picker: Picker) -> None:
     assert flow is not None
     await wait_for(
         lambda: (
-            flow.queued() == 0
-            and flow.registry.total_active() == 0
-            and picker.in_flight.is_idle()
+            flow.queued() == 0 and flow.registry.total_active() == 0 and picker.in_flight.is_idle()
         ),
         what="every slot released",
     )

@@ -156,6 +156,7 @@ def metrics(waiting: int = 0, kv: float = 0.0, age_s: float = 0.0) -> EndpointMe
 def test_saturation_is_the_mean_of_the_worse_ratio() -> None:
     d = UtilizationDetector()  # Q 5, KV 0.8, staleness 200 ms
     now = time.monotonic()
+
     def pool(*items: EndpointMetrics) -> list[EndpointLoad]:
         return [EndpointLoad(m) for m in items]
 

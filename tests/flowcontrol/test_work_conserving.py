@@ -160,5 +160,7 @@ async def test_no_server_idles_while_requests_wait_and_latency_matches_the_gate_
     # (Without the profiles' saturation filter it was 100%: dispatched requests
     # queued at the servers their prefix pulled them to.)
     assert idle_share <= 0.15, f"a server sat idle in {idle_share:.0%} of queued samples"
-    assert statistics.mean(on) <= 1.15 * statistics.mean(off), (statistics.mean(on),
-                                                                statistics.mean(off))
+    assert statistics.mean(on) <= 1.15 * statistics.mean(off), (
+        statistics.mean(on),
+        statistics.mean(off),
+    )

@@ -86,12 +86,18 @@ async def pool(
             kv_publisher.KvEventsConfig(f"tcp://{h}:{port}", encoding="array", bind=True)
             for h in hosts
         ]
-    perf = engine.PerformanceModel(block_size=BLOCK, kv_cache_blocks=32, ttft_ms=1.0,
-                                   prefill_ms_per_token=0.0, itl_ms=1.0)
+    perf = engine.PerformanceModel(
+        block_size=BLOCK, kv_cache_blocks=32, ttft_ms=1.0, prefill_ms_per_token=0.0, itl_ms=1.0
+    )
     servers = [
         SimulatedServer(
-            sim_config.SimConfig(model="tiny", tokenizer=str(tok_dir), performance=perf,
-                                 kv_events=events[i], default_max_tokens=1),
+            sim_config.SimConfig(
+                model="tiny",
+                tokenizer=str(tok_dir),
+                performance=perf,
+                kv_events=events[i],
+                default_max_tokens=1,
+            ),
             pod_name=f"sim-{i}",
             host=hosts[i],
         )
@@ -134,9 +140,12 @@ async def subscribed(picker: Picker, servers: list[SimulatedServer]) -> None:
 async def complete(url: str, prompt: str) -> str:
     """POST a completion; the pod that answered."""
     body = orjson.dumps({"model": "tiny", "prompt": prompt, "max_tokens": 1})
-    async with aiohttp.ClientSession() as session, session.post(
-        url + "/v1/completions", data=body, headers={"content-type": "application/json"}
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(
+            url + "/v1/completions", data=body, headers={"content-type": "application/json"}
+        ) as response,
+    ):
         assert response.status == 200, await response.text()
         return response.headers["x-inference-pod"]
 
@@ -186,12 +195,16 @@ async def test_a_prefix_goes_where_it_is_cached_and_not_after_eviction(
         for _ in range(20):
             if await flooded():
                 break
-        await wait_for(lambda: held_blocks(picker, holder, SHARED, tok_dir) == 0,
-                       what="BlockRemoved events for the evicted prefix")
+        await wait_for(
+            lambda: held_blocks(picker, holder, SHARED, tok_dir) == 0,
+            what="BlockRemoved events for the evicted prefix",
+        )
         # The other server caches it (served directly, so the picker did not route it).
         await complete(other.url, SHARED + " Elsewhere?")
-        await wait_for(lambda: held_blocks(picker, other, SHARED, tok_dir) >= 10,
-                       what=f"{other.pod_name}'s BlockStored events")
+        await wait_for(
+            lambda: held_blocks(picker, other, SHARED, tok_dir) >= 10,
+            what=f"{other.pod_name}'s BlockStored events",
+        )
         for i in range(3):
             assert await complete(envoy.url, SHARED + f" After {i}?") == other.pod_name
 
@@ -215,7 +228,11 @@ async def test_two_pickers_subscribed_to_every_server_agree(tok_dir: Path) -> No
                 return [held_blocks(by, s, p, tok_dir) for s in servers for p in prompts]
 
             # The last prompt is cached somewhere (earlier ones may be evicted by now).
-            await wait_for(lambda: held(picker)[len(prompts) - 1 :: len(prompts)] != [0, 0],
-                           what="the routing picker's index")
-            await wait_for(lambda: held(replica) == held(picker),
-                           what="the replica's index to match the routing picker's")
+            await wait_for(
+                lambda: held(picker)[len(prompts) - 1 :: len(prompts)] != [0, 0],
+                what="the routing picker's index",
+            )
+            await wait_for(
+                lambda: held(replica) == held(picker),
+                what="the replica's index to match the routing picker's",
+            )

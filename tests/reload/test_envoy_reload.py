@@ -34,7 +34,9 @@ HEADER = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPick
 
 def _valid(version: int) -> str:
     extra = "- {pluginRef: running-requests-size-scorer}\n" if version % 2 else ""
-    return HEADER + textwrap.dedent("""
+    return (
+        HEADER
+        + textwrap.dedent("""
         plugins:
         - {type: approx-prefix-cache-producer, name: prefixes,
            parameters: {blockSizeTokens: 4, autoTune: false, lruCapacityPerServer: 5000}}
@@ -46,7 +48,10 @@ def _valid(version: int) -> str:
           plugins:
           - {pluginRef: queue-scorer, weight: %d}
           - {pluginRef: prefix-cache-scorer, weight: 3}
-    """) % (1 + version) + textwrap.indent(extra, "  ")
+    """)
+        % (1 + version)
+        + textwrap.indent(extra, "  ")
+    )
 
 
 INVALID = [
@@ -111,8 +116,9 @@ async def test_reloads_during_traffic_fail_no_request_and_keep_the_prefix_index(
                     if n % 2 == 0:
                         picker.reload_config(_valid(n + 1), f"test reload {n}")
                         assert picker.config.plugins["prefixes"] is producer
-                        index_sizes.append(sum(len(producer.index.blocks(k))
-                                               for k in producer.index.endpoints()))
+                        index_sizes.append(
+                            sum(len(producer.index.blocks(k)) for k in producer.index.endpoints())
+                        )
                     else:
                         with pytest.raises(ConfigError):
                             picker.reload_config(INVALID[n // 2 % len(INVALID)], "test")

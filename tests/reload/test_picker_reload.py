@@ -167,7 +167,10 @@ def test_validate_config_flag(tmp_path: Path) -> None:
     def run(path: Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, "-m", "sluice.cli", "picker", "--validate-config", str(path)],
-            capture_output=True, text=True, timeout=60, check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
         )
 
     ok = run(good)

@@ -177,11 +177,15 @@ def test_multiple_profiles_share_a_producer_run_once() -> None:
     log: list[str] = []
     producer = Producer("shared", log)
     first = framework.SchedulingProfile(
-        "first", picker=MaxScorePicker(), producers=[producer],
+        "first",
+        picker=MaxScorePicker(),
+        producers=[producer],
         filters=[KeepFilter("fa", log, {"a"})],
     )
     second = framework.SchedulingProfile(
-        "second", picker=MaxScorePicker(), producers=[producer],
+        "second",
+        picker=MaxScorePicker(),
+        producers=[producer],
         filters=[KeepFilter("fb", log, {"b"})],
     )
     result = _scheduler(first, second).schedule(request(), CANDS)
@@ -236,9 +240,12 @@ def test_plugin_and_cycle_durations_are_recorded() -> None:
             ("ProcessProfilesResults", "single-profile-handler", "single-profile-handler"),
         ]
     }
-    cycles = metrics.REGISTRY.get_sample_value(
-        "inference_extension_scheduler_e2e_duration_seconds_count"
-    ) or 0.0
+    cycles = (
+        metrics.REGISTRY.get_sample_value(
+            "inference_extension_scheduler_e2e_duration_seconds_count"
+        )
+        or 0.0
+    )
     scheduler.schedule(request(), CANDS)
     assert _count("PrepareData", "test-producer", "metrics-producer") == before["PrepareData"] + 1
     assert _count("Filter", "test-keep-filter", "metrics-filter") == before["Filter"] + 1
@@ -248,9 +255,12 @@ def test_plugin_and_cycle_durations_are_recorded() -> None:
     handler = ("single-profile-handler", "single-profile-handler")
     assert _count("ProfilePicker", *handler) == before["ProfilePicker"] + 2
     assert _count("ProcessProfilesResults", *handler) == before["ProcessProfilesResults"] + 1
-    assert metrics.REGISTRY.get_sample_value(
-        "inference_extension_scheduler_e2e_duration_seconds_count"
-    ) == cycles + 1
+    assert (
+        metrics.REGISTRY.get_sample_value(
+            "inference_extension_scheduler_e2e_duration_seconds_count"
+        )
+        == cycles + 1
+    )
 
 
 def test_single_profile_handler_refuses_several_profiles() -> None:

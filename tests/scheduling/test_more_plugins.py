@@ -159,7 +159,12 @@ def test_prefix_scorer_min_blocks_for_full_score() -> None:
 
 
 def test_header_based_testing_filter() -> None:
-    a, b = candidate("a", ), candidate("b")
+    a, b = (
+        candidate(
+            "a",
+        ),
+        candidate("b"),
+    )
     f = HeaderBasedTestingFilter()
     req = request()
     assert f.filter(req, [a, b]) == []  # no header: nothing (test traffic only)

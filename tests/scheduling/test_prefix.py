@@ -202,8 +202,12 @@ def test_endpoints_not_seen_for_a_sweep_interval_are_dropped() -> None:
 def test_producer_parameters() -> None:
     producer = ApproxPrefixCacheProducer.from_parameters(
         "fast-prefix",
-        {"blockSizeTokens": 8, "maxPrefixBlocksToMatch": 4, "lruCapacityPerServer": 10,
-         "autoTune": False},
+        {
+            "blockSizeTokens": 8,
+            "maxPrefixBlocksToMatch": 4,
+            "lruCapacityPerServer": 10,
+            "autoTune": False,
+        },
     )
     assert producer.name == "fast-prefix"
     assert producer.settings == PrefixSettings(32, 4, 10, False)

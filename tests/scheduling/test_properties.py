@@ -62,7 +62,10 @@ def test_scores_in_unit_interval_and_picks_come_from_candidates(
 ) -> None:
     producer = ApproxPrefixCacheProducer(settings=PrefixSettings(block_chars=8, lru_capacity=20))
     scorers: list[Scorer] = [
-        QueueScorer(), KvCacheUtilizationScorer(), LoraAffinityScorer(), PrefixCacheScorer()
+        QueueScorer(),
+        KvCacheUtilizationScorer(),
+        LoraAffinityScorer(),
+        PrefixCacheScorer(),
     ]
     profile = framework.SchedulingProfile(
         "default",

@@ -69,6 +69,6 @@ async def stream(
         async for raw in resp.content:
             line = raw.strip()
             if line.startswith(b"data: "):
-                data = line[len(b"data: "):]
+                data = line[len(b"data: ") :]
                 events.append("[DONE]" if data == b"[DONE]" else orjson.loads(data))
     return events

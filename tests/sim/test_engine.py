@@ -16,8 +16,13 @@ def prompt(text: str) -> tokens.Prompt:
 
 def make_core(**overrides: object) -> engine.EngineCore:
     params: dict[str, object] = {
-        "max_num_seqs": 4, "block_size": BLOCK, "kv_cache_blocks": 64, "ttft_ms": 10.0,
-        "prefill_ms_per_token": 1.0, "itl_ms": 5.0, "decode_batch_factor": 0.5,
+        "max_num_seqs": 4,
+        "block_size": BLOCK,
+        "kv_cache_blocks": 64,
+        "ttft_ms": 10.0,
+        "prefill_ms_per_token": 1.0,
+        "itl_ms": 5.0,
+        "decode_batch_factor": 0.5,
     }
     params.update(overrides)
     return engine.EngineCore(engine.PerformanceModel(**params))  # type: ignore[arg-type]
@@ -161,7 +166,6 @@ def test_lora_waits_for_a_free_slot() -> None:
     run_until_idle(core)
     assert b.phase is engine.Phase.FINISHED
     assert core.loaded_loras == ["chat"]
-
 
 
 def test_batched_token_budget_spreads_prefills_over_steps() -> None:

@@ -43,8 +43,9 @@ async def test_failure_rate_is_a_seeded_fraction(session: aiohttp.ClientSession)
     async def statuses(seed: int) -> list[int]:
         cfg = sim(failure_rate=0.3, seed=seed)
         async with fleet.run_fleet(1, config=cfg) as servers:
-            return [(await support.complete(session, servers[0].url, PAYLOAD))[0]
-                    for _ in range(60)]
+            return [
+                (await support.complete(session, servers[0].url, PAYLOAD))[0] for _ in range(60)
+            ]
 
     first, again = await statuses(7), await statuses(7)
     assert first == again  # deterministic for a seed and pod name
@@ -102,8 +103,9 @@ async def test_silent_after_stops_answering(session: aiohttp.ClientSession) -> N
         server = servers[0]
         await support.until(lambda: server.silent)
         with pytest.raises(asyncio.TimeoutError):
-            async with session.get(f"{server.url}/metrics",
-                                   timeout=aiohttp.ClientTimeout(total=0.2)):
+            async with session.get(
+                f"{server.url}/metrics", timeout=aiohttp.ClientTimeout(total=0.2)
+            ):
                 pass
         server.set_silent(False)
         samples = await support.scrape(session, server.url)
@@ -113,9 +115,14 @@ async def test_silent_after_stops_answering(session: aiohttp.ClientSession) -> N
 async def test_silence_pauses_a_stream_mid_way(session: aiohttp.ClientSession) -> None:
     async with fleet.run_fleet(1, config=sim()) as servers:
         server = servers[0]
-        async with session.post(f"{server.url}/v1/completions", json={
-            **PAYLOAD, "max_tokens": 400, "stream": True,
-        }) as resp:
+        async with session.post(
+            f"{server.url}/v1/completions",
+            json={
+                **PAYLOAD,
+                "max_tokens": 400,
+                "stream": True,
+            },
+        ) as resp:
             await resp.content.readline()
             server.set_silent(True)
             core = server.engine.core

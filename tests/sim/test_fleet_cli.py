@@ -52,7 +52,8 @@ async def test_fleet_on_free_ports_has_distinct_pods(session: aiohttp.ClientSess
         pods = []
         for url in servers.urls:
             _, _, headers = await support.complete(
-                session, url, {"model": "sim-model", "prompt": "hi", "max_tokens": 1})
+                session, url, {"model": "sim-model", "prompt": "hi", "max_tokens": 1}
+            )
             pods.append(headers["x-inference-pod"])
             assert headers["x-inference-port"] == url.rsplit(":", 1)[1]
         assert servers.by_pod("pod-2") is servers[2]
@@ -73,8 +74,12 @@ async def test_fleet_with_own_configs_and_consecutive_ports(
 
 async def test_fleet_rejects_bad_config_and_busy_port() -> None:
     with pytest.raises(ValueError, match="--max-num-seqs"):
-        async with fleet.run_fleet(1, config=config.SimConfig().replace(
-                performance=config.engine.PerformanceModel(max_num_seqs=0))):
+        async with fleet.run_fleet(
+            1,
+            config=config.SimConfig().replace(
+                performance=config.engine.PerformanceModel(max_num_seqs=0)
+            ),
+        ):
             pass
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
@@ -84,13 +89,16 @@ async def test_fleet_rejects_bad_config_and_busy_port() -> None:
                 pass
 
 
-@pytest.mark.parametrize(("argv", "needle"), [
-    (["--replicas", "0"], "--replicas must be at least 1"),
-    (["--time-scale", "0"], "--time-scale must be > 0"),
-    (["--max-model-len", "999999", "--kv-cache-size", "10"], "--max-model-len 999999"),
-    (["--enable-prefix-caching=maybe"], "expected true or false"),
-    (["--bogus"], "unrecognized arguments: --bogus"),
-])
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--replicas", "0"], "--replicas must be at least 1"),
+        (["--time-scale", "0"], "--time-scale must be > 0"),
+        (["--max-model-len", "999999", "--kv-cache-size", "10"], "--max-model-len 999999"),
+        (["--enable-prefix-caching=maybe"], "expected true or false"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
 def test_bad_flags_exit_2_with_one_line(
     argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -102,11 +110,21 @@ def test_bad_flags_exit_2_with_one_line(
 
 
 def test_flags_build_the_config() -> None:
-    args = cli.build_parser().parse_args([
-        "--lora-modules", "a=/p/a", "b,c", '{"name": "d", "path": "/p/d"}',
-        "--time-to-first-token", "1.5s", "--inter-token-latency", "7",
-        "--enable-prefix-caching=false", "--slow-start", "500ms",
-    ])
+    args = cli.build_parser().parse_args(
+        [
+            "--lora-modules",
+            "a=/p/a",
+            "b,c",
+            '{"name": "d", "path": "/p/d"}',
+            "--time-to-first-token",
+            "1.5s",
+            "--inter-token-latency",
+            "7",
+            "--enable-prefix-caching=false",
+            "--slow-start",
+            "500ms",
+        ]
+    )
     cfg = cli.config_from_args(args)
     assert cfg.lora_modules == ("a", "b", "c", "d")
     assert cfg.performance.ttft_ms == 1500.0 and cfg.performance.itl_ms == 7.0
@@ -138,9 +156,20 @@ async def test_cli_replicas_serve_idle_cheaply_and_stop_on_sigterm(
     replicas = 8
     base = free_port_run(replicas)
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "sluice.cli", "simulate", "--replicas", str(replicas),
-        "--port", str(base), "--pod-name-prefix", "cli", "--time-scale", "0.01",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        sys.executable,
+        "-m",
+        "sluice.cli",
+        "simulate",
+        "--replicas",
+        str(replicas),
+        "--port",
+        str(base),
+        "--pod-name-prefix",
+        "cli",
+        "--time-scale",
+        "0.01",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None
     try:
@@ -149,8 +178,11 @@ async def test_cli_replicas_serve_idle_cheaply_and_stop_on_sigterm(
             assert b"serving 'sim-model'" in line, line
         pods = set()
         for i in range(replicas):
-            _, _, headers = await support.complete(session, f"http://127.0.0.1:{base + i}", {
-                "model": "sim-model", "prompt": "hi", "max_tokens": 2})
+            _, _, headers = await support.complete(
+                session,
+                f"http://127.0.0.1:{base + i}",
+                {"model": "sim-model", "prompt": "hi", "max_tokens": 2},
+            )
             pods.add(headers["x-inference-pod"])
         assert pods == {f"cli-{i}" for i in range(replicas)}
         before, start = _cpu_seconds(proc.pid), time.monotonic()
@@ -168,7 +200,8 @@ def test_background_fleet_serves_synchronous_callers() -> None:
 
     with fleet.BackgroundFleet(2, config=config.SimConfig(time_scale=0.01)) as bg:
         request = urllib.request.Request(
-            f"{bg.urls[1]}/v1/completions", method="POST",
+            f"{bg.urls[1]}/v1/completions",
+            method="POST",
             data=b'{"model": "sim-model", "prompt": "hi", "max_tokens": 3}',
             headers={"Content-Type": "application/json"},
         )

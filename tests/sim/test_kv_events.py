@@ -66,9 +66,10 @@ class Collector:
 
 
 async def post(url: str, path: str, body: dict[str, object] | None = None) -> int:
-    async with aiohttp.ClientSession() as session, session.post(
-        url + path, data=orjson.dumps(body) if body is not None else b""
-    ) as response:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(url + path, data=orjson.dumps(body) if body is not None else b"") as response,
+    ):
         await response.read()
         return response.status
 
@@ -88,9 +89,12 @@ async def test_stores_carry_the_tokenizers_ids_adapter_and_salt(
 ) -> None:
     collector = Collector()
     cfg = config.SimConfig(
-        model="tiny", tokenizer=str(tok_dir), lora_modules=("tenant",),
+        model="tiny",
+        tokenizer=str(tok_dir),
+        lora_modules=("tenant",),
         performance=engine.PerformanceModel(block_size=BLOCK, kv_cache_blocks=256, max_loras=1),
-        time_scale=0.01, default_max_tokens=1,
+        time_scale=0.01,
+        default_max_tokens=1,
         kv_events=kv_publisher.KvEventsConfig(
             f"tcp://127.0.0.1:{collector.port}", encoding=encoding
         ),
@@ -121,7 +125,8 @@ async def test_evictions_and_clears_are_published() -> None:
     collector = Collector()
     cfg = config.SimConfig(
         performance=engine.PerformanceModel(block_size=BLOCK, kv_cache_blocks=16),
-        time_scale=0.01, default_max_tokens=1,
+        time_scale=0.01,
+        default_max_tokens=1,
         kv_events=kv_publisher.KvEventsConfig(f"tcp://127.0.0.1:{collector.port}"),
     )
     try:

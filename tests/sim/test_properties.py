@@ -95,17 +95,28 @@ def test_engine_serves_everything_and_frees_everything(
     abort_every: int,
 ) -> None:
     model = engine.PerformanceModel(
-        max_num_seqs=max_num_seqs, block_size=4, kv_cache_blocks=kv_blocks, max_loras=max_loras,
-        ttft_ms=1.0, prefill_ms_per_token=0.01, itl_ms=1.0,
+        max_num_seqs=max_num_seqs,
+        block_size=4,
+        kv_cache_blocks=kv_blocks,
+        max_loras=max_loras,
+        ttft_ms=1.0,
+        prefill_ms_per_token=0.01,
+        itl_ms=1.0,
     )
     core = engine.EngineCore(model)
     prefixes = ["p" * 64, "q" * 48, "r" * 96, ""]
     made = [
-        (at, engine.SimRequest(
-            str(i),
-            tokens.text_prompt(prefixes[p] + "x" * extra or "x", 4, tokens.hash_seed(lora or "m")),
-            max_tokens, lora=lora,
-        ))
+        (
+            at,
+            engine.SimRequest(
+                str(i),
+                tokens.text_prompt(
+                    prefixes[p] + "x" * extra or "x", 4, tokens.hash_seed(lora or "m")
+                ),
+                max_tokens,
+                lora=lora,
+            ),
+        )
         for i, (p, extra, max_tokens, lora, at) in enumerate(reqs)
     ]
     now, step_no, aborted = 0.0, 0, set()

@@ -13,8 +13,12 @@ from sluice.sim import config, engine, fleet
 from tests.sim import support
 
 FAST = engine.PerformanceModel(
-    max_num_seqs=4, ttft_ms=10.0, prefill_ms_per_token=1.0, itl_ms=10.0,
-    decode_batch_factor=0.1, kv_cache_blocks=512,
+    max_num_seqs=4,
+    ttft_ms=10.0,
+    prefill_ms_per_token=1.0,
+    itl_ms=10.0,
+    decode_batch_factor=0.1,
+    kv_cache_blocks=512,
 )
 
 
@@ -86,9 +90,17 @@ async def test_kv_usage_rises_with_load_and_returns_to_idle(
         server = servers[0]
         idle = support.value(await support.scrape(session, server.url), "vllm:kv_cache_usage_perc")
         tasks = [
-            asyncio.create_task(support.complete(session, server.url, {
-                "model": "sim-model", "prompt": f"{i}" * 4 * 300, "max_tokens": 60,
-            }))
+            asyncio.create_task(
+                support.complete(
+                    session,
+                    server.url,
+                    {
+                        "model": "sim-model",
+                        "prompt": f"{i}" * 4 * 300,
+                        "max_tokens": 60,
+                    },
+                )
+            )
             for i in range(4)
         ]
         await support.until(lambda: server.engine.core.num_running == 4)
@@ -104,24 +116,38 @@ async def test_counters_equal_what_was_served(session: aiohttp.ClientSession) ->
     prompts = ["short", "x" * 400, "x" * 400 + "tail", "y" * 999]
     async with fleet.run_fleet(1, config=sim()) as servers:
         url = servers[0].url
-        results = await asyncio.gather(*(
-            support.complete(session, url, {"model": "sim-model", "prompt": p, "max_tokens": 3 + i})
-            for i, p in enumerate(prompts)
-        ))
-        chat = await support.stream(session, url, {
-            "model": "sim-model", "messages": [{"role": "user", "content": "hi"}],
-            "stream_options": {"include_usage": True},
-        }, chat=True)
+        results = await asyncio.gather(
+            *(
+                support.complete(
+                    session, url, {"model": "sim-model", "prompt": p, "max_tokens": 3 + i}
+                )
+                for i, p in enumerate(prompts)
+            )
+        )
+        chat = await support.stream(
+            session,
+            url,
+            {
+                "model": "sim-model",
+                "messages": [{"role": "user", "content": "hi"}],
+                "stream_options": {"include_usage": True},
+            },
+            chat=True,
+        )
         samples = await support.scrape(session, url)
     usages = [body["usage"] for _, body, _ in results] + [chat[-2]["usage"]]
     assert support.value(samples, "vllm:prompt_tokens_total") == sum(
-        u["prompt_tokens"] for u in usages)
+        u["prompt_tokens"] for u in usages
+    )
     assert support.value(samples, "vllm:generation_tokens_total") == sum(
-        u["completion_tokens"] for u in usages)
+        u["completion_tokens"] for u in usages
+    )
     assert support.value(samples, "vllm:prefix_cache_hits_total") == sum(
-        u["prompt_tokens_details"]["cached_tokens"] for u in usages)
+        u["prompt_tokens_details"]["cached_tokens"] for u in usages
+    )
     assert support.value(samples, "vllm:prefix_cache_queries_total") == sum(
-        u["prompt_tokens"] for u in usages)
+        u["prompt_tokens"] for u in usages
+    )
     assert support.value(samples, "vllm:request_success_total", finished_reason="length") == 4
     assert support.value(samples, "vllm:request_success_total", finished_reason="stop") == 1
     assert chat[-2]["usage"]["completion_tokens"] == config.SimConfig().default_max_tokens
@@ -137,14 +163,20 @@ async def test_streaming_and_non_streaming_agree(
 ) -> None:
     payload: dict[str, Any] = {"model": "sim-model", "max_tokens": 7}
     if chat:
-        payload["messages"] = [{"role": "system", "content": "be brief"},
-                               {"role": "user", "content": [{"type": "text", "text": "hello"}]}]
+        payload["messages"] = [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hello"}]},
+        ]
     else:
         payload["prompt"] = "The quick brown fox"
     async with fleet.run_fleet(2, config=sim()) as servers:
         _, plain, _ = await support.complete(session, servers[0].url, payload, chat=chat)
-        events = await support.stream(session, servers[1].url, {
-            **payload, "stream_options": {"include_usage": True}}, chat=chat)
+        events = await support.stream(
+            session,
+            servers[1].url,
+            {**payload, "stream_options": {"include_usage": True}},
+            chat=chat,
+        )
         no_usage = await support.stream(session, servers[1].url, payload, chat=chat)
     assert events[-1] == "[DONE]"
     assert events[-2]["choices"] == [] and events[-2]["usage"] == plain["usage"]
@@ -177,26 +209,57 @@ BAD_REQUESTS: list[tuple[str, bytes | dict[str, Any], int, str]] = [
     ("/v1/completions", {"model": "sim-model", "prompt": 5}, 400, "'prompt' must be"),
     ("/v1/completions", {"model": "sim-model", "prompt": ""}, 400, "cannot be empty"),
     ("/v1/completions", {"model": "sim-model", "prompt": ["a", "b"]}, 400, "Batched"),
-    ("/v1/completions", {"model": "sim-model", "prompt": "hi", "max_tokens": "9"}, 400,
-     "must be an integer"),
-    ("/v1/completions", {"model": "sim-model", "prompt": "hi", "max_tokens": 0}, 400,
-     "at least 1"),
-    ("/v1/completions", {"model": "sim-model", "prompt": "hi", "max_tokens": 10**6}, 400,
-     "maximum context length"),
-    ("/v1/completions", {"model": "sim-model", "prompt": "hi", "stream": "yes"}, 400,
-     "'stream' must be a boolean"),
-    ("/v1/completions", {"model": "sim-model", "prompt": "hi",
-                         "stream_options": {"include_usage": True}}, 400, "stream=True"),
+    (
+        "/v1/completions",
+        {"model": "sim-model", "prompt": "hi", "max_tokens": "9"},
+        400,
+        "must be an integer",
+    ),
+    ("/v1/completions", {"model": "sim-model", "prompt": "hi", "max_tokens": 0}, 400, "at least 1"),
+    (
+        "/v1/completions",
+        {"model": "sim-model", "prompt": "hi", "max_tokens": 10**6},
+        400,
+        "maximum context length",
+    ),
+    (
+        "/v1/completions",
+        {"model": "sim-model", "prompt": "hi", "stream": "yes"},
+        400,
+        "'stream' must be a boolean",
+    ),
+    (
+        "/v1/completions",
+        {"model": "sim-model", "prompt": "hi", "stream_options": {"include_usage": True}},
+        400,
+        "stream=True",
+    ),
     ("/v1/completions", {"model": "sim-model", "prompt": "hi", "n": 2}, 400, "n=1"),
     ("/v1/chat/completions", {"model": "sim-model"}, 400, "'messages' is required"),
     ("/v1/chat/completions", {"model": "sim-model", "messages": []}, 400, "non-empty"),
     ("/v1/chat/completions", {"model": "sim-model", "messages": ["hi"]}, 400, "an object"),
-    ("/v1/chat/completions", {"model": "sim-model", "messages": [{"content": "x"}]}, 400,
-     "role must be a string"),
-    ("/v1/chat/completions", {"model": "sim-model", "messages": [
-        {"role": "user", "content": 3}]}, 400, "content must be"),
-    ("/v1/chat/completions", {"model": "sim-model", "messages": [
-        {"role": "user", "content": "x"}], "max_completion_tokens": -1}, 400, "at least 1"),
+    (
+        "/v1/chat/completions",
+        {"model": "sim-model", "messages": [{"content": "x"}]},
+        400,
+        "role must be a string",
+    ),
+    (
+        "/v1/chat/completions",
+        {"model": "sim-model", "messages": [{"role": "user", "content": 3}]},
+        400,
+        "content must be",
+    ),
+    (
+        "/v1/chat/completions",
+        {
+            "model": "sim-model",
+            "messages": [{"role": "user", "content": "x"}],
+            "max_completion_tokens": -1,
+        },
+        400,
+        "at least 1",
+    ),
 ]
 
 
@@ -229,23 +292,34 @@ async def test_lora_adapters_show_in_models_and_lora_requests_info(
         assert set(models) == {"sim-model", "sql", "chat"}
         assert models["sql"]["parent"] == "sim-model"
         tasks = [
-            asyncio.create_task(support.complete(session, server.url, {
-                "model": name, "prompt": "adapter please", "max_tokens": 40}))
+            asyncio.create_task(
+                support.complete(
+                    session,
+                    server.url,
+                    {"model": name, "prompt": "adapter please", "max_tokens": 40},
+                )
+            )
             for name in ("sql", "chat")
         ]
         core = server.engine.core
         await support.until(lambda: core.num_running == 1 and core.num_waiting == 1)
         samples = await support.scrape(session, server.url)
         info = support.labels_of(samples, "vllm:lora_requests_info")
-        assert info == {"running_lora_adapters": "sql", "waiting_lora_adapters": "chat",
-                        "max_lora": "1"}
+        assert info == {
+            "running_lora_adapters": "sql",
+            "waiting_lora_adapters": "chat",
+            "max_lora": "1",
+        }
         assert support.value(samples, "vllm:lora_requests_info") > 1.7e9  # a unix timestamp
         results = await asyncio.gather(*tasks)
         samples = await support.scrape(session, server.url)
     assert [status for status, _, _ in results] == [200, 200]
     assert [body["model"] for _, body, _ in results] == ["sql", "chat"]
     assert support.labels_of(samples, "vllm:lora_requests_info") == {
-        "running_lora_adapters": "", "waiting_lora_adapters": "", "max_lora": "1"}
+        "running_lora_adapters": "",
+        "waiting_lora_adapters": "",
+        "max_lora": "1",
+    }
 
 
 async def test_no_lora_info_without_adapters(session: aiohttp.ClientSession) -> None:
@@ -259,16 +333,20 @@ async def test_no_lora_info_without_adapters(session: aiohttp.ClientSession) -> 
 async def test_client_disconnect_aborts_the_request(session: aiohttp.ClientSession) -> None:
     async with fleet.run_fleet(1, config=sim()) as servers:
         server = servers[0]
-        resp = await session.post(f"{server.url}/v1/completions", json={
-            "model": "sim-model", "prompt": "long", "max_tokens": 5000, "stream": True})
+        resp = await session.post(
+            f"{server.url}/v1/completions",
+            json={"model": "sim-model", "prompt": "long", "max_tokens": 5000, "stream": True},
+        )
         await resp.content.readline()
         assert server.engine.core.num_running == 1
         resp.close()
         await support.until(lambda: server.engine.core.num_running == 0)
         with pytest.raises(asyncio.TimeoutError):  # non-streaming: the client gives up
-            await session.post(f"{server.url}/v1/completions", json={
-                "model": "sim-model", "prompt": "long", "max_tokens": 5000},
-                timeout=aiohttp.ClientTimeout(total=0.1))
+            await session.post(
+                f"{server.url}/v1/completions",
+                json={"model": "sim-model", "prompt": "long", "max_tokens": 5000},
+                timeout=aiohttp.ClientTimeout(total=0.1),
+            )
         await support.until(lambda: server.engine.core.stats.request_success["abort"] == 2)
         assert server.engine.core.num_running == 0
         samples = await support.scrape(session, server.url)
@@ -285,16 +363,23 @@ async def test_picker_parser_reads_the_metrics_page_strictly(
 
     cfg = sim(lora_modules=("sql",))
     async with fleet.run_fleet(1, config=cfg) as servers:
-        await support.complete(session, servers[0].url,
-                               {"model": "sql", "prompt": 'quote " and \\ back', "max_tokens": 2})
+        await support.complete(
+            session,
+            servers[0].url,
+            {"model": "sql", "prompt": 'quote " and \\ back', "max_tokens": 2},
+        )
         async with session.get(f"{servers[0].url}/metrics") as resp:
             text = await resp.text()
     exposition = prometheus_text.parse(text, strict=True)
     assert exposition.by_name("vllm:request_success_total")
     page = prometheus_text.MetricsPage(text)
-    for name in ("vllm:num_requests_waiting", "vllm:num_requests_running",
-                 "vllm:kv_cache_usage_perc", "vllm:lora_requests_info",
-                 "vllm:cache_config_info"):
+    for name in (
+        "vllm:num_requests_waiting",
+        "vllm:num_requests_running",
+        "vllm:kv_cache_usage_perc",
+        "vllm:lora_requests_info",
+        "vllm:cache_config_info",
+    ):
         assert len(page.samples(name)) == 1, name
     assert not page.errors
 
@@ -302,23 +387,29 @@ async def test_picker_parser_reads_the_metrics_page_strictly(
 async def test_runtime_lora_loading_and_request_id_echo(session: aiohttp.ClientSession) -> None:
     async with fleet.run_fleet(1, config=sim()) as servers:
         url = servers[0].url
-        async with session.post(f"{url}/v1/load_lora_adapter",
-                                json={"lora_name": "fresh", "lora_path": "/adapters/fresh"}) as r:
+        async with session.post(
+            f"{url}/v1/load_lora_adapter",
+            json={"lora_name": "fresh", "lora_path": "/adapters/fresh"},
+        ) as r:
             assert r.status == 200
-        async with session.post(f"{url}/v1/load_lora_adapter",
-                                json={"lora_name": "fresh", "lora_path": "/x"}) as r:
+        async with session.post(
+            f"{url}/v1/load_lora_adapter", json={"lora_name": "fresh", "lora_path": "/x"}
+        ) as r:
             assert r.status == 400
         async with session.get(f"{url}/v1/models") as r:
             cards = {m["id"]: m for m in (await r.json())["data"]}
         assert cards["fresh"]["root"] == "/adapters/fresh"
-        async with session.post(f"{url}/v1/completions", headers={"x-request-id": "abc-1"},
-                                json={"model": "fresh", "prompt": "hi", "max_tokens": 1}) as r:
+        async with session.post(
+            f"{url}/v1/completions",
+            headers={"x-request-id": "abc-1"},
+            json={"model": "fresh", "prompt": "hi", "max_tokens": 1},
+        ) as r:
             assert r.status == 200 and r.headers["x-request-id"] == "abc-1"
         samples = await support.scrape(session, url)
         assert support.labels_of(samples, "vllm:lora_requests_info")["max_lora"] == "1"
-        async with session.post(f"{url}/v1/unload_lora_adapter",
-                                json={"lora_name": "fresh"}) as r:
+        async with session.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "fresh"}) as r:
             assert r.status == 200
         status, body, _ = await support.complete(
-            session, url, {"model": "fresh", "prompt": "hi", "max_tokens": 1})
+            session, url, {"model": "fresh", "prompt": "hi", "max_tokens": 1}
+        )
     assert status == 404 and body["type"] == "NotFoundError"

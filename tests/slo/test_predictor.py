@@ -151,8 +151,13 @@ schedulingProfiles:
     _teach(predictor, 30, random.Random(4))
     predictor.train_now()
     assert predictor.warm
-    new = load_config(text.replace("{type: latency-scorer}", "{type: latency-scorer, "
-                                   "parameters: {countOutputTokens: false}}"), previous=old)
+    new = load_config(
+        text.replace(
+            "{type: latency-scorer}",
+            "{type: latency-scorer, parameters: {countOutputTokens: false}}",
+        ),
+        previous=old,
+    )
     assert new.plugins["latency-predictor"] is predictor
     tracker = new.plugins["slo-request-tracker"]
     assert tracker.predictor is predictor  # type: ignore[attr-defined]

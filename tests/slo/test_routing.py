@@ -79,9 +79,7 @@ def test_scorers_score_the_candidates_a_filter_left() -> None:
     req = SchedulingRequest("r", "m", slo=SloTargets(200, None))
     predicted(req, cands, ttft=[0.05, 0.3, 0.1], tpot=[0.01, 0.01, 0.01])
     left = [cands[2], cands[1]]  # filtered and in another order
-    assert LatencyScorer(count_output_tokens=False).score(req, left) == pytest.approx(
-        [1.0, 1 / 3]
-    )
+    assert LatencyScorer(count_output_tokens=False).score(req, left) == pytest.approx([1.0, 1 / 3])
     meets, misses = SloScorer().score(req, left)
     assert meets > 0.2 and 0 < misses <= 0.01
 
@@ -126,9 +124,12 @@ def test_cold_predictor_falls_back_to_the_default_blend_and_says_so() -> None:
     req = slo_request(ttft_ms=100)
     predictor = LatencyPredictor(settings=PredictorSettings(min_samples=5))
     predictor.produce(req, cands)  # cold: a prediction, marked not warm
-    before = metrics.REGISTRY.get_sample_value(
-        "inference_extension_latency_fallback_total", {"plugin": "slo-scorer"}
-    ) or 0
+    before = (
+        metrics.REGISTRY.get_sample_value(
+            "inference_extension_latency_fallback_total", {"plugin": "slo-scorer"}
+        )
+        or 0
+    )
     busy, idle = SloScorer().score(req, cands)
     assert idle > busy  # the queue decides, as in the default profile
     after = metrics.REGISTRY.get_sample_value(
@@ -176,9 +177,12 @@ def test_objectives_from_headers_then_the_workload_class() -> None:
 @pytest.mark.parametrize("value", ["soon", "-5", "0", "nan", "inf", "1e12"])
 def test_malformed_slo_headers_are_absent_and_counted(value: str) -> None:
     def count() -> float:
-        return metrics.REGISTRY.get_sample_value(
-            "inference_extension_slo_header_invalid_total", {"header": "x-slo-ttft-ms"}
-        ) or 0.0
+        return (
+            metrics.REGISTRY.get_sample_value(
+                "inference_extension_slo_header_invalid_total", {"header": "x-slo-ttft-ms"}
+            )
+            or 0.0
+        )
 
     before = count()
     assert objectives.read({"x-slo-ttft-ms": value}, Snapshot(), 3).slo is None
@@ -192,9 +196,9 @@ def test_malformed_slo_headers_are_absent_and_counted(value: str) -> None:
 UNTRAINED = PredictorSettings(min_samples=1, retrain_interval_s=1e9, retrain_samples=10**6)
 
 
-def _route(tracker: SloRequestTracker, predictor: LatencyPredictor, name: str, i: int) -> tuple[
-    SchedulingRequest, Candidate
-]:
+def _route(
+    tracker: SloRequestTracker, predictor: LatencyPredictor, name: str, i: int
+) -> tuple[SchedulingRequest, Candidate]:
     req = SchedulingRequest(f"r{i}", "m", prompt_text="x" * 400)
     cands = candidates(0, 1, 2)
     predictor.produce(req, cands)
@@ -226,8 +230,9 @@ def test_tracker_leaves_nothing_in_flight_whatever_the_interleaving(
     predictor = LatencyPredictor(settings=UNTRAINED)
     tracker = SloRequestTracker()
     tracker.bind(lambda name, kind: predictor)
-    started = [(*_route(tracker, predictor, name, i), ending) for i, (name, ending) in
-               enumerate(plan)]
+    started = [
+        (*_route(tracker, predictor, name, i), ending) for i, (name, ending) in enumerate(plan)
+    ]
     assert predictor.in_flight.total() == len(plan)
     rng.shuffle(started)  # requests end in any order
     for req, chosen, ending in started:
@@ -259,8 +264,15 @@ def test_slo_deadline_policy_serves_the_tightest_objective_first() -> None:
 
     def item(seq: int, slo_deadline: float) -> QueueItem:
         return QueueItem(
-            request_id=str(seq), workload_id=WorkloadId("w"), criticality=3, fairness_id="f",
-            priority=0, size_bytes=0, enqueued_at=0.0, deadline=math.inf, seq=seq,
+            request_id=str(seq),
+            workload_id=WorkloadId("w"),
+            criticality=3,
+            fairness_id="f",
+            priority=0,
+            size_bytes=0,
+            enqueued_at=0.0,
+            deadline=math.inf,
+            seq=seq,
             slo_deadline=slo_deadline,
         )
 

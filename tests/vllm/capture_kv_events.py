@@ -116,8 +116,10 @@ async def capture() -> None:
             for step, requests in STEPS:
                 sent = []
                 for path, body in requests:
-                    tokens = [] if path == "/reset_prefix_cache" else await _tokenize(
-                        session, server, body
+                    tokens = (
+                        []
+                        if path == "/reset_prefix_cache"
+                        else await _tokenize(session, server, body)
                     )
                     await _send(session, server, path, body)
                     sent.append({"path": path, "body": body, "prompt_token_ids": tokens})

@@ -45,7 +45,5 @@ class HeaderBasedTestingFilter:
         if not wanted:
             return []
         return [
-            c
-            for c in candidates
-            if c.endpoint.address in wanted or c.endpoint.target in wanted
+            c for c in candidates if c.endpoint.address in wanted or c.endpoint.target in wanted
         ]

@@ -27,9 +27,7 @@ class LoraAffinityScorer:
         self.name = name
 
     @classmethod
-    def from_parameters(
-        cls, name: str, params: Mapping[str, object] | None
-    ) -> LoraAffinityScorer:
+    def from_parameters(cls, name: str, params: Mapping[str, object] | None) -> LoraAffinityScorer:
         parameters.ParameterReader(params).finish()
         return cls(name)
 

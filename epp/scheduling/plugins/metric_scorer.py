@@ -66,8 +66,8 @@ class MetricScorer:
         reader = parameters.ParameterReader(params)
         if not reader.has("metricName"):
             raise parameters.ParameterError(
-                "metricName", "required: the custom metric to score (as a prometheus-metric "
-                "extractor names it)"
+                "metricName",
+                "required: the custom metric to score (as a prometheus-metric extractor names it)",
             )
         metric_name = reader.string("metricName", "")
         minimum = _optional_number(reader, "min")

@@ -143,8 +143,11 @@ class ApproxPrefixCacheProducer:
     def hash_request(self, request: SchedulingRequest) -> list[int]:
         s = self.settings
         return prefix_index.hash_blocks(
-            request.target_model, request.cache_salt, request.prompt_text,
-            s.block_chars, s.max_blocks,
+            request.target_model,
+            request.cache_salt,
+            request.prompt_text,
+            s.block_chars,
+            s.max_blocks,
         )
 
     def produce(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> None:

@@ -73,9 +73,7 @@ class MultiProfileHandler:
         self.fallback = fallback
 
     @classmethod
-    def from_parameters(
-        cls, name: str, params: Mapping[str, object] | None
-    ) -> MultiProfileHandler:
+    def from_parameters(cls, name: str, params: Mapping[str, object] | None) -> MultiProfileHandler:
         reader = parameters.ParameterReader(params)
         primary = reader.string("primaryProfile", "") or None
         fallback = reader.boolean("fallback", False)
