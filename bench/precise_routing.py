@@ -50,7 +50,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import tempfile
 from collections.abc import Sequence
 from contextlib import AsyncExitStack
@@ -65,7 +64,7 @@ from bench.skewed_prefix import sglang_router, sglang_router_binary
 from epp.datalayer import prometheus_text
 from sluice.gateway import settings as gateway_settings
 from sluice.gateway.envoy_process import EnvoyProcess
-from sluice.gateway.ports import free_tcp_port
+from sluice.gateway.ports import free_tcp_port, free_tcp_port_on
 from sluice.loadgen import plots, runner, summary, workloads
 from tests.support import tiny_tokenizer
 
@@ -212,20 +211,6 @@ def _hosts(count: int) -> list[str]:
     return [f"127.0.0.{10 + i}" for i in range(count)]
 
 
-def _port_free_on(hosts: Sequence[str]) -> int:
-    """A port free on every one of `hosts` right now."""
-    for _ in range(50):
-        port = free_tcp_port(hosts[0])
-        try:
-            for host in hosts[1:]:
-                with socket.socket() as probe:
-                    probe.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError(f"no port free on all of {', '.join(hosts)}")
-
-
 async def measure_spread(
     urls: Sequence[str],
     requests: int,
@@ -258,7 +243,7 @@ async def measure_spread(
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
     loads = args.loads
     hosts = _hosts(SERVERS)
-    events_port = _port_free_on(hosts)
+    events_port = free_tcp_port_on(hosts)
     tokenizer_dir = tiny_tokenizer.write(workdir / "tokenizer")
     out: dict[str, object] = {
         "loads": loads,

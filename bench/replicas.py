@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import json
 import random
-import socket
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -52,7 +51,7 @@ from epp.datalayer import kv_block_index, kv_events
 from epp.datastore.snapshot import EndpointKey
 from sluice.gateway import settings as gateway_settings
 from sluice.gateway.envoy_process import EnvoyProcess
-from sluice.gateway.ports import free_tcp_port
+from sluice.gateway.ports import free_tcp_port_on
 from tests.support import tiny_tokenizer
 from tests.support.picker_process import PickerProcess, picker_process
 
@@ -152,20 +151,6 @@ def precise_config(tok_dir: Path, events_port: int, into: Path) -> Path:
     return into
 
 
-def _events_port(hosts: Sequence[str]) -> int:
-    """A port free on every host right now (each server binds it on its own address)."""
-    for _ in range(50):
-        port = free_tcp_port(hosts[0])
-        try:
-            for host in hosts[1:]:
-                with socket.socket() as probe:
-                    probe.bind((host, port))
-        except OSError:
-            continue
-        return port
-    raise RuntimeError("no port free on every server address")
-
-
 @dataclass(frozen=True, slots=True)
 class Pool:
     envoy: EnvoyProcess
@@ -181,7 +166,7 @@ async def pool(
 ) -> AsyncIterator[Pool]:
     """Fresh servers, two replicas with `index`'s config, one Envoy in front of both."""
     hosts = [f"127.0.0.{10 + i}" for i in range(args.servers)]
-    events_port = _events_port(hosts)
+    events_port = free_tcp_port_on(hosts)
     sim_args = [
         "--model", MODEL, "--tokenizer", str(tok_dir),
         "--kv-cache-size", str(args.kv_blocks), "--block-size", str(BLOCK),
