@@ -22,13 +22,13 @@ endpoint has its own coefficients (see `model`).
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from epp.datastore.snapshot import EndpointKey
 from epp.scheduling.interfaces import CHARS_PER_TOKEN, Candidate
+from epp.scheduling.plugins.in_flight_prefixes import BlockCounts
 from epp.scheduling.plugins.prefix_producer import PrefixMatch
 from epp.slo.model import Array
 
@@ -52,7 +52,7 @@ class InFlight:
         self._entries: dict[EndpointKey, dict[int, tuple[int, float]]] = {}
         # Prefix block hash -> requests in flight whose prompt has it (chained hashes: a
         # block's hash stands for the whole prefix up to it); request -> its hashes.
-        self._blocks: Counter[int] = Counter()
+        self._blocks = BlockCounts()
         self._hashes: dict[int, Sequence[int]] = {}
 
     def add(
@@ -66,18 +66,12 @@ class InFlight:
         self._entries.setdefault(key, {})[request] = (uncached, prefill_until)
         if hashes and request not in self._hashes:
             self._hashes[request] = hashes
-            self._blocks.update(hashes)
+            self._blocks.add(hashes)
 
     def remove(self, key: EndpointKey, request: int) -> None:
         hashes = self._hashes.pop(request, None)
         if hashes:
-            blocks = self._blocks
-            for block in hashes:
-                left = blocks[block] - 1
-                if left > 0:
-                    blocks[block] = left
-                else:
-                    del blocks[block]
+            self._blocks.remove(hashes)
         entries = self._entries.get(key)
         if entries is None:
             return
@@ -87,7 +81,7 @@ class InFlight:
 
     def sharing(self, block: int) -> int:
         """Requests in flight whose prompt starts with the prefix ending at `block`."""
-        return self._blocks.get(block, 0)
+        return self._blocks.get(block)
 
     def requests(self, key: EndpointKey) -> int:
         entries = self._entries.get(key)

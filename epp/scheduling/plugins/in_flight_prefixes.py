@@ -21,7 +21,7 @@ picker replica counts only what it routed; the others learn it from the events.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from epp.datastore.snapshot import EndpointKey
@@ -36,12 +36,45 @@ class InFlightPrompt:
     keys: tuple[int, ...]
 
 
+class BlockCounts:
+    """How many requests in flight hold each block key (a multiset; absent means none)."""
+
+    __slots__ = ("_counts",)
+
+    def __init__(self) -> None:
+        self._counts: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def __contains__(self, key: int) -> bool:
+        return key in self._counts
+
+    def get(self, key: int) -> int:
+        return self._counts.get(key, 0)
+
+    def add(self, keys: Iterable[int]) -> None:
+        counts = self._counts
+        for key in keys:
+            counts[key] = counts.get(key, 0) + 1
+
+    def remove(self, keys: Iterable[int]) -> None:
+        """Take back what `add(keys)` counted; a key no longer counted is left alone."""
+        counts = self._counts
+        for key in keys:
+            left = counts.get(key, 0) - 1
+            if left > 0:
+                counts[key] = left
+            else:
+                counts.pop(key, None)
+
+
 class _ServerPrompts:
     __slots__ = ("block_size", "counts")
 
     def __init__(self, block_size: int) -> None:
         self.block_size = block_size
-        self.counts: dict[int, int] = {}  # key -> requests in flight holding it
+        self.counts = BlockCounts()
 
 
 class InFlightPrefixes:
@@ -60,9 +93,7 @@ class InFlightPrefixes:
             # A server has one block size; a request keyed before its first event may have
             # used a guessed one. The newer size wins; the older keys would never match.
             server = self._servers[endpoint] = _ServerPrompts(block_size)
-        counts = server.counts
-        for key in keys:
-            counts[key] = counts.get(key, 0) + 1
+        server.counts.add(keys)
         return InFlightPrompt(endpoint, block_size, tuple(keys))
 
     def remove(self, prompt: InFlightPrompt) -> None:
@@ -70,14 +101,8 @@ class InFlightPrefixes:
         server = self._servers.get(prompt.endpoint)
         if server is None or server.block_size != prompt.block_size:
             return
-        counts = server.counts
-        for key in prompt.keys:
-            left = counts.get(key, 0) - 1
-            if left > 0:
-                counts[key] = left
-            else:
-                counts.pop(key, None)
-        if not counts:
+        server.counts.remove(prompt.keys)
+        if not server.counts:
             del self._servers[prompt.endpoint]
 
     def matched(self, endpoint: EndpointKey, keys_for: Callable[[int], Sequence[int]]) -> int:
