@@ -29,6 +29,7 @@ from sluice.sim import config as sim_config
 from sluice.sim import engine, kv_publisher
 from sluice.sim.server import SimulatedServer
 from tests.support import tiny_tokenizer
+from tests.support.picker import precise_picker_config
 from tests.support.picker_process import KV_EVENTS, REQUESTS, PickerProcess, picker_process
 
 pytestmark = pytest.mark.envoy
@@ -40,22 +41,6 @@ HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")  # one loopback address per serv
 PREFIXES = [TEXT[i * 1000 : i * 1000 + 600] for i in range(6)]  # ~8 blocks each
 STORED = {"outcome": "BlockStored"}
 
-_PRECISE = """
-- {{type: kv-events-data-source, parameters: {{mode: connect, port: {port}}}}}
-- {{type: kv-events-extractor}}
-- {{type: precise-prefix-cache-producer, parameters: {{tokenizers: {{tiny: '{tok_dir}'}}}}}}
-- {{type: precise-prefix-cache-scorer}}
-- {{type: queue-scorer}}
-data:
-  sources:
-  - {{pluginRef: metrics-data-source, extractors: [{{pluginRef: core-metrics-extractor}}]}}
-  - {{pluginRef: kv-events-data-source, extractors: [{{pluginRef: kv-events-extractor}}]}}
-schedulingProfiles:
-- name: default
-  plugins:
-  - {{pluginRef: precise-prefix-cache-scorer, weight: 10}}
-  - {{pluginRef: queue-scorer, weight: 1}}
-"""
 _APPROXIMATE = f"""
 - {{type: approx-prefix-cache-producer, parameters: {{blockSizeTokens: {BLOCK}}}}}
 - {{type: prefix-cache-scorer}}
@@ -71,7 +56,7 @@ schedulingProfiles:
 def picker_config(index: str, tok_dir: Path, events_port: int) -> str:
     head = "apiVersion: inference.networking.x-k8s.io/v1alpha1\nkind: EndpointPickerConfig\n"
     if index == "precise":
-        return head + "plugins:" + _PRECISE.format(port=events_port, tok_dir=tok_dir)
+        return precise_picker_config(f"{{mode: connect, port: {events_port}}}", "tiny", tok_dir)
     return head + "plugins:" + _APPROXIMATE
 
 

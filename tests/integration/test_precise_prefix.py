@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -25,11 +24,12 @@ from epp.datalayer.kv_event_extractor import KvEventsExtractor
 from epp.picker import Picker
 from sluice.gateway import envoy_config
 from sluice.gateway.envoy_process import EnvoyProcess
+from sluice.gateway.ports import free_tcp_port
 from sluice.sim import config as sim_config
 from sluice.sim import engine, kv_publisher
 from sluice.sim.server import SimulatedServer
 from tests.support import tiny_tokenizer
-from tests.support.picker import fresh_metrics, running_picker, wait_for
+from tests.support.picker import fresh_metrics, precise_picker_config, running_picker, wait_for
 
 pytestmark = pytest.mark.envoy
 
@@ -39,34 +39,6 @@ TEXT = (DOCS / "configuration.md").read_text() + (DOCS / "data-layer.md").read_t
 SHARED = TEXT[:900]  # ~200 tokens: a dozen blocks
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def picker_config(tok_dir: Path, source: str) -> str:
-    return f"""
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- {{type: kv-events-data-source, parameters: {source}}}
-- {{type: kv-events-extractor}}
-- {{type: precise-prefix-cache-producer, parameters: {{tokenizers: {{tiny: '{tok_dir}'}}}}}}
-- {{type: precise-prefix-cache-scorer}}
-- {{type: queue-scorer}}
-data:
-  sources:
-  - {{pluginRef: metrics-data-source, extractors: [{{pluginRef: core-metrics-extractor}}]}}
-  - {{pluginRef: kv-events-data-source, extractors: [{{pluginRef: kv-events-extractor}}]}}
-schedulingProfiles:
-- name: default
-  plugins:
-  - {{pluginRef: precise-prefix-cache-scorer, weight: 10}}
-  - {{pluginRef: queue-scorer, weight: 1}}
-"""
-
-
 @contextlib.asynccontextmanager
 async def pool(
     tok_dir: Path, mode: str
@@ -74,7 +46,7 @@ async def pool(
     """Two simulators with 32-block caches and the gateway. `bind`: the picker binds one
     collector socket and the servers connect to it (map events); `connect`: each server
     binds on its own address and the picker connects to each (tag-first array events)."""
-    port = free_port()
+    port = free_tcp_port()
     if mode == "bind":
         source = f"{{mode: bind, bindAddress: 'tcp://127.0.0.1:{port}'}}"
         events = [kv_publisher.KvEventsConfig(f"tcp://127.0.0.1:{port}")] * 2
@@ -109,7 +81,7 @@ async def pool(
         picker = await stack.enter_async_context(
             running_picker(
                 endpoints=",".join(s.address for s in servers),
-                config_text=picker_config(tok_dir, source),
+                config_text=precise_picker_config(source, "tiny", tok_dir),
             )
         )
         options = envoy_config.GatewayOptions(
@@ -216,7 +188,7 @@ async def test_two_pickers_subscribed_to_every_server_agree(tok_dir: Path) -> No
         port = picker.config.data_sources[1].settings.port  # type: ignore[attr-defined]
         async with running_picker(
             endpoints=",".join(s.address for s in servers),
-            config_text=picker_config(tok_dir, f"{{mode: connect, port: {port}}}"),
+            config_text=precise_picker_config(f"{{mode: connect, port: {port}}}", "tiny", tok_dir),
         ) as replica:
             await fresh_metrics(replica)
             await subscribed(replica, servers)

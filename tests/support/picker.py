@@ -77,3 +77,29 @@ async def fresh_metrics(picker: Picker) -> None:
         )
 
     await wait_for(scraped, what="a fresh scrape of every endpoint")
+
+
+def precise_picker_config(source: str, model: str, tokenizer_dir: object) -> str:
+    """A picker config routing on the precise prefix index (weight 10) and the queue (1).
+    `source`: the kv-events-data-source's parameters as a YAML flow mapping, e.g.
+    `{mode: connect, port: 5557}`; `tokenizer_dir`: `model`'s tokenizer directory."""
+    return f"""
+apiVersion: inference.networking.x-k8s.io/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- {{type: kv-events-data-source, parameters: {source}}}
+- {{type: kv-events-extractor}}
+- type: precise-prefix-cache-producer
+  parameters: {{tokenizers: {{{model}: '{tokenizer_dir}'}}}}
+- {{type: precise-prefix-cache-scorer}}
+- {{type: queue-scorer}}
+data:
+  sources:
+  - {{pluginRef: metrics-data-source, extractors: [{{pluginRef: core-metrics-extractor}}]}}
+  - {{pluginRef: kv-events-data-source, extractors: [{{pluginRef: kv-events-extractor}}]}}
+schedulingProfiles:
+- name: default
+  plugins:
+  - {{pluginRef: precise-prefix-cache-scorer, weight: 10}}
+  - {{pluginRef: queue-scorer, weight: 1}}
+"""

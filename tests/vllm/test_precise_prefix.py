@@ -30,7 +30,7 @@ from epp.picker import Picker
 from sluice.gateway import envoy_config, ports
 from sluice.gateway.envoy_process import EnvoyProcess
 from tests.support import vllm
-from tests.support.picker import fresh_metrics, running_picker, wait_for
+from tests.support.picker import fresh_metrics, precise_picker_config, running_picker, wait_for
 from tests.vllm.conftest import SETTINGS
 
 pytestmark = [pytest.mark.envoy, pytest.mark.asyncio(loop_scope="package")]
@@ -43,29 +43,6 @@ _WORDS = ("pool", "endpoint", "picker", "queue", "cache", "prefix", "block", "to
 def words(seed: str, count: int) -> str:
     rng = random.Random(seed)
     return " ".join(rng.choice(_WORDS) for _ in range(count))
-
-
-def picker_config(collector: str) -> str:
-    return f"""
-apiVersion: inference.networking.x-k8s.io/v1alpha1
-kind: EndpointPickerConfig
-plugins:
-- {{type: kv-events-data-source, parameters: {{mode: bind, bindAddress: '{collector}'}}}}
-- {{type: kv-events-extractor}}
-- type: precise-prefix-cache-producer
-  parameters: {{tokenizers: {{{vllm.MODEL_NAME}: '{vllm.MODEL}'}}}}
-- {{type: precise-prefix-cache-scorer}}
-- {{type: queue-scorer}}
-data:
-  sources:
-  - {{pluginRef: metrics-data-source, extractors: [{{pluginRef: core-metrics-extractor}}]}}
-  - {{pluginRef: kv-events-data-source, extractors: [{{pluginRef: kv-events-extractor}}]}}
-schedulingProfiles:
-- name: default
-  plugins:
-  - {{pluginRef: precise-prefix-cache-scorer, weight: 10}}
-  - {{pluginRef: queue-scorer, weight: 1}}
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +78,9 @@ async def gateway() -> AsyncIterator[Gateway]:
         picker = await stack.enter_async_context(
             running_picker(
                 endpoints=",".join(s.target for s in servers),
-                config_text=picker_config(collector),
+                config_text=precise_picker_config(
+                    f"{{mode: bind, bindAddress: '{collector}'}}", vllm.MODEL_NAME, vllm.MODEL
+                ),
             )
         )
         options = envoy_config.GatewayOptions(
