@@ -153,8 +153,9 @@ schedulingProfiles:
     return into
 
 
-async def _page(session: aiohttp.ClientSession, url: str) -> prometheus_text.MetricsPage:
+async def metrics_page(session: aiohttp.ClientSession, url: str) -> prometheus_text.MetricsPage:
     async with session.get(url) as response:
+        response.raise_for_status()
         return prometheus_text.MetricsPage(await response.text())
 
 
@@ -163,7 +164,7 @@ async def server_prefix_counters(backends: Sequence[str]) -> tuple[float, float]
     hits = queries = 0.0
     async with aiohttp.ClientSession() as session:
         for backend in backends:
-            page = await _page(session, f"http://{backend}/metrics")
+            page = await metrics_page(session, f"http://{backend}/metrics")
             hits += sum(s.value for s in page.samples("vllm:prefix_cache_hits_total"))
             queries += sum(s.value for s in page.samples("vllm:prefix_cache_queries_total"))
     return hits, queries
@@ -182,7 +183,7 @@ async def precise_picker_counters(urls: str | Sequence[str]) -> dict[str, float]
     counters: dict[str, float] = {}
     async with aiohttp.ClientSession() as session:
         for url in [urls] if isinstance(urls, str) else urls:
-            page = await _page(session, url)
+            page = await metrics_page(session, url)
             for name in PRECISE_COUNTERS:
                 for sample in page.samples(name):
                     labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())

@@ -51,12 +51,12 @@ import aiohttp
 from bench import harness
 from bench.harness import picker
 from bench.precise_routing import (
+    metrics_page,
     precise_config,
     precise_picker_counters,
     server_prefix_counters,
 )
 from bench.skewed_prefix import sglang_router, sglang_router_binary
-from epp.datalayer import prometheus_text
 from sluice.gateway import settings as gateway_settings
 from sluice.gateway.envoy_process import EnvoyProcess
 from sluice.gateway.ports import free_tcp_port
@@ -85,12 +85,6 @@ def workload(seed: int, tenants: int) -> workloads.WorkloadSpec:
         prefix_tokens=CONTEXT_WORDS, question_tokens=QUESTION_WORDS, max_tokens=MAX_TOKENS,
         ignore_eos=True, prefix_skew=1.0, seed=seed,
     )  # fmt: skip
-
-
-async def metrics_page(session: aiohttp.ClientSession, url: str) -> prometheus_text.MetricsPage:
-    async with session.get(url) as response:
-        response.raise_for_status()
-        return prometheus_text.MetricsPage(await response.text())
 
 
 async def pool_cache_tokens(servers: Sequence[vllm.VllmServer]) -> tuple[int, int]:
