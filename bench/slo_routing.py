@@ -15,7 +15,14 @@ latency predictor), then the load levels in increasing order.
 interactive requests (70%: short chat turns over 8 shared system prompts, 16 output
 tokens, TTFT objective `--slo-ms`) and batch requests (30%: unique 1,000-token documents,
 64 output tokens, a loose TTFT objective of `--batch-slo-ms`). Attainment is reported per
-class as well as overall.
+class as well as overall. `--workload unique` shares nothing: every request is a unique
+400-token document with 16 output tokens and the TTFT objective `--slo-ms` (a fast server
+prefills it in ~220 ms, a slow one in ~550 ms), so only heterogeneity decides.
+
+Every picker starts from the same servers' state: their prefix caches are emptied
+(`POST /reset_prefix_cache`) before its warm-up, so no picker inherits the caches the
+picker before it left (until 2026-12-03 afternoon they did, and later pickers started
+with caches full of the previous one's batch documents).
 """
 
 from __future__ import annotations
@@ -23,10 +30,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import asdict
 from pathlib import Path
+
+import aiohttp
 
 from bench.harness import picker, simulators
 from sluice.gateway import settings as gateway_settings
@@ -78,6 +88,28 @@ def mixed_workload(seed: int, slo_ms: float, batch_slo_ms: float) -> Iterator[Re
     return workloads.mix([(interactive, 0.7), (batch, 0.3)], seed=seed)
 
 
+def unique_workload(seed: int, slo_ms: float) -> workloads.WorkloadSpec:
+    return workloads.WorkloadSpec(
+        kind="random", question_tokens=400, max_tokens=16, slo_ttft_ms=slo_ms, seed=seed
+    )
+
+
+async def reset_prefix_caches(backends: Sequence[str], timeout_s: float = 30.0) -> None:
+    """Empties every simulator's prefix cache. A server refuses (400) while requests hold
+    blocks; the last run's stragglers finish within seconds, so it is asked again."""
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        for backend in backends:
+            while True:
+                url = f"http://{backend}/reset_prefix_cache"
+                async with session.post(url) as response:
+                    if response.status == 200:
+                        break
+                    if response.status != 400 or time.monotonic() > deadline:
+                        raise RuntimeError(f"{backend}: reset_prefix_cache {response.status}")
+                await asyncio.sleep(0.2)  # another process: no event to await
+
+
 async def measure(
     url: str,
     requests: int,
@@ -91,6 +123,8 @@ async def measure(
     )
     if args.workload == "mixed":
         stream = mixed_workload(seed, args.slo_ms, args.batch_slo_ms)
+    elif args.workload == "unique":
+        stream = workloads.generate(unique_workload(seed, args.slo_ms))
     else:
         stream = workloads.generate(workload(seed, args.slo_ms))
     return await runner.run_load(plan, stream)
@@ -129,13 +163,14 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         rows = []
         classes = []
         for name, url in urls.items():
+            await reset_prefix_caches(backends)
             # Warm-up: the servers' caches, and the latency predictor's first samples.
             await measure(url, args.warmup_requests, None, 7, args, concurrency=8)
             for load in loads:
                 rate = capacity * load
                 requests = max(50, int(rate * args.seconds))
                 results = await measure(url, requests, rate, int(load * 100), args)
-                tag = "" if args.workload == "shared-prefix" else f"{args.workload}_"
+                tag = _tag(args.workload)
                 runner.write_jsonl(results, RESULTS / f"slo_{tag}{name}_{int(load * 100)}.jsonl")
                 s = summary.summarise(results)
                 classes += [
@@ -162,12 +197,19 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         try:
             plots.plot_comparison(
                 series,
-                RESULTS / f"slo_routing{'' if args.workload == 'shared-prefix' else '_mixed'}.png",
+                RESULTS / f"slo_routing{_tag(args.workload, '_')}.png",
                 "Heterogeneous pool (2 fast, 2 at 0.4x)",
             )
         except RuntimeError as error:
             print(f"no plot: {error}")
     return out
+
+
+def _tag(workload: str, before: str = "") -> str:
+    """The result files' infix of a workload (none for the first one, as before)."""
+    if workload == "shared-prefix":
+        return ""
+    return f"{before}{workload}" if before else f"{workload}_"
 
 
 def _named_path(value: str) -> tuple[str, Path]:
@@ -187,7 +229,9 @@ def main() -> None:
         help="pickers' --response-sample-rate: the responses the latency predictor learns "
         "from (the picker's default 0.01 leaves it cold for a run this short)",
     )  # fmt: skip
-    parser.add_argument("--workload", choices=("shared-prefix", "mixed"), default="shared-prefix")
+    parser.add_argument(
+        "--workload", choices=("shared-prefix", "mixed", "unique"), default="shared-prefix"
+    )
     parser.add_argument(
         "--batch-slo-ms", type=float, default=3000.0, help="mixed: the batch class's TTFT"
     )
@@ -209,7 +253,7 @@ def main() -> None:
         args.seconds, args.calibration_requests = 15.0, 200
     results = asyncio.run(run(args))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "slo_routing.json" if args.workload == "shared-prefix" else "slo_routing_mixed.json"
+    name = f"slo_routing{_tag(args.workload, '_')}.json"
     (RESULTS / name).write_text(json.dumps(results, indent=2))
 
 
