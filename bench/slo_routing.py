@@ -15,9 +15,7 @@ latency predictor), then the load levels in increasing order.
 interactive requests (70%: short chat turns over 8 shared system prompts, 16 output
 tokens, TTFT objective `--slo-ms`) and batch requests (30%: unique 1,000-token documents,
 64 output tokens, a loose TTFT objective of `--batch-slo-ms`). Attainment is reported per
-class as well as overall. `--workload unique` shares nothing: every request is a unique
-400-token document with 16 output tokens and the TTFT objective `--slo-ms` (a fast server
-prefills it in ~220 ms, a slow one in ~550 ms), so only heterogeneity decides.
+class as well as overall.
 
 Every picker starts from the same servers' state: their prefix caches are emptied
 (`POST /reset_prefix_cache`) before its warm-up, so no picker inherits the caches the
@@ -88,12 +86,6 @@ def mixed_workload(seed: int, slo_ms: float, batch_slo_ms: float) -> Iterator[Re
     return workloads.mix([(interactive, 0.7), (batch, 0.3)], seed=seed)
 
 
-def unique_workload(seed: int, slo_ms: float) -> workloads.WorkloadSpec:
-    return workloads.WorkloadSpec(
-        kind="random", question_tokens=400, max_tokens=16, slo_ttft_ms=slo_ms, seed=seed
-    )
-
-
 async def reset_prefix_caches(backends: Sequence[str], timeout_s: float = 30.0) -> None:
     """Empties every simulator's prefix cache. A server refuses (400) while requests hold
     blocks; the last run's stragglers finish within seconds, so it is asked again."""
@@ -123,8 +115,6 @@ async def measure(
     )
     if args.workload == "mixed":
         stream = mixed_workload(seed, args.slo_ms, args.batch_slo_ms)
-    elif args.workload == "unique":
-        stream = workloads.generate(unique_workload(seed, args.slo_ms))
     else:
         stream = workloads.generate(workload(seed, args.slo_ms))
     return await runner.run_load(plan, stream)
@@ -229,9 +219,7 @@ def main() -> None:
         help="pickers' --response-sample-rate: the responses the latency predictor learns "
         "from (the picker's default 0.01 leaves it cold for a run this short)",
     )  # fmt: skip
-    parser.add_argument(
-        "--workload", choices=("shared-prefix", "mixed", "unique"), default="shared-prefix"
-    )
+    parser.add_argument("--workload", choices=("shared-prefix", "mixed"), default="shared-prefix")
     parser.add_argument(
         "--batch-slo-ms", type=float, default=3000.0, help="mixed: the batch class's TTFT"
     )
