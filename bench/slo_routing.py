@@ -17,10 +17,11 @@ tokens, TTFT objective `--slo-ms`) and batch requests (30%: unique 1,000-token d
 64 output tokens, a loose TTFT objective of `--batch-slo-ms`). Attainment is reported per
 class as well as overall.
 
-Every picker starts from the same servers' state: their prefix caches are emptied
-(`POST /reset_prefix_cache`) before its warm-up, so no picker inherits the caches the
-picker before it left (until 2026-12-03 afternoon they did, and later pickers started
-with caches full of the previous one's batch documents).
+Every picker gets a pool of its own, started afresh (servers, picker, Envoy), then the
+same warm-up. Until 2026-12-03 the pickers took turns on one pool: first with the caches
+the previous picker left, later with the caches emptied between them, and still the
+picker that ran second met ~10 points fewer objectives than when it ran first (an
+order-swap run, bench/README.md).
 """
 
 from __future__ import annotations
@@ -28,13 +29,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
-
-import aiohttp
 
 from bench.harness import picker, simulators
 from sluice.gateway import settings as gateway_settings
@@ -86,20 +84,17 @@ def mixed_workload(seed: int, slo_ms: float, batch_slo_ms: float) -> Iterator[Re
     return workloads.mix([(interactive, 0.7), (batch, 0.3)], seed=seed)
 
 
-async def reset_prefix_caches(backends: Sequence[str], timeout_s: float = 30.0) -> None:
-    """Empties every simulator's prefix cache. A server refuses (400) while requests hold
-    blocks; the last run's stragglers finish within seconds, so it is asked again."""
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        for backend in backends:
-            while True:
-                url = f"http://{backend}/reset_prefix_cache"
-                async with session.post(url) as response:
-                    if response.status == 200:
-                        break
-                    if response.status != 400 or time.monotonic() > deadline:
-                        raise RuntimeError(f"{backend}: reset_prefix_cache {response.status}")
-                await asyncio.sleep(0.2)  # another process: no event to await
+@asynccontextmanager
+async def gateway(config: Path | None, args: argparse.Namespace) -> AsyncIterator[str]:
+    """A fresh pool of simulators behind a picker with `config` (None: the default) and an
+    Envoy; yields the Envoy's URL."""
+    async with AsyncExitStack() as stack:
+        backends = await stack.enter_async_context(simulators(4, SIM_ARGS))
+        extra = ["--response-sample-rate", str(args.sample_rate)]
+        extra += ["--config-file", str(config)] if config else []
+        _, port = await stack.enter_async_context(picker(backends, extra))
+        envoy = EnvoyProcess(gateway_settings.GatewayOptions(picker_port=port))
+        yield (await stack.enter_async_context(envoy)).url
 
 
 async def measure(
@@ -128,32 +123,21 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
         "workload": args.workload,
         "slo_ttft_ms": args.slo_ms,
     }
-    async with AsyncExitStack() as stack:
-        backends = await stack.enter_async_context(simulators(4, SIM_ARGS))
-        urls = {}
-        pickers = dict(PICKERS)
-        pickers.update(args.config)
-        for name, config in pickers.items():
-            if args.pickers and name not in args.pickers:
-                continue
-            extra = ["--response-sample-rate", str(args.sample_rate)]
-            extra += ["--config-file", str(config)] if config else []
-            _, port = await stack.enter_async_context(picker(backends, extra))
-            envoy = EnvoyProcess(gateway_settings.GatewayOptions(picker_port=port))
-            urls[name] = (await stack.enter_async_context(envoy)).url
-        capacity = (
-            args.capacity
-            or summary.summarise(
-                await measure(urls["default"], args.calibration_requests, None, 99, args)
-            ).throughput_rps
-        )
-        out["capacity_rps"] = capacity
-        print(f"pool capacity (closed loop, default picker): {capacity:.1f} req/s", flush=True)
-        series: dict[str, list[tuple[float, summary.Summary]]] = {name: [] for name in urls}
-        rows = []
-        classes = []
-        for name, url in urls.items():
-            await reset_prefix_caches(backends)
+    pickers = dict(PICKERS)
+    pickers.update(args.config)
+    selected = {n: c for n, c in pickers.items() if not args.pickers or n in args.pickers}
+    capacity = args.capacity
+    if not capacity:
+        async with gateway(PICKERS["default"], args) as url:
+            calibration = await measure(url, args.calibration_requests, None, 99, args)
+        capacity = summary.summarise(calibration).throughput_rps
+    out["capacity_rps"] = capacity
+    print(f"pool capacity (closed loop, default picker): {capacity:.1f} req/s", flush=True)
+    series: dict[str, list[tuple[float, summary.Summary]]] = {name: [] for name in selected}
+    rows = []
+    classes = []
+    for name, config in selected.items():
+        async with gateway(config, args) as url:
             # Warm-up: the servers' caches, and the latency predictor's first samples.
             await measure(url, args.warmup_requests, None, 7, args, concurrency=8)
             for load in loads:
@@ -169,29 +153,28 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 series[name].append((load, s))
                 rows.append((f"{name} @ {load:.0%}", s))
                 print(summary.table([rows[-1]]).splitlines()[-1], flush=True)
-        out["runs"] = {
-            name: [{"load": load, **asdict(s)} for load, s in points]
-            for name, points in series.items()
-        }
-        table = summary.table(rows)
-        if classes:
-            table += "\n\n" + summary.breakdown_table("objective", classes)
-        out["table"] = table
-        print(table)
-        at_80 = {name: dict(points)[0.8] for name, points in series.items() if 0.8 in loads}
-        for name, s in at_80.items():
-            print(
-                f"at 80% load: {name} SLO attainment {s.slo_attainment:.0%}, "
-                f"goodput {s.goodput_rps:.1f} req/s, TTFT p90 {s.ttft_p90_s * 1000:.0f} ms"
-            )
-        try:
-            plots.plot_comparison(
-                series,
-                RESULTS / f"slo_routing{_tag(args.workload, '_')}.png",
-                "Heterogeneous pool (2 fast, 2 at 0.4x)",
-            )
-        except RuntimeError as error:
-            print(f"no plot: {error}")
+    out["runs"] = {
+        name: [{"load": load, **asdict(s)} for load, s in points] for name, points in series.items()
+    }
+    table = summary.table(rows)
+    if classes:
+        table += "\n\n" + summary.breakdown_table("objective", classes)
+    out["table"] = table
+    print(table)
+    at_80 = {name: dict(points)[0.8] for name, points in series.items() if 0.8 in loads}
+    for name, s in at_80.items():
+        print(
+            f"at 80% load: {name} SLO attainment {s.slo_attainment:.0%}, "
+            f"goodput {s.goodput_rps:.1f} req/s, TTFT p90 {s.ttft_p90_s * 1000:.0f} ms"
+        )
+    try:
+        plots.plot_comparison(
+            series,
+            RESULTS / f"slo_routing{_tag(args.workload, '_')}.png",
+            "Heterogeneous pool (2 fast, 2 at 0.4x)",
+        )
+    except RuntimeError as error:
+        print(f"no plot: {error}")
     return out
 
 
