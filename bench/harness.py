@@ -16,6 +16,8 @@ from pathlib import Path
 
 import aiohttp
 
+from sluice.gateway import settings as gateway_settings
+from sluice.gateway.envoy_process import EnvoyProcess
 from sluice.gateway.ports import free_tcp_port
 from sluice.sim import child_process
 
@@ -81,6 +83,19 @@ async def picker(
     ) as process:  # fmt: skip
         await wait_http(f"http://127.0.0.1:{metrics}/metrics")
         yield process, port
+
+
+@contextlib.asynccontextmanager
+async def direct_envoy(
+    backends: Sequence[str], policy: gateway_settings.LbPolicy
+) -> AsyncIterator[str]:
+    """Envoy balancing over `backends` by `policy` with no picker (a baseline router);
+    yields its URL."""
+    options = gateway_settings.GatewayOptions(
+        mode=gateway_settings.GatewayMode.DIRECT, backends=tuple(backends), lb_policy=policy
+    )
+    async with EnvoyProcess(options) as envoy:
+        yield envoy.url
 
 
 def machine_busy_seconds() -> float:

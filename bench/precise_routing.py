@@ -59,7 +59,7 @@ from pathlib import Path
 import aiohttp
 import yaml
 
-from bench.harness import picker, simulators
+from bench.harness import direct_envoy, picker, simulators
 from bench.skewed_prefix import sglang_router, sglang_router_binary
 from epp.datalayer import prometheus_text
 from sluice.gateway import settings as gateway_settings
@@ -271,10 +271,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
         if "round-robin" in args.routers:
             direct["round-robin"] = gateway_settings.LbPolicy.ROUND_ROBIN
         for name, policy in direct.items():
-            options = gateway_settings.GatewayOptions(
-                mode=gateway_settings.GatewayMode.DIRECT, backends=tuple(backends), lb_policy=policy
-            )
-            urls[name] = [(await stack.enter_async_context(EnvoyProcess(options))).url]
+            urls[name] = [await stack.enter_async_context(direct_envoy(backends, policy))]
         configs: dict[str, list[str]] = {
             "approximate": [],
             "approximate-unsized": [

@@ -287,10 +287,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
             "least-request": gateway_settings.LbPolicy.LEAST_REQUEST,
         }
         for name, policy in direct.items():
-            options = gateway_settings.GatewayOptions(
-                mode=gateway_settings.GatewayMode.DIRECT, backends=tuple(backends), lb_policy=policy
-            )
-            urls[name] = (await stack.enter_async_context(EnvoyProcess(options))).url
+            urls[name] = await stack.enter_async_context(harness.direct_envoy(backends, policy))
         precise = precise_config(
             settings.model, collector, workdir / "precise-prefix.yaml", model=vllm.MODEL_NAME
         )

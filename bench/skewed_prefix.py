@@ -29,7 +29,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from bench.harness import child, picker, simulators, wait_http
+from bench.harness import child, direct_envoy, picker, simulators, wait_http
 from sluice.gateway import settings as gateway_settings
 from sluice.gateway.envoy_process import EnvoyProcess
 from sluice.gateway.ports import free_tcp_port
@@ -95,10 +95,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
             "least-request": gateway_settings.LbPolicy.LEAST_REQUEST,
         }
         for name, policy in direct.items():
-            options = gateway_settings.GatewayOptions(
-                mode=gateway_settings.GatewayMode.DIRECT, backends=tuple(backends), lb_policy=policy
-            )
-            urls[name] = (await stack.enter_async_context(EnvoyProcess(options))).url
+            urls[name] = await stack.enter_async_context(direct_envoy(backends, policy))
         configs: dict[str, Path | None] = {
             "default": None,
             "predicted-latency": CONFIGS / "predicted-latency.yaml",

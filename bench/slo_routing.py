@@ -144,8 +144,8 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 rate = capacity * load
                 requests = max(50, int(rate * args.seconds))
                 results = await measure(url, requests, rate, int(load * 100), args)
-                tag = _tag(args.workload)
-                runner.write_jsonl(results, RESULTS / f"slo_{tag}{name}_{int(load * 100)}.jsonl")
+                suffix = _suffix(args.workload)
+                runner.write_jsonl(results, RESULTS / f"slo{suffix}_{name}_{int(load * 100)}.jsonl")
                 s = summary.summarise(results)
                 classes += [
                     (f"{name} @ {load:.0%}", g) for g in summary.breakdown(results, summary.slo_of)
@@ -170,7 +170,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     try:
         plots.plot_comparison(
             series,
-            RESULTS / f"slo_routing{_tag(args.workload, '_')}.png",
+            RESULTS / f"slo_routing{_suffix(args.workload)}.png",
             "Heterogeneous pool (2 fast, 2 at 0.4x)",
         )
     except RuntimeError as error:
@@ -178,11 +178,9 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     return out
 
 
-def _tag(workload: str, before: str = "") -> str:
-    """The result files' infix of a workload (none for the first one, as before)."""
-    if workload == "shared-prefix":
-        return ""
-    return f"{before}{workload}" if before else f"{workload}_"
+def _suffix(workload: str) -> str:
+    """The result files' suffix: `_mixed` for the mixed workload, none for the first one."""
+    return "" if workload == "shared-prefix" else f"_{workload}"
 
 
 def _named_path(value: str) -> tuple[str, Path]:
@@ -224,7 +222,7 @@ def main() -> None:
         args.seconds, args.calibration_requests = 15.0, 200
     results = asyncio.run(run(args))
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = f"slo_routing{_tag(args.workload, '_')}.json"
+    name = f"slo_routing{_suffix(args.workload)}.json"
     (RESULTS / name).write_text(json.dumps(results, indent=2))
 
 
