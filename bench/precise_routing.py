@@ -81,9 +81,9 @@ SIM_ARGS = [
     "--time-to-first-token", "20",
     "--prefill-time-per-token", "0.5",
     "--inter-token-latency", "20",
-    "--kv-cache-size", "600",
     "--block-size", "16",
 ]  # fmt: skip
+KV_BLOCKS = 600  # per server: about nine of the long contexts, so the pool holds ~36 of 80
 ROUTERS = (
     "round-robin",
     "approximate",
@@ -252,6 +252,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
         "workload": asdict(workload(0, args.max_tokens)),
         "replicas": args.replicas,
         "max_num_seqs": args.max_num_seqs,
+        "kv_blocks": args.kv_blocks,
         "routers": args.routers,
     }
     async with AsyncExitStack() as stack:
@@ -263,6 +264,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
             )  # fmt: skip
             sim_args = [
                 *SIM_ARGS, "--max-num-seqs", str(args.max_num_seqs), "--pod-name-prefix", f"sim{i}",
+                "--kv-cache-size", str(args.kv_blocks),
                 "--tokenizer", str(tokenizer_dir), "--kv-events-config", events,
             ]  # fmt: skip
             backends += await stack.enter_async_context(simulators(1, sim_args, host))
@@ -389,7 +391,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, object]:
                 series, RESULTS / f"precise_routing{args.tag}.png",
                 f"{workload(0).groups} tenants, working set > KV cache, {SERVERS} servers, "
                 f"{args.max_tokens}-token responses, {args.replicas} picker replica(s), "
-                f"max {args.max_num_seqs} sequences",
+                f"max {args.max_num_seqs} sequences, {args.kv_blocks} KV blocks per server",
             )  # fmt: skip
         except RuntimeError as error:
             print(f"no plot: {error}")
@@ -471,6 +473,13 @@ def main() -> None:
         type=int,
         default=4,
         help="sequences a server runs at once (default %(default)s)",
+    )
+    parser.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=KV_BLOCKS,
+        help="KV blocks of 16 tokens per server (default %(default)s: the pool holds ~36 of "
+        "the 80 contexts; 1200: ~72 of 80)",
     )
     parser.add_argument("--replicas", type=int, default=1, help="picker replicas per router")
     parser.add_argument(
