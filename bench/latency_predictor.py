@@ -12,7 +12,13 @@
    the endpoint as a feature), with their prediction cost for one request's candidates.
 3. **Prediction cost** of `latency-predictor` for 10 and 100 candidates (p50, p99).
 
-    .venv/bin/python -m bench.latency_predictor          # ~3 minutes
+`--workload mixed` records instead `bench.slo_routing`'s mixed workload (interactive turns
+with a tight TTFT objective beside long batch documents) through the slo-aware config, and
+reports errors per class: the interactive turns' error on the slow servers decides whether
+slo-aware finds a server that meets their objective.
+
+    .venv/bin/python -m bench.latency_predictor                  # ~3 minutes
+    .venv/bin/python -m bench.latency_predictor --workload mixed --rate 3.5
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import slo_routing
 from bench.harness import simulators
 from epp.datalayer.endpoint_metrics import EndpointMetrics
 from epp.datastore.snapshot import Endpoint, EndpointKey
@@ -46,6 +53,7 @@ from sluice.loadgen import runner, summary, workloads
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 CONFIG = HERE.parent / "docs" / "configs" / "predicted-latency.yaml"
+MIXED_CONFIG = HERE.parent / "docs" / "configs" / "slo-aware.yaml"
 SIM_ARGS = [
     "--max-num-seqs", "4",
     "--time-to-first-token", "20",
@@ -92,6 +100,7 @@ class Recorder:
                         "warm": prediction.warm,
                         "samples": prediction.predictor.samples,
                         "actual_s": response.ttft_s,
+                        "slo_ttft_ms": request.slo.ttft_ms if request.slo else None,
                     }
                 )
             original(tracker, request, target, response)
@@ -103,15 +112,22 @@ class Recorder:
         slo_tracker.SloRequestTracker.response_complete = self._original  # type: ignore[method-assign]
 
 
-async def record(requests: int, rate: float) -> list[dict[str, Any]]:
+async def record(requests: int, rate: float, mixed: bool = False) -> list[dict[str, Any]]:
+    config = MIXED_CONFIG if mixed else CONFIG
+    stream = (
+        slo_routing.mixed_workload(3, slo_ms=300.0, batch_slo_ms=3000.0)
+        if mixed
+        else workloads.generate(workload(3))
+    )
     with Recorder() as recorder:
         async with AsyncExitStack() as stack:
-            backends = await stack.enter_async_context(simulators(4, SIM_ARGS))
+            sim_args = slo_routing.SIM_ARGS if mixed else SIM_ARGS
+            backends = await stack.enter_async_context(simulators(4, sim_args))
             picker = Picker(
                 PickerOptions(
                     host="127.0.0.1", grpc_port=0, health_port=0, metrics_port=0,
                     endpoints=",".join(backends), secure_serving=False,
-                    config_text=CONFIG.read_text(), response_sample_rate=1.0,
+                    config_text=config.read_text(), response_sample_rate=1.0,
                 )
             )  # fmt: skip
             await picker.start()
@@ -119,7 +135,7 @@ async def record(requests: int, rate: float) -> list[dict[str, Any]]:
             options = gateway_settings.GatewayOptions(picker_port=picker.grpc_port)
             envoy = await stack.enter_async_context(EnvoyProcess(options))
             plan = runner.LoadPlan(url=envoy.url, requests=requests, rate=rate, seed=3)
-            results = await runner.run_load(plan, workloads.generate(workload(3)))
+            results = await runner.run_load(plan, stream)
             print(summary.table([("recorded run", summary.summarise(results))]))
     return recorder.records
 
@@ -152,13 +168,23 @@ def compare_families(records: list[dict[str, Any]]) -> dict[str, dict[str, float
     split = int(len(records) * 0.7)
     out: dict[str, dict[str, float]] = {}
 
+    classes = [_class_of(r) for r in records[split:]]
+
     def score(name: str, predict: Any, batch: Any) -> None:
         predicted = np.maximum(predict(x[split:], keys[split:]), 1e-3)
-        result = errors(list(zip(predicted.tolist(), y[split:].tolist(), strict=True)))
+        pairs = list(zip(predicted.tolist(), y[split:].tolist(), strict=True))
+        result: dict[str, Any] = errors(pairs)
         started = time.perf_counter()
         for _ in range(200):
             batch()
         result["predict_us_8_candidates"] = (time.perf_counter() - started) / 200 * 1e6
+        by_class: dict[str, list[tuple[float, float]]] = {}
+        for label, pair in zip(classes, pairs, strict=True):
+            by_class.setdefault(label, []).append(pair)
+        result["by_class"] = {
+            label: {**errors(group), "bias": statistics.mean(p - a for p, a in group)}
+            for label, group in sorted(by_class.items())
+        }
         out[name] = result
 
     stats = SufficientStatistics(x.shape[1], decay=1.0)
@@ -168,9 +194,16 @@ def compare_families(records: list[dict[str, Any]]) -> dict[str, dict[str, float
     ours = stats.solve()
     probe_keys, probe = keys[split : split + 8], x[split : split + 8]
     score(
-        "per-endpoint non-negative ridge (picker)",
+        "per-endpoint non-negative ridge, shrunk to the pool's model at the endpoint's speed "
+        "(picker)",
         lambda xs, ks: ours.predict(ks, xs),
         lambda: ours.predict(probe_keys, probe),
+    )
+    unscaled = stats.solve(scaled_prior=False)
+    score(
+        "per-endpoint non-negative ridge, shrunk to the pooled model (until 2026-12-03)",
+        lambda xs, ks: unscaled.predict(ks, xs),
+        lambda: unscaled.predict(probe_keys, probe),
     )
     pooled = np.linalg.lstsq(x[:split], y[:split], rcond=None)[0]
     score("pooled least squares", lambda xs, ks: xs @ pooled, lambda: probe @ pooled)
@@ -189,6 +222,13 @@ def compare_families(records: list[dict[str, Any]]) -> dict[str, dict[str, float
         lambda: model.predict(with_id[split : split + 8]),
     )
     return out
+
+
+def _class_of(record: dict[str, Any]) -> str:
+    """The request's objective and its endpoint: where the errors matter differs."""
+    slo = record.get("slo_ttft_ms")
+    objective = f"TTFT <= {slo:.0f} ms" if slo else "no objective"
+    return f"{objective} on {record['endpoint']}"
 
 
 def prediction_cost(
@@ -246,11 +286,19 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=900)
     parser.add_argument("--rate", type=float, default=5.0, help="about 80% of the pool")
     parser.add_argument("--cost-only", action="store_true", help="only part 3, no servers")
+    parser.add_argument("--workload", choices=("shared-prefix", "mixed"), default="shared-prefix")
+    parser.add_argument(
+        "--records", type=Path, help="compare model families on a run recorded earlier"
+    )
     args = parser.parse_args()
     if args.cost_only:
         print_cost()
         return
-    records = asyncio.run(record(args.requests, args.rate))
+    suffix = "_mixed" if args.workload == "mixed" else ""
+    if args.records:
+        records = json.loads(args.records.read_text())
+    else:
+        records = asyncio.run(record(args.requests, args.rate, args.workload == "mixed"))
     results: dict[str, Any] = {
         "learning_curve": learning_curve(records),
         "families": compare_families(records),
@@ -267,10 +315,20 @@ def main() -> None:
             f"| {name} | {row['mape']:.0%} | {row['p90_ape']:.0%} | "
             f"{row['predict_us_8_candidates']:.0f} |"
         )
+    print("\nper class (test part): n, MAPE, p90 APE, mean error (predicted - measured)")
+    for name, row in results["families"].items():
+        print(name)
+        for label, e in row["by_class"].items():
+            print(
+                f"  {label}: {e['n']}, {e['mape']:.0%}, {e['p90_ape']:.0%}, "
+                f"{e['bias'] * 1000:+.0f} ms"
+            )
     print_cost()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "latency_predictor.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / "latency_predictor_records.json").write_text(json.dumps(records))
+    (RESULTS / f"latency_predictor{suffix}.json").write_text(json.dumps(results, indent=2))
+    if not args.records:
+        path = RESULTS / f"latency_predictor_records{suffix}.json"
+        path.write_text(json.dumps(records))
 
 
 if __name__ == "__main__":

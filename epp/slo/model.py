@@ -12,8 +12,13 @@ from sufficient statistics (XᵀX, Xᵀy) that an online stream updates cheaply,
 every candidate with one multiply-and-sum.
 
 Endpoints with few samples borrow strength from the pool: each endpoint's coefficients
-solve (XₑᵀXₑ + λₑI) β = Xₑᵀyₑ + λₑ β_pool, so a new endpoint starts at the pool's
-model and moves to its own as its samples arrive. Old samples fade (each training round
+solve (XₑᵀXₑ + λI) βₑ = Xₑᵀyₑ + λ sₑ β_pool, so an endpoint starts at the pool's
+model and moves to its own as its samples arrive. The pool's model is a shape β_pool
+times a speed sₑ per endpoint (fitted together, `_pooled_shape`), not one average: the
+picker sends a slow server mostly short, cached requests, whose samples cannot tell a
+fixed cost from a per-token one, and the average would predict its rare long prefill at
+a fast server's cost (at under half of it in `tests/slo/test_predictor.py`). An endpoint
+never seen gets the shape at the median speed. Old samples fade (each training round
 multiplies the statistics by `decay` per sample seen), so the model follows a pool whose
 load or hardware changes.
 
@@ -33,6 +38,8 @@ Array = npt.NDArray[np.float64]
 
 RIDGE = 1e-3  # keeps the pooled solve well-posed when a feature never varies
 PRIOR_WEIGHT = 5.0  # how many samples' worth an endpoint's pull towards the pool is
+SCALE_ROUNDS = 3  # alternating rounds fitting the pool's shape and each endpoint's speed
+MAX_SPEED_RATIO = 20.0  # an endpoint's speed factor is kept within 1/20..20 of the pool
 
 
 @dataclass(frozen=True)
@@ -82,21 +89,53 @@ class SufficientStatistics:
         for key in [k for k in self.xtx if k not in keys]:
             del self.xtx[key], self.xty[key], self.count[key]
 
-    def solve(self) -> LatencyModel:
+    def solve(self, scaled_prior: bool = True) -> LatencyModel:
+        """The model of these statistics. `scaled_prior=False` shrinks every endpoint to the
+        pooled coefficients as they are (the model until 2026-12-03; kept for
+        `bench/latency_predictor.py`'s comparison)."""
         width = self.width
         eye = np.eye(width)
         if not self.xtx:
             return LatencyModel(np.zeros(width))
-        pooled_xtx = np.sum(list(self.xtx.values()), axis=0)
-        pooled_xty = np.sum(list(self.xty.values()), axis=0)
-        pooled = _solve_non_negative(pooled_xtx + RIDGE * eye, pooled_xty)
+        keys = list(self.xtx)
+        if scaled_prior:
+            shape, scale = self._pooled_shape(keys)
+        else:
+            pooled_xtx = np.sum([self.xtx[k] for k in keys], axis=0)
+            pooled_xty = np.sum([self.xty[k] for k in keys], axis=0)
+            shape = _solve_non_negative(pooled_xtx + RIDGE * eye, pooled_xty)
+            scale = dict.fromkeys(keys, 1.0)
         per_endpoint = {
             key: _solve_non_negative(
-                xtx + PRIOR_WEIGHT * eye, self.xty[key] + PRIOR_WEIGHT * pooled
+                self.xtx[key] + PRIOR_WEIGHT * eye,
+                self.xty[key] + PRIOR_WEIGHT * scale[key] * shape,
             )
-            for key, xtx in self.xtx.items()
+            for key in keys
         }
-        return LatencyModel(pooled, per_endpoint, self.seen)
+        typical = float(np.median(list(scale.values())))
+        return LatencyModel(shape * typical, per_endpoint, self.seen)
+
+    def _pooled_shape(self, keys: list[Hashable]) -> tuple[Array, dict[Hashable, float]]:
+        """The pool's model as one shape times a speed per endpoint: y ≈ sₑ · xᵀβ.
+        Alternating least squares over the sufficient statistics: β given the speeds
+        solves Σ sₑ² XₑᵀXₑ β = Σ sₑ Xₑᵀyₑ, each speed given β is βᵀXₑᵀyₑ / βᵀXₑᵀXₑβ."""
+        eye = np.eye(self.width)
+        scale = dict.fromkeys(keys, 1.0)
+        shape = np.zeros(self.width)
+        for _ in range(SCALE_ROUNDS):
+            xtx = np.sum([scale[k] ** 2 * self.xtx[k] for k in keys], axis=0)
+            xty = np.sum([scale[k] * self.xty[k] for k in keys], axis=0)
+            shape = _solve_non_negative(xtx + RIDGE * eye, xty)
+            for k in keys:
+                energy = float(shape @ self.xtx[k] @ shape)
+                fit = float(shape @ self.xty[k])
+                raw = fit / energy if energy > 0 and fit > 0 else 1.0
+                scale[k] = min(max(raw, 1 / MAX_SPEED_RATIO), MAX_SPEED_RATIO)
+            # Speeds are relative: keep their geometric mean at 1 so β carries the units.
+            mean = float(np.exp(np.mean(np.log(list(scale.values())))))
+            scale = {k: v / mean for k, v in scale.items()}
+            shape = shape * mean
+        return shape, scale
 
 
 def _solve_non_negative(a: Array, b: Array) -> Array:

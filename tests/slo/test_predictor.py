@@ -57,6 +57,33 @@ def test_per_endpoint_models_learn_a_heterogeneous_pool() -> None:
     assert fast < new < slow
 
 
+def test_an_endpoint_with_few_samples_of_one_kind_borrows_the_pools_shape_at_its_speed() -> None:
+    """A slow endpoint the picker has sent only a handful of short, cached requests: its own
+    samples cannot tell a fixed cost from a per-token one. It borrows the pool's shape at
+    its own speed (learned from those samples), not the pool's coefficients as they are: its
+    short requests are predicted as measured, and a long prefill at 3x a fast server's."""
+    rng = random.Random(5)
+    stats = SufficientStatistics(len(features.TTFT_FEATURES), decay=1.0)
+    rows, targets = [], []
+    for _ in range(400):  # the fast server sees everything
+        uncached, queued = rng.uniform(0, 4), rng.randrange(0, 8)
+        rows.append([1.0, uncached, 0.0, queued, 0])
+        targets.append(true_ttft("fast", uncached, queued))
+    stats.add(endpoint("fast").key, np.array(rows), np.array(targets))
+    short = [[1.0, 0.05, 0.0, 0, 0]] * 12  # the slow one: cached turns, never a queue
+    stats.add(endpoint("slow").key, np.array(short), np.full(12, true_ttft("slow", 0.05, 0)))
+    model = stats.solve()
+    probe = np.array([[1.0, 0.05, 0.0, 0, 0], [1.0, 3.0, 0.0, 2, 0]])
+    turn, long_prefill = model.predict([endpoint("slow").key] * 2, probe)
+    assert turn == pytest.approx(true_ttft("slow", 0.05, 0), rel=0.1)
+    assert long_prefill == pytest.approx(true_ttft("slow", 3.0, 2), rel=0.15)
+    # Shrunk to the pool's coefficients as they are (the fast server's here), the long
+    # prefill would be predicted at under half of what it costs.
+    unscaled = stats.solve(scaled_prior=False)
+    [long_unscaled] = unscaled.predict([endpoint("slow").key], probe[1:])
+    assert long_unscaled < 0.5 * true_ttft("slow", 3.0, 2)
+
+
 def _teach(predictor: LatencyPredictor, samples: int, rng: random.Random) -> None:
     """Route requests through `produce`, then feed back what the 'server' measured."""
     for _ in range(samples):
