@@ -1,11 +1,13 @@
 """`fcfs-ordering-policy` (oldest first), `edf-ordering-policy` (earliest deadline first,
 deadline = enqueue time + TTL) and `slo-deadline-ordering-policy` (deadline = enqueue time +
 the request's TTFT objective, so that a saturated pool serves first the requests whose
-objective can still be met). Items without a deadline go last, oldest first."""
+objective can still be met; one whose objective has already passed waits behind those,
+see `DeadlineQueue`). Items without a deadline go last, oldest first."""
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from collections.abc import Mapping
 
@@ -52,11 +54,20 @@ class FifoQueue:
 
 
 class DeadlineQueue:
-    __slots__ = ("_attribute", "_heap", "_live")
+    """Earliest deadline first; items without one (math.inf) last, oldest first. With
+    `late_last`, an item whose deadline has passed when it would be served goes behind
+    every item whose deadline is still ahead, oldest first among the late, but still
+    ahead of items that never had one: under overload, plain EDF serves first the
+    requests that have already missed and makes the next ones miss too, one after
+    another."""
 
-    def __init__(self, attribute: str = "deadline") -> None:
+    __slots__ = ("_attribute", "_heap", "_late", "_late_last", "_live")
+
+    def __init__(self, attribute: str = "deadline", *, late_last: bool = False) -> None:
         self._attribute = attribute  # the QueueItem field that holds the deadline
+        self._late_last = late_last
         self._heap: list[tuple[float, int, QueueItem]] = []
+        self._late: list[tuple[int, QueueItem]] = []  # past their deadline: a heap by arrival
         self._live = 0
 
     def __len__(self) -> int:
@@ -69,14 +80,27 @@ class DeadlineQueue:
     def remove(self, item: QueueItem) -> None:
         item.removed = True
         self._live -= 1
-        if len(self._heap) > 2 * self._live + 64:  # mostly removed items: rebuild
+        if len(self._heap) + len(self._late) > 2 * self._live + 64:  # mostly removed: rebuild
             self._heap = [entry for entry in self._heap if not entry[2].removed]
             heapq.heapify(self._heap)
+            self._late = [entry for entry in self._late if not entry[1].removed]
+            heapq.heapify(self._late)
 
     def pop(self, now: float) -> QueueItem | None:
-        heap = self._heap
+        heap, late = self._heap, self._late
         while heap:
-            item = heapq.heappop(heap)[2]
+            if late and heap[0][0] == math.inf:
+                break  # the late ones had an objective: ahead of those that have none
+            deadline, _, item = heapq.heappop(heap)
+            if item.removed:
+                continue
+            if self._late_last and deadline < now:
+                heapq.heappush(late, (item.seq, item))
+                continue
+            self._live -= 1
+            return item
+        while late:
+            item = heapq.heappop(late)[1]
             if not item.removed:
                 self._live -= 1
                 return item
@@ -84,7 +108,9 @@ class DeadlineQueue:
 
     def drain(self) -> list[QueueItem]:
         live = [entry[2] for entry in sorted(self._heap) if not entry[2].removed]
+        live += [entry[1] for entry in sorted(self._late) if not entry[1].removed]
         self._heap.clear()
+        self._late.clear()
         self._live = 0
         return live
 
@@ -133,4 +159,4 @@ class SloDeadlineOrderingPolicy:
         return cls(name)
 
     def new_queue(self, registry: WorkloadRegistry) -> DeadlineQueue:
-        return DeadlineQueue("slo_deadline")
+        return DeadlineQueue("slo_deadline", late_last=True)

@@ -282,6 +282,68 @@ def test_slo_deadline_policy_serves_the_tightest_objective_first() -> None:
     assert [queue.pop(0.0) for _ in range(4)] == [items[2], items[1], items[0], items[3]]
 
 
+def _slo_item(seq: int, slo_deadline: float) -> QueueItem:
+    return QueueItem(
+        request_id=str(seq),
+        workload_id=WorkloadId("w"),
+        criticality=3,
+        fairness_id="f",
+        priority=0,
+        size_bytes=0,
+        enqueued_at=0.0,
+        deadline=math.inf,
+        seq=seq,
+        slo_deadline=slo_deadline,
+    )
+
+
+def test_slo_deadline_policy_serves_objectives_already_missed_after_those_in_reach() -> None:
+    """At t=10 the objectives of 1 and 2 have passed: 3 and 4 can still be met and go
+    first; then the late ones, oldest first, still ahead of 5, which has no objective."""
+    queue = SloDeadlineOrderingPolicy().new_queue(WorkloadRegistry())
+    late_new, late_old = _slo_item(2, 5.0), _slo_item(1, 8.0)
+    reach_soon, reach_later, none = _slo_item(4, 11.0), _slo_item(3, 12.0), _slo_item(5, math.inf)
+    for i in (late_old, late_new, reach_later, reach_soon, none):
+        queue.push(i, 0.0)
+    popped = [queue.pop(10.0) for _ in range(5)]
+    assert popped == [reach_soon, reach_later, late_old, late_new, none]
+    assert queue.pop(10.0) is None and len(queue) == 0
+
+
+@given(
+    st.lists(
+        st.tuples(st.one_of(st.floats(0, 20), st.just(math.inf)), st.booleans()),
+        max_size=40,
+    ),
+    st.floats(0, 20),
+)
+def test_slo_deadline_queue_serves_each_live_item_once_in_order(
+    entries: list[tuple[float, bool]], now: float
+) -> None:
+    """Whatever the deadlines and removals: every item not removed comes out exactly once,
+    the count stays right, in-reach objectives first (earliest deadline first), then the
+    late ones (oldest first), then those without one (oldest first)."""
+    queue = SloDeadlineOrderingPolicy().new_queue(WorkloadRegistry())
+    items = [_slo_item(seq, deadline) for seq, (deadline, _) in enumerate(entries)]
+    for i in items:
+        queue.push(i, 0.0)
+    for i, (_, removed) in zip(items, entries, strict=True):
+        if removed:
+            queue.remove(i)
+    live = [i for i, (_, removed) in zip(items, entries, strict=True) if not removed]
+    assert len(queue) == len(live)
+    popped = []
+    while (next_item := queue.pop(now)) is not None:
+        popped.append(next_item)
+    in_reach = sorted(
+        (i for i in live if now <= i.slo_deadline < math.inf), key=lambda i: (i.slo_deadline, i.seq)
+    )
+    late = [i for i in live if i.slo_deadline < now]
+    without = [i for i in live if i.slo_deadline == math.inf]
+    assert popped == in_reach + late + without
+    assert len(queue) == 0
+
+
 def test_slo_scorer_packing_leaves_the_roomiest_endpoint_to_tight_objectives() -> None:
     """headroom: least sends a loose objective where it still meets it with the margin;
     the margin turns "barely meets" into a miss."""
