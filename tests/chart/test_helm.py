@@ -52,6 +52,17 @@ def test_helm_lint_passes_with_every_option_on(helm: Helm) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+PRESETS = sorted(p.stem.removeprefix("config-") for p in (CHART / "files").glob("config-*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_shipped_preset_is_accepted_and_rendered_as_shipped(helm: Helm, preset: str) -> None:
+    objects = helm.template(*POOL, "--set", f"configPreset={preset}")
+    [config] = [o for o in objects if o["kind"] == "ConfigMap" and "config.yaml" in o["data"]]
+    shipped = (CHART / "files" / f"config-{preset}.yaml").read_text(encoding="utf-8")
+    assert yaml.safe_load(config["data"]["config.yaml"]) == yaml.safe_load(shipped)
+
+
 def test_default_values_render_valid_objects_without_the_optional_ones(helm: Helm) -> None:
     objects = helm.template(*POOL)
     assert {obj["kind"] for obj in objects} == DEFAULT_KINDS
