@@ -55,4 +55,9 @@ def test_shipped_configs_load_and_the_chart_ships_the_same(path: Path) -> None:
 
 
 def test_there_are_shipped_configs() -> None:
-    assert {p.stem for p in CONFIGS} == {"precise-prefix", "predicted-latency", "slo-aware"}
+    assert {p.stem for p in CONFIGS} == {
+        "precise-prefix",
+        "predicted-latency",
+        "slo-aware",
+        "slo-aware-flow-control",
+    }
