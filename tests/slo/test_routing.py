@@ -259,29 +259,6 @@ def test_tracker_learns_only_from_complete_successful_responses() -> None:
 # ---- SLO deadline ordering ---------------------------------------------------------------
 
 
-def test_slo_deadline_policy_serves_the_tightest_objective_first() -> None:
-    queue = SloDeadlineOrderingPolicy().new_queue(WorkloadRegistry())
-
-    def item(seq: int, slo_deadline: float) -> QueueItem:
-        return QueueItem(
-            request_id=str(seq),
-            workload_id=WorkloadId("w"),
-            criticality=3,
-            fairness_id="f",
-            priority=0,
-            size_bytes=0,
-            enqueued_at=0.0,
-            deadline=math.inf,
-            seq=seq,
-            slo_deadline=slo_deadline,
-        )
-
-    items = [item(1, math.inf), item(2, 5.0), item(3, 1.0), item(4, math.inf)]
-    for i in items:
-        queue.push(i, 0.0)
-    assert [queue.pop(0.0) for _ in range(4)] == [items[2], items[1], items[0], items[3]]
-
-
 def _slo_item(seq: int, slo_deadline: float) -> QueueItem:
     return QueueItem(
         request_id=str(seq),
@@ -295,6 +272,14 @@ def _slo_item(seq: int, slo_deadline: float) -> QueueItem:
         seq=seq,
         slo_deadline=slo_deadline,
     )
+
+
+def test_slo_deadline_policy_serves_the_tightest_objective_first() -> None:
+    queue = SloDeadlineOrderingPolicy().new_queue(WorkloadRegistry())
+    items = [_slo_item(1, math.inf), _slo_item(2, 5.0), _slo_item(3, 1.0), _slo_item(4, math.inf)]
+    for i in items:
+        queue.push(i, 0.0)
+    assert [queue.pop(0.0) for _ in range(4)] == [items[2], items[1], items[0], items[3]]
 
 
 def test_slo_deadline_policy_serves_objectives_already_missed_after_those_in_reach() -> None:
