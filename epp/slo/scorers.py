@@ -20,11 +20,7 @@ misses the one closest to meeting it wins. Among those that meet, `headroom: mos
 (default) scores more room higher; `headroom: least` scores the least room highest — it
 packs a request with a loose objective where it still meets it and leaves the endpoints
 with room to spare to requests with tight ones (use it with a margin: a prediction is off
-by 20-40%). `packObjectivesFrom` (a duration) packs only the requests whose TTFT objective
-is at least that long, with `packingMargin` (default 0.3), and spreads the others: a long
-batch prefill with a loose objective then waits behind another one on an endpoint that is
-already busy with them, and leaves the endpoints with nothing ahead to the interactive
-requests whose tight objectives need exactly that.
+by 20-40%).
 
 Both read `request.plugin_data[<predictor>]` (parameter `predictorName`, default
 `latency-predictor`; the loader puts the predictor in the profile). While the predictor
@@ -134,14 +130,10 @@ class SloScorer(_PredictionScorer):
         *,
         prefer_least_headroom: bool = False,
         safety_margin: float = 0.0,
-        pack_from_s: float | None = None,
-        packing_margin: float = 0.3,
     ) -> None:
         super().__init__(name, predictor_name)
         self.prefer_least_headroom = prefer_least_headroom
         self.safety_margin = safety_margin
-        self.pack_from_s = pack_from_s
-        self.packing_margin = packing_margin
 
     @classmethod
     def from_parameters(cls, name: str, params: Mapping[str, object] | None) -> SloScorer:
@@ -151,20 +143,10 @@ class SloScorer(_PredictionScorer):
         if headroom not in ("most", "least"):
             raise parameters.ParameterError("headroom", f"is {headroom!r}; 'most' or 'least'")
         margin = reader.number("safetyMargin", 0.0, minimum=0.0)
-        pack_from = reader.duration("packObjectivesFrom", 0.0)
-        packing_margin = reader.number("packingMargin", 0.3, minimum=0.0)
-        for key, value in (("safetyMargin", margin), ("packingMargin", packing_margin)):
-            if value >= 1.0:
-                raise parameters.ParameterError(key, "must be below 1 (a fraction)")
+        if margin >= 1.0:
+            raise parameters.ParameterError("safetyMargin", "must be below 1 (a fraction)")
         reader.finish()
-        return cls(
-            name,
-            predictor,
-            prefer_least_headroom=headroom == "least",
-            safety_margin=margin,
-            pack_from_s=pack_from or None,
-            packing_margin=packing_margin,
-        )
+        return cls(name, predictor, prefer_least_headroom=headroom == "least", safety_margin=margin)
 
     def score(self, request: SchedulingRequest, candidates: Sequence[Candidate]) -> list[float]:
         slo = request.slo
@@ -182,14 +164,7 @@ class SloScorer(_PredictionScorer):
         if slo.tpot_ms is not None:
             target = slo.tpot_ms / 1000
             headroom = np.minimum(headroom, (target - tpot) / target)
-        least, margin = self.prefer_least_headroom, self.safety_margin
-        if (
-            self.pack_from_s is not None
-            and slo.ttft_ms is not None
-            and slo.ttft_ms / 1000 >= self.pack_from_s
-        ):
-            least, margin = True, max(margin, self.packing_margin)
-        scores = headroom_scores(headroom - margin, least)
+        scores = headroom_scores(headroom - self.safety_margin, self.prefer_least_headroom)
         return [0.0 if c.stale else float(s) for c, s in zip(candidates, scores, strict=True)]
 
 

@@ -343,30 +343,9 @@ def test_slo_scorer_packing_leaves_the_roomiest_endpoint_to_tight_objectives() -
     assert most > less  # the default keeps preferring room
 
 
-def test_slo_scorer_packs_loose_objectives_and_spreads_tight_ones() -> None:
-    """packObjectivesFrom: a batch request (3 s) joins the endpoint already busy with one
-    (1.8 s predicted, inside the 30% margin) and leaves the idle one; an interactive
-    request (300 ms) still gets the most room."""
-    cands = candidates(0, 0, 0)
-    scorer = SloScorer.from_parameters("s", {"packObjectivesFrom": "1s"})
-    batch = slo_request(ttft_ms=3000)
-    predicted(batch, cands, ttft=[0.9, 1.8, 2.3], tpot=[0.02, 0.02, 0.05])
-    idle, busy, slow = scorer.score(batch, cands)
-    assert busy == pytest.approx(1.0) and idle == pytest.approx(0.2)
-    assert 0 < slow <= 0.01  # 2.3 s of 3 s: inside the packing margin
-    turn = slo_request(ttft_ms=300)
-    predicted(turn, cands, ttft=[0.1, 0.25, 0.2], tpot=[0.02, 0.02, 0.05])
-    fastest, _, _ = scorer.score(turn, cands)
-    assert fastest == pytest.approx(1.0)
-
-
 def test_slo_scorer_parameters() -> None:
     scorer = SloScorer.from_parameters("s", {"headroom": "least", "safetyMargin": 0.25})
     assert scorer.prefer_least_headroom and scorer.safety_margin == 0.25
-    with pytest.raises(ValueError, match="packingMargin"):
-        SloScorer.from_parameters("s", {"packObjectivesFrom": "1s", "packingMargin": 1})
-    with pytest.raises(ValueError, match="packObjectivesFrom"):
-        SloScorer.from_parameters("s", {"packObjectivesFrom": "soon"})
     with pytest.raises(ValueError, match="headroom"):
         SloScorer.from_parameters("s", {"headroom": "some"})
     with pytest.raises(ValueError, match="safetyMargin"):
