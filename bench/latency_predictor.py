@@ -161,12 +161,12 @@ def learning_curve(records: list[dict[str, Any]]) -> list[dict[str, float]]:
     return rows
 
 
-def compare_families(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+def compare_families(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     x = np.array([r["features"] for r in records])
     y = np.array([r["actual_s"] for r in records])
     keys = [r["endpoint"] for r in records]
     split = int(len(records) * 0.7)
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, dict[str, Any]] = {}
 
     classes = [_class_of(r) for r in records[split:]]
 

@@ -150,6 +150,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     series: dict[str, list[tuple[float, summary.Summary]]] = {name: [] for name in selected}
     rows = []
     classes = []
+    suffix = _suffix(args.workload)
     for name, config in selected.items():
         async with gateway(config, args) as url:
             # Warm-up: the servers' caches, and the latency predictor's first samples.
@@ -158,7 +159,6 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                 rate = capacity * load
                 requests = max(50, int(rate * args.seconds))
                 results = await measure(url, requests, rate, int(load * 100), args)
-                suffix = _suffix(args.workload)
                 runner.write_jsonl(results, RESULTS / f"slo{suffix}_{name}_{int(load * 100)}.jsonl")
                 s = summary.summarise(results)
                 classes += [
@@ -184,7 +184,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
     try:
         plots.plot_comparison(
             series,
-            RESULTS / f"slo_routing{_suffix(args.workload)}.png",
+            RESULTS / f"slo_routing{suffix}.png",
             "Heterogeneous pool (2 fast, 2 at 0.4x)",
         )
     except RuntimeError as error:
@@ -193,7 +193,7 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _suffix(workload: str) -> str:
-    """The result files' suffix: `_mixed` for the mixed workload, none for the first one."""
+    """The result files' suffix: `_<workload>`, none for the shared-prefix workload."""
     return "" if workload == "shared-prefix" else f"_{workload}"
 
 
