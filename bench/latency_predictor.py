@@ -291,6 +291,8 @@ def main() -> None:
         "--records", type=Path, help="compare model families on a run recorded earlier"
     )
     args = parser.parse_args()
+    if args.records and not args.records.is_file():
+        parser.error(f"--records: no file {args.records}")
     if args.cost_only:
         print_cost()
         return
